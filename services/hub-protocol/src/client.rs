@@ -1,0 +1,167 @@
+//! Frames sent by clients.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::FrameError;
+
+/// A position in a channel's history: the last `offset` a client saw in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A client → hub frame. `reference` is the optional `ref` field, echoed in `error` frames.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        channel: Cow<'a, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<Position>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Publish {
+        seq: u64,
+        data: &'a RawValue,
+        /// Optional; when present it must be the token's own `sub`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device: Option<Cow<'a, str>>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+}
+
+/// Flat view of any client frame. serde cannot borrow a `RawValue` through an internally tagged
+/// enum, so frames are decoded into this struct and then checked field by field.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    since: Option<Position>,
+    seq: Option<u64>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    device: Option<Cow<'a, str>>,
+    #[serde(rename = "ref", borrow)]
+    reference: Option<&'a RawValue>,
+}
+
+impl<'a> ClientFrame<'a> {
+    /// Decodes one text frame.
+    pub fn parse(text: &'a [u8]) -> Result<Self, FrameError> {
+        let wire: Wire<'a> =
+            serde_json::from_slice(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let kind = wire.kind.ok_or(FrameError::MissingField("type"))?;
+        let reference = wire.reference;
+        match &*kind {
+            "subscribe" => Ok(ClientFrame::Subscribe {
+                channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
+                since: wire.since,
+                reference,
+            }),
+            "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+                channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
+                reference,
+            }),
+            "publish" => {
+                let data = wire.data.ok_or(FrameError::MissingField("data"))?;
+                if !data.get().starts_with('{') {
+                    return Err(FrameError::DataNotObject);
+                }
+                Ok(ClientFrame::Publish {
+                    seq: wire.seq.ok_or(FrameError::MissingField("seq"))?,
+                    data,
+                    device: wire.device,
+                    reference,
+                })
+            }
+            other => Err(FrameError::UnknownType(other.to_owned())),
+        }
+    }
+
+    /// The `ref` the client attached, if any.
+    pub fn reference(&self) -> Option<&'a RawValue> {
+        match self {
+            ClientFrame::Subscribe { reference, .. }
+            | ClientFrame::Unsubscribe { reference, .. }
+            | ClientFrame::Publish { reference, .. } => *reference,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("client frames always serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_keeps_data_as_raw_text() {
+        let text = br#"{"type":"publish","seq":7,"data":{"t": 21.5,"u":"C"}}"#;
+        match ClientFrame::parse(text).unwrap() {
+            ClientFrame::Publish { seq, data, device, .. } => {
+                assert_eq!(seq, 7);
+                assert_eq!(data.get(), r#"{"t": 21.5,"u":"C"}"#);
+                assert!(device.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn subscribe_with_since_and_ref() {
+        let text = br#"{"type":"subscribe","channel":"fleet","since":{"epoch":"ab","offset":3},"ref":12}"#;
+        let frame = ClientFrame::parse(text).unwrap();
+        assert_eq!(frame.reference().map(|r| r.get()), Some("12"));
+        match frame {
+            ClientFrame::Subscribe { channel, since, .. } => {
+                assert_eq!(channel, "fleet");
+                assert_eq!(since, Some(Position { epoch: "ab".into(), offset: 3 }));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_told_apart() {
+        assert!(matches!(ClientFrame::parse(b"{not json"), Err(FrameError::Malformed(_))));
+        assert!(matches!(ClientFrame::parse(b"[1,2]"), Err(FrameError::Malformed(_))));
+        assert!(matches!(ClientFrame::parse(b"{}"), Err(FrameError::MissingField("type"))));
+        assert!(matches!(
+            ClientFrame::parse(br#"{"type":"dance"}"#),
+            Err(FrameError::UnknownType(t)) if t == "dance"
+        ));
+        assert!(matches!(
+            ClientFrame::parse(br#"{"type":"publish","seq":1,"data":[1]}"#),
+            Err(FrameError::DataNotObject)
+        ));
+        assert!(matches!(
+            ClientFrame::parse(br#"{"type":"publish","seq":-1,"data":{}}"#),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let data = RawValue::from_string(r#"{"v":1}"#.into()).unwrap();
+        let frame = ClientFrame::Publish { seq: 9, data: &data, device: None, reference: None };
+        let json = frame.to_json();
+        assert_eq!(json, r#"{"type":"publish","seq":9,"data":{"v":1}}"#);
+        assert!(matches!(ClientFrame::parse(json.as_bytes()), Ok(ClientFrame::Publish { seq: 9, .. })));
+    }
+}

@@ -1,0 +1,51 @@
+//! Wire protocol v1 of the telemetry hub.
+//!
+//! `docs/protocol.md` is the normative description; this crate is its executable form, shared by
+//! the hub, the edge agent, the load generator and the tests so that none of them re-invents a
+//! frame.
+//!
+//! - [`client`]: frames a client sends (`subscribe`, `unsubscribe`, `publish`).
+//! - [`server`]: frames the hub sends (`hello`, `subscribed`, `unsubscribed`, `message`, `ack`,
+//!   `error`).
+//! - [`channel`]: channel names, the channels a publication is routed to, and subscribe patterns.
+//! - [`codes`]: WebSocket close codes and `error` frame codes.
+//! - [`claims`]: the JWT claims the hub accepts.
+//!
+//! Decoding borrows from the input buffer: `data` payloads stay as raw JSON text
+//! ([`serde_json::value::RawValue`]) and are never parsed into a tree, because the hub only relays
+//! them.
+
+pub mod channel;
+pub mod claims;
+pub mod client;
+pub mod codes;
+pub mod server;
+
+pub use channel::{ChannelError, ChannelPattern};
+pub use claims::{Claims, Role};
+pub use client::{ClientFrame, Position};
+pub use codes::{CloseCode, ErrorCode};
+pub use server::ServerFrame;
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not a JSON object: {0}")]
+    Malformed(String),
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("unknown frame type `{0}`")]
+    UnknownType(String),
+    #[error("`data` must be a JSON object")]
+    DataNotObject,
+}
+
+impl FrameError {
+    /// The `error` frame code a hub answers this failure with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::UnknownType(_) => ErrorCode::UnknownType,
+            _ => ErrorCode::BadFrame,
+        }
+    }
+}
