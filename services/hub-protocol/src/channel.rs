@@ -138,12 +138,18 @@ mod tests {
         assert!(ChannelPattern::parse("*").unwrap().matches("fleet"));
         assert!(!ChannelPattern::parse("*").unwrap().matches("devices.x"));
         assert!(ChannelPattern::parse("dev*").is_err());
-        assert_eq!(ChannelPattern::parse("groups.*").unwrap().to_string(), "groups.*");
+        assert_eq!(
+            ChannelPattern::parse("groups.*").unwrap().to_string(),
+            "groups.*"
+        );
     }
 
     #[test]
     fn a_publication_goes_to_its_device_the_fleet_and_its_groups() {
         let channels = publication_channels("pi-7", &["north".into(), "lab".into()]);
-        assert_eq!(channels, ["devices.pi-7", "fleet", "groups.north", "groups.lab"]);
+        assert_eq!(
+            channels,
+            ["devices.pi-7", "fleet", "groups.north", "groups.lab"]
+        );
     }
 }

@@ -114,7 +114,9 @@ mod tests {
     fn publish_keeps_data_as_raw_text() {
         let text = br#"{"type":"publish","seq":7,"data":{"t": 21.5,"u":"C"}}"#;
         match ClientFrame::parse(text).unwrap() {
-            ClientFrame::Publish { seq, data, device, .. } => {
+            ClientFrame::Publish {
+                seq, data, device, ..
+            } => {
                 assert_eq!(seq, 7);
                 assert_eq!(data.get(), r#"{"t": 21.5,"u":"C"}"#);
                 assert!(device.is_none());
@@ -125,13 +127,20 @@ mod tests {
 
     #[test]
     fn subscribe_with_since_and_ref() {
-        let text = br#"{"type":"subscribe","channel":"fleet","since":{"epoch":"ab","offset":3},"ref":12}"#;
+        let text =
+            br#"{"type":"subscribe","channel":"fleet","since":{"epoch":"ab","offset":3},"ref":12}"#;
         let frame = ClientFrame::parse(text).unwrap();
         assert_eq!(frame.reference().map(|r| r.get()), Some("12"));
         match frame {
             ClientFrame::Subscribe { channel, since, .. } => {
                 assert_eq!(channel, "fleet");
-                assert_eq!(since, Some(Position { epoch: "ab".into(), offset: 3 }));
+                assert_eq!(
+                    since,
+                    Some(Position {
+                        epoch: "ab".into(),
+                        offset: 3
+                    })
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -139,9 +148,18 @@ mod tests {
 
     #[test]
     fn bad_frames_are_told_apart() {
-        assert!(matches!(ClientFrame::parse(b"{not json"), Err(FrameError::Malformed(_))));
-        assert!(matches!(ClientFrame::parse(b"[1,2]"), Err(FrameError::Malformed(_))));
-        assert!(matches!(ClientFrame::parse(b"{}"), Err(FrameError::MissingField("type"))));
+        assert!(matches!(
+            ClientFrame::parse(b"{not json"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientFrame::parse(b"[1,2]"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientFrame::parse(b"{}"),
+            Err(FrameError::MissingField("type"))
+        ));
         assert!(matches!(
             ClientFrame::parse(br#"{"type":"dance"}"#),
             Err(FrameError::UnknownType(t)) if t == "dance"
@@ -159,9 +177,17 @@ mod tests {
     #[test]
     fn encoding_round_trips() {
         let data = RawValue::from_string(r#"{"v":1}"#.into()).unwrap();
-        let frame = ClientFrame::Publish { seq: 9, data: &data, device: None, reference: None };
+        let frame = ClientFrame::Publish {
+            seq: 9,
+            data: &data,
+            device: None,
+            reference: None,
+        };
         let json = frame.to_json();
         assert_eq!(json, r#"{"type":"publish","seq":9,"data":{"v":1}}"#);
-        assert!(matches!(ClientFrame::parse(json.as_bytes()), Ok(ClientFrame::Publish { seq: 9, .. })));
+        assert!(matches!(
+            ClientFrame::parse(json.as_bytes()),
+            Ok(ClientFrame::Publish { seq: 9, .. })
+        ));
     }
 }

@@ -124,6 +124,9 @@ mod tests {
     #[test]
     fn error_codes_serialise_as_their_names() {
         let json = serde_json::to_string(&ErrorCode::TooManySubscriptions).unwrap();
-        assert_eq!(json, format!("\"{}\"", ErrorCode::TooManySubscriptions.as_str()));
+        assert_eq!(
+            json,
+            format!("\"{}\"", ErrorCode::TooManySubscriptions.as_str())
+        );
     }
 }

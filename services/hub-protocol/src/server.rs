@@ -118,7 +118,9 @@ impl<'a> ServerFrame<'a> {
                 offset: offset()?,
                 recovered: w.recovered.ok_or(FrameError::MissingField("recovered"))?,
             },
-            "unsubscribed" => ServerFrame::Unsubscribed { channel: channel()? },
+            "unsubscribed" => ServerFrame::Unsubscribed {
+                channel: channel()?,
+            },
             "message" => ServerFrame::Message {
                 channel: channel()?,
                 epoch: epoch()?,
@@ -194,15 +196,30 @@ mod tests {
         );
         assert!(matches!(
             ServerFrame::parse(json.as_bytes()),
-            Ok(ServerFrame::Error { code: ErrorCode::RateLimited, seq: Some(5), .. })
+            Ok(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                seq: Some(5),
+                ..
+            })
         ));
     }
 
     #[test]
     fn ack_marks_duplicates_only() {
-        assert_eq!(ServerFrame::Ack { seq: 3, duplicate: false }.to_json(), r#"{"type":"ack","seq":3}"#);
         assert_eq!(
-            ServerFrame::Ack { seq: 3, duplicate: true }.to_json(),
+            ServerFrame::Ack {
+                seq: 3,
+                duplicate: false
+            }
+            .to_json(),
+            r#"{"type":"ack","seq":3}"#
+        );
+        assert_eq!(
+            ServerFrame::Ack {
+                seq: 3,
+                duplicate: true
+            }
+            .to_json(),
             r#"{"type":"ack","seq":3,"duplicate":true}"#
         );
     }

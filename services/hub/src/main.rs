@@ -1,1 +1,89 @@
-fn main(){}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hub::Settings;
+use hub::token::{TokenRequest, mint};
+use hub_protocol::Role;
+use tracing_subscriber::EnvFilter;
+
+/// Telemetry hub: authenticates WebSocket clients and fans readings out to dashboards.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML settings file; `HUB_*` environment variables override it.
+    #[arg(long, short, global = true, env = "HUB_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (the default).
+    Serve,
+    /// Print a token signed with the configured key.
+    Token {
+        /// Identity: the device id for agents.
+        #[arg(long)]
+        sub: String,
+        /// `agent` or `viewer`.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Lifetime, e.g. `1h`, `30d`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Agents: groups whose channels also get the readings (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Viewers: channel patterns it may subscribe to (comma-separated; default: the hub's).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("`{s}` is not a role: use agent or viewer"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref()).context("invalid configuration")?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Token {
+            sub,
+            role,
+            ttl,
+            groups,
+            channels,
+        } => {
+            let request = TokenRequest {
+                sub,
+                role,
+                ttl,
+                groups,
+                channels,
+            };
+            println!("{}", mint(&settings.auth, &request)?);
+            Ok(())
+        }
+        Command::Serve => serve(settings),
+    }
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = hub::Server::bind(settings).await?;
+        server.run(hub::shutdown::signal()).await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,225 @@
+//! Token verification: every WebSocket upgrade is authenticated before it is accepted.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hub_protocol::channel::is_valid_segment;
+use hub_protocol::{ChannelPattern, Claims, Role};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use crate::config::{AuthSettings, ConfigError};
+
+/// Why a token was refused. Each variant is a metric label and the `error` of the HTTP body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send `Authorization: Bearer <jwt>` or the `token` query parameter")]
+    Missing,
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token algorithm is not accepted by this hub")]
+    WrongAlgorithm,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token issuer is not accepted")]
+    WrongIssuer,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token claims are invalid: {0}")]
+    InvalidClaims(String),
+    #[error("role `{0}` may not connect")]
+    RoleForbidden(String),
+}
+
+/// Metric label values of [`AuthError::reason`], in a fixed order.
+pub const AUTH_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "malformed",
+    "bad_signature",
+    "wrong_algorithm",
+    "expired",
+    "not_yet_valid",
+    "wrong_issuer",
+    "wrong_audience",
+    "invalid_claims",
+    "role_forbidden",
+];
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::WrongAlgorithm => "wrong_algorithm",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::InvalidClaims(_) => "invalid_claims",
+            AuthError::RoleForbidden(_) => "role_forbidden",
+        }
+    }
+
+    /// 401 when the token proves nothing, 403 when it is valid but grants no access.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::RoleForbidden(_) => 403,
+            _ => 401,
+        }
+    }
+}
+
+/// Who a connection is, from a verified token.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub sub: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    /// Channels a viewer may subscribe to; `None`: any.
+    pub channels: Option<Arc<[ChannelPattern]>>,
+    /// `exp`, seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl Identity {
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        self.role == Role::Viewer
+            && self
+                .channels
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| p.matches(channel)))
+    }
+}
+
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    viewer_default: Option<Arc<[ChannelPattern]>>,
+}
+
+impl Authenticator {
+    pub fn from_settings(auth: &AuthSettings) -> Result<Self, ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { key, message };
+        let (key, algorithms) = match (&auth.hs256_secret, &auth.public_key_file) {
+            (Some(secret), _) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                vec![Algorithm::HS256],
+            ),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    invalid("auth.public_key_file", format!("{}: {e}", path.display()))
+                })?;
+                if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                    (key, vec![Algorithm::ES256])
+                } else {
+                    let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                        invalid(
+                            "auth.public_key_file",
+                            format!("not an RSA or EC public key in PEM: {e}"),
+                        )
+                    })?;
+                    (key, vec![Algorithm::RS256])
+                }
+            }
+            (None, None) => return Err(invalid("auth.hs256_secret", "no key configured".into())),
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = auth.leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        match &auth.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &auth.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let viewer_default = match &auth.viewer_channels {
+            Some(list) => {
+                Some(parse_patterns(list).map_err(|e| invalid("auth.viewer_channels", e))?)
+            }
+            None => None,
+        };
+        Ok(Authenticator {
+            key,
+            validation,
+            viewer_default,
+        })
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| map_error(e.kind()))?
+            .claims;
+        let role = Role::parse(&claims.role)
+            .ok_or_else(|| AuthError::RoleForbidden(claims.role.clone()))?;
+        let groups = claims.groups.unwrap_or_default();
+        match role {
+            Role::Agent => {
+                if !is_valid_segment(&claims.sub) {
+                    return Err(AuthError::InvalidClaims(format!(
+                        "agent sub `{}` is not a valid device id (A-Z a-z 0-9 _ - :)",
+                        claims.sub
+                    )));
+                }
+                if let Some(g) = groups.iter().find(|g| !is_valid_segment(g)) {
+                    return Err(AuthError::InvalidClaims(format!(
+                        "group `{g}` is not a valid channel segment"
+                    )));
+                }
+            }
+            Role::Viewer => {
+                if claims.sub.is_empty() {
+                    return Err(AuthError::InvalidClaims("empty sub".into()));
+                }
+            }
+        }
+        let channels = match claims.channels {
+            Some(list) => Some(parse_patterns(&list).map_err(AuthError::InvalidClaims)?),
+            None => self.viewer_default.clone(),
+        };
+        Ok(Identity {
+            sub: claims.sub,
+            role,
+            groups,
+            channels,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+fn parse_patterns(list: &[String]) -> Result<Arc<[ChannelPattern]>, String> {
+    list.iter()
+        .map(|p| ChannelPattern::parse(p).map_err(|e| format!("channel pattern `{p}`: {e}")))
+        .collect()
+}
+
+fn map_error(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => AuthError::WrongAlgorithm,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+        ErrorKind::InvalidAudience => AuthError::WrongAudience,
+        ErrorKind::MissingRequiredClaim(c) => AuthError::InvalidClaims(format!("missing `{c}`")),
+        ErrorKind::InvalidClaimFormat(c) => AuthError::InvalidClaims(format!("bad `{c}`")),
+        ErrorKind::Json(e) => AuthError::InvalidClaims(e.to_string()),
+        _ => AuthError::Malformed,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,518 @@
+//! The embedded broker: channels, history and deduplication in this process.
+//!
+//! Each channel's offset, history and subscribers sit under one mutex, so an append and its
+//! fan-out, or a replay and the subscriber joining the live list, happen as one step. Locks are
+//! std mutexes held for synchronous work only, never across an await.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use hub_protocol::{Position, ServerFrame};
+
+use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
+use crate::config::HistorySettings;
+use crate::fanout::Subscribers;
+use crate::frame;
+use crate::metrics::Metrics;
+use crate::outbox::{Outbound, Outbox};
+
+/// Replays are queued in items of about this size.
+const REPLAY_CHUNK: usize = 256 * 1024;
+
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    channels: RwLock<HashMap<Box<str>, Mutex<Channel>>>,
+    devices: Mutex<HashMap<Box<str>, DeviceSeq>>,
+    history: HistorySettings,
+    metrics: Arc<Metrics>,
+}
+
+struct DeviceSeq {
+    last_seq: u64,
+    seen: Instant,
+}
+
+struct Entry {
+    offset: u64,
+    frame: Bytes,
+    at: Instant,
+}
+
+struct Channel {
+    epoch: String,
+    offset: u64,
+    history: VecDeque<Entry>,
+    subscribers: Subscribers,
+    active: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl Channel {
+    fn new(now: Instant) -> Self {
+        Channel {
+            epoch: new_epoch(),
+            offset: 0,
+            history: VecDeque::new(),
+            subscribers: Subscribers::default(),
+            active: now,
+        }
+    }
+
+    fn trim(&mut self, limits: &HistorySettings, now: Instant) {
+        while self.history.len() > limits.size {
+            self.history.pop_front();
+        }
+        while self
+            .history
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > limits.ttl)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// Decides what a subscribe with `since` can replay: `(recovered, first offset to replay)`.
+    fn recovery(&self, since: Option<&Position>) -> (bool, Option<u64>) {
+        let Some(pos) = since else {
+            return (false, None);
+        };
+        if pos.epoch != self.epoch || pos.offset > self.offset {
+            return (false, None);
+        }
+        if pos.offset == self.offset {
+            return (true, None);
+        }
+        match self.history.front() {
+            Some(first) if first.offset <= pos.offset + 1 => (true, Some(pos.offset + 1)),
+            _ => (false, None),
+        }
+    }
+}
+
+impl MemoryBroker {
+    /// Creates the broker and its housekeeping task (needs a Tokio runtime).
+    pub fn new(history: HistorySettings, metrics: Arc<Metrics>) -> Self {
+        let inner = Arc::new(Inner {
+            channels: RwLock::new(HashMap::new()),
+            devices: Mutex::new(HashMap::new()),
+            history,
+            metrics,
+        });
+        let period =
+            (inner.history.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(sweep(Arc::downgrade(&inner), period));
+        MemoryBroker { inner }
+    }
+
+    /// Number of channels held (tests, metrics).
+    pub fn channel_count(&self) -> usize {
+        self.inner
+            .channels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Inner {
+    /// Runs `f` on the channel, creating it if asked.
+    fn with_channel<R>(
+        &self,
+        name: &str,
+        create: bool,
+        f: impl FnOnce(&mut Channel) -> R,
+    ) -> Option<R> {
+        {
+            let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(ch) = map.get(name) {
+                return Some(f(&mut lock(ch)));
+            }
+        }
+        if !create {
+            return None;
+        }
+        let mut map = self
+            .channels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let ch = map
+            .entry(name.into())
+            .or_insert_with(|| Mutex::new(Channel::new(Instant::now())));
+        Some(f(ch.get_mut().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    fn publish(&self, p: &Publication<'_>) -> PublishOutcome {
+        let now = Instant::now();
+        // Held across the appends so that two connections of one device cannot interleave.
+        let mut devices = lock(&self.devices);
+        let last = devices.get(p.device).map_or(0, |d| d.last_seq);
+        if p.seq <= last {
+            if let Some(d) = devices.get_mut(p.device) {
+                d.seen = now;
+            }
+            return PublishOutcome::Duplicate;
+        }
+        for channel in p.channels {
+            self.with_channel(channel, true, |ch| self.append(ch, channel, p, now));
+        }
+        match devices.get_mut(p.device) {
+            Some(d) => {
+                *d = DeviceSeq {
+                    last_seq: p.seq,
+                    seen: now,
+                }
+            }
+            None => {
+                devices.insert(
+                    p.device.into(),
+                    DeviceSeq {
+                        last_seq: p.seq,
+                        seen: now,
+                    },
+                );
+            }
+        }
+        PublishOutcome::Accepted
+    }
+
+    fn append(&self, ch: &mut Channel, name: &str, p: &Publication<'_>, now: Instant) {
+        ch.offset += 1;
+        ch.active = now;
+        let message = ServerFrame::Message {
+            channel: name.into(),
+            epoch: ch.epoch.as_str().into(),
+            offset: ch.offset,
+            from: p.device.into(),
+            data: p.data,
+        };
+        let encoded = frame::text(p.data.get().len() + name.len() + 96, |buf| {
+            message.write_json(buf)
+        });
+        if self.history.size > 0 {
+            ch.history.push_back(Entry {
+                offset: ch.offset,
+                frame: encoded.clone(),
+                at: now,
+            });
+            ch.trim(&self.history, now);
+        }
+        let delivery = ch.subscribers.deliver(&encoded, p.received_at);
+        self.metrics.deliveries.add(delivery.delivered as u64);
+        self.metrics.delivery_drops.add(delivery.slow as u64);
+    }
+
+    fn subscribe(
+        &self,
+        name: &str,
+        since: Option<&Position>,
+        outbox: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let now = Instant::now();
+        self.with_channel(name, true, |ch| {
+            ch.trim(&self.history, now);
+            ch.active = now;
+            let (recovered, from) = ch.recovery(since);
+            let subscribed = frame::server(&ServerFrame::Subscribed {
+                channel: name.into(),
+                epoch: ch.epoch.as_str().into(),
+                offset: ch.offset,
+                recovered,
+            });
+            let replay: Vec<&Bytes> = match from {
+                Some(from) => ch
+                    .history
+                    .iter()
+                    .filter(|e| e.offset >= from)
+                    .map(|e| &e.frame)
+                    .collect(),
+                None => Vec::new(),
+            };
+            for item in pack(subscribed, &replay) {
+                outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
+            }
+            ch.subscribers.insert(outbox.clone());
+            Ok(SubscribeOutcome {
+                epoch: ch.epoch.clone(),
+                offset: ch.offset,
+                recovered,
+                replayed: replay.len(),
+            })
+        })
+        .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+    }
+
+    fn sweep(&self, now: Instant) {
+        let meta_ttl = self.history.meta_ttl;
+        let mut map = self
+            .channels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, ch| {
+            let ch = ch.get_mut().unwrap_or_else(PoisonError::into_inner);
+            ch.trim(&self.history, now);
+            !(ch.subscribers.is_empty()
+                && ch.history.is_empty()
+                && now.saturating_duration_since(ch.active) > meta_ttl)
+        });
+        drop(map);
+        lock(&self.devices).retain(|_, d| now.saturating_duration_since(d.seen) <= meta_ttl);
+    }
+}
+
+/// Packs the `subscribed` frame and the replay into as few queue items as fit [`REPLAY_CHUNK`].
+fn pack(subscribed: Bytes, replay: &[&Bytes]) -> Vec<Outbound> {
+    if replay.is_empty() {
+        return vec![Outbound::control(subscribed)];
+    }
+    let mut items = Vec::new();
+    let mut buf = BytesMut::with_capacity(REPLAY_CHUNK);
+    buf.extend_from_slice(&subscribed);
+    let mut count = 1;
+    for frame in replay {
+        if !buf.is_empty() && buf.len() + frame.len() > REPLAY_CHUNK {
+            items.push(Outbound {
+                frames: buf.split().freeze(),
+                count,
+                published_at: None,
+            });
+            count = 0;
+        }
+        buf.extend_from_slice(frame);
+        count += 1;
+    }
+    items.push(Outbound {
+        frames: buf.freeze(),
+        count,
+        published_at: None,
+    });
+    items
+}
+
+async fn sweep(inner: Weak<Inner>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.sweep(Instant::now());
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn publish(&self, publication: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
+        Ok(self.inner.publish(publication))
+    }
+
+    async fn subscribe(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        subscriber: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        self.inner.subscribe(channel, since, subscriber)
+    }
+
+    fn unsubscribe(&self, channel: &str, subscriber: u64) {
+        self.inner
+            .with_channel(channel, false, |ch| ch.subscribers.remove(subscriber));
+    }
+
+    async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
+        Ok(lock(&self.inner.devices)
+            .get(device)
+            .map_or(0, |d| d.last_seq))
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AUTH_FAILURE_REASONS;
+    use crate::outbox::DISCONNECT_REASONS;
+    use hub_protocol::ServerFrame;
+    use serde_json::value::RawValue;
+
+    fn broker(size: usize) -> MemoryBroker {
+        let history = HistorySettings {
+            size,
+            ..HistorySettings::default()
+        };
+        MemoryBroker::new(
+            history,
+            Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
+        )
+    }
+
+    fn publish(b: &MemoryBroker, seq: u64) -> PublishOutcome {
+        let data = RawValue::from_string(format!("{{\"n\":{seq}}}")).unwrap();
+        let channels = vec!["devices.d1".to_string(), "fleet".to_string()];
+        let p = Publication {
+            device: "d1",
+            seq,
+            channels: &channels,
+            data: &data,
+            received_at: Instant::now(),
+        };
+        b.inner.publish(&p)
+    }
+
+    /// Splits queued items back into the JSON texts of their frames.
+    fn frames(rx: &mut tokio::sync::mpsc::Receiver<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            let mut b = &item.frames[..];
+            while !b.is_empty() {
+                let (len, head) = match b[1] {
+                    126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                    127 => (
+                        u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n => (n as usize, 2),
+                };
+                out.push(String::from_utf8(b[head..head + len].to_vec()).unwrap());
+                b = &b[head + len..];
+            }
+        }
+        out
+    }
+
+    fn offsets(texts: &[String]) -> Vec<u64> {
+        texts
+            .iter()
+            .filter_map(|t| match ServerFrame::parse(t.as_bytes()).unwrap() {
+                ServerFrame::Message { offset, .. } => Some(offset),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_not_published_again() {
+        let b = broker(10);
+        assert_eq!(publish(&b, 1), PublishOutcome::Accepted);
+        assert_eq!(publish(&b, 1), PublishOutcome::Duplicate);
+        assert_eq!(
+            publish(&b, 5),
+            PublishOutcome::Accepted,
+            "gaps in seq are allowed"
+        );
+        assert_eq!(publish(&b, 4), PublishOutcome::Duplicate);
+        assert_eq!(b.last_seq("d1").await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn subscribe_since_replays_exactly_the_missed_messages_then_goes_live() {
+        let b = broker(10);
+        let (first, mut first_rx) = Outbox::new(1, 64);
+        let sub = b.subscribe("fleet", None, &first).await.unwrap();
+        assert!(!sub.recovered);
+        for seq in 1..=5 {
+            publish(&b, seq);
+        }
+        assert_eq!(offsets(&frames(&mut first_rx)), [1, 2, 3, 4, 5]);
+
+        let (second, mut rx) = Outbox::new(2, 64);
+        let since = Position {
+            epoch: sub.epoch.clone(),
+            offset: 2,
+        };
+        let outcome = b.subscribe("fleet", Some(&since), &second).await.unwrap();
+        assert!(outcome.recovered);
+        assert_eq!(outcome.replayed, 3);
+        publish(&b, 6);
+        let texts = frames(&mut rx);
+        assert!(texts[0].contains("\"type\":\"subscribed\""));
+        assert_eq!(offsets(&texts), [3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn recovery_fails_on_stale_epoch_or_a_gap_older_than_history() {
+        let b = broker(3);
+        let (o, _rx) = Outbox::new(1, 64);
+        let epoch = b.subscribe("fleet", None, &o).await.unwrap().epoch;
+        for seq in 1..=10 {
+            publish(&b, seq);
+        }
+        let (late, _late_rx) = Outbox::new(2, 64);
+        let old = Position {
+            epoch: epoch.clone(),
+            offset: 2,
+        };
+        let outcome = b.subscribe("fleet", Some(&old), &late).await.unwrap();
+        assert_eq!((outcome.recovered, outcome.replayed), (false, 0));
+
+        let (other, _other_rx) = Outbox::new(3, 64);
+        let stale = Position {
+            epoch: "not-the-epoch".into(),
+            offset: 9,
+        };
+        assert!(
+            !b.subscribe("fleet", Some(&stale), &other)
+                .await
+                .unwrap()
+                .recovered
+        );
+
+        let (edge, _edge_rx) = Outbox::new(4, 64);
+        let covered = Position { epoch, offset: 7 };
+        let outcome = b.subscribe("fleet", Some(&covered), &edge).await.unwrap();
+        assert_eq!((outcome.recovered, outcome.replayed), (true, 3));
+    }
+
+    #[tokio::test]
+    async fn replay_larger_than_the_queue_fits_in_chunks() {
+        let b = broker(1000);
+        for seq in 1..=1000 {
+            publish(&b, seq);
+        }
+        let (o, mut rx) = Outbox::new(1, 4);
+        let epoch = b
+            .subscribe("devices.d1", None, &Outbox::new(9, 1).0)
+            .await
+            .unwrap()
+            .epoch;
+        let outcome = b
+            .subscribe("devices.d1", Some(&Position { epoch, offset: 0 }), &o)
+            .await
+            .unwrap();
+        assert_eq!(outcome.replayed, 1000);
+        assert_eq!(offsets(&frames(&mut rx)), (1..=1000).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn idle_empty_channels_are_swept() {
+        let history = HistorySettings {
+            size: 10,
+            ttl: Duration::from_millis(1),
+            meta_ttl: Duration::from_millis(1),
+        };
+        let b = MemoryBroker::new(
+            history,
+            Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
+        );
+        publish(&b, 1);
+        assert_eq!(b.channel_count(), 2);
+        b.inner.sweep(Instant::now() + Duration::from_secs(1));
+        assert_eq!(b.channel_count(), 0);
+        assert_eq!(b.last_seq("d1").await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,83 @@
+//! The broker: where publications get their offsets, are kept for recovery and reach subscribers.
+//!
+//! Connection code talks only to the [`Broker`] trait. The embedded [`MemoryBroker`] serves a
+//! single hub with no other process; a Redis broker for a pool of hubs implements the same
+//! contract, so connections never know which one they use.
+//!
+//! The contract every broker keeps:
+//! - `publish` is atomic per publication: the duplicate check on (device, `seq`), then for each
+//!   target channel the next offset, the history append and the fan-out. It returns only once the
+//!   publication is stored, so an `ack` is never sent for something that could be lost.
+//! - `subscribe` queues the `subscribed` frame and any replay onto the subscriber *before* it can
+//!   receive a live message, so the client sees offsets with no gap and no duplicate.
+//! - Offsets of a channel are gapless within an epoch; a new epoch means history was lost.
+
+pub mod memory;
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use hub_protocol::Position;
+use serde_json::value::RawValue;
+
+use crate::outbox::Outbox;
+pub use memory::MemoryBroker;
+
+/// A publication from an agent, borrowed from the frame it arrived in.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    pub device: &'a str,
+    pub seq: u64,
+    /// Target channels, in append order (see `hub_protocol::channel::publication_channels`).
+    pub channels: &'a [String],
+    pub data: &'a RawValue,
+    pub received_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Accepted,
+    /// `seq` was not above the last accepted one: acknowledged, not published again.
+    Duplicate,
+}
+
+/// What a subscription started with; the `subscribed` frame with these values is already queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeOutcome {
+    pub epoch: String,
+    pub offset: u64,
+    /// `since` was given and every missed message was replayed.
+    pub recovered: bool,
+    pub replayed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Nothing was stored; the client may retry.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The subscriber's queue could not take the replay; it is being closed as a slow consumer.
+    #[error("subscriber too slow to take the replay")]
+    SlowConsumer,
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    async fn publish(&self, publication: &Publication<'_>) -> Result<PublishOutcome, BrokerError>;
+
+    async fn subscribe(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        subscriber: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError>;
+
+    /// Stops delivery to `subscriber`; a no-op if it is not subscribed.
+    fn unsubscribe(&self, channel: &str, subscriber: u64);
+
+    /// The highest `seq` accepted from `device`, 0 if none is remembered.
+    async fn last_seq(&self, device: &str) -> Result<u64, BrokerError>;
+
+    /// Whether the broker can take publications now (feeds `/readyz`).
+    fn is_ready(&self) -> bool;
+}

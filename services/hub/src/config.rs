@@ -1,0 +1,378 @@
+//! Hub settings: built-in defaults < TOML file (`--config`) < `HUB_*` environment variables
+//! (`__` between levels, e.g. `HUB_AUTH__HS256_SECRET`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hub_protocol::ChannelPattern;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Address the HTTP/WebSocket listener binds.
+    pub listen: SocketAddr,
+    /// Name of this hub in `hello` frames, the `X-Hub-Node` header and logs. Defaults to
+    /// `$HOSTNAME` (the pod name on Kubernetes), else a random name.
+    pub node_id: Option<String>,
+    pub auth: AuthSettings,
+    pub broker: BrokerSettings,
+    pub history: HistorySettings,
+    pub limits: Limits,
+    pub ws: WsSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: None,
+            auth: AuthSettings::default(),
+            broker: BrokerSettings::default(),
+            history: HistorySettings::default(),
+            limits: Limits::default(),
+            ws: WsSettings::default(),
+            shutdown: ShutdownSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
+    pub public_key_file: Option<PathBuf>,
+    /// PEM private key matching `public_key_file`; only `hub token` uses it.
+    pub private_key_file: Option<PathBuf>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Channel patterns a viewer token without a `channels` claim may subscribe to; absent: any.
+    pub viewer_channels: Option<Vec<String>>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            hs256_secret: None,
+            public_key_file: None,
+            private_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+            viewer_channels: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct BrokerSettings {
+    /// `redis://…` for a pool of hubs; absent: the embedded in-process broker.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HistorySettings {
+    /// Messages kept per channel for recovery.
+    pub size: usize,
+    /// Age after which a message leaves the history.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a silent channel keeps its epoch and offset, and a silent device its last accepted
+    /// `seq` for deduplication.
+    #[serde(with = "humantime_serde")]
+    pub meta_ttl: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            size: 1000,
+            ttl: Duration::from_secs(300),
+            meta_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest inbound message (after reassembling fragments), in bytes.
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    /// Sustained publishes per second per agent connection.
+    pub publish_rate: f64,
+    pub publish_burst: u32,
+    pub max_connections: usize,
+    /// New WebSocket connections admitted per second (reconnect storms).
+    pub connect_rate: f64,
+    pub connect_burst: u32,
+    /// Frames queued per connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_subscriptions: 128,
+            publish_rate: 100.0,
+            publish_burst: 200,
+            max_connections: 100_000,
+            connect_rate: 5_000.0,
+            connect_burst: 10_000,
+            outbound_queue: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WsSettings {
+    /// How often the hub pings each client. Keep it below every proxy's read timeout.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long after a ping with nothing heard from the peer it is closed (4002).
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        WsSettings {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ShutdownSettings {
+    /// Longest time from SIGTERM to exit.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then `HUB_*` variables, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests) instead of the process's.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let environment = config::Environment::with_prefix("HUB")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("auth.viewer_channels")
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: the key material, patterns and limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        match (&auth.hs256_secret, &auth.public_key_file) {
+            (None, None) => {
+                return Err(invalid(
+                    "auth.hs256_secret",
+                    "set it (or auth.public_key_file): the hub refuses to run without token verification",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "auth.public_key_file",
+                    "set either it or auth.hs256_secret, not both",
+                ));
+            }
+            (Some(secret), None) if secret.is_empty() => {
+                return Err(invalid("auth.hs256_secret", "must not be empty"));
+            }
+            (None, Some(path)) => {
+                std::fs::metadata(path).map_err(|e| {
+                    invalid("auth.public_key_file", format!("{}: {e}", path.display()))
+                })?;
+            }
+            _ => {}
+        }
+        for pattern in auth.viewer_channels.iter().flatten() {
+            ChannelPattern::parse(pattern)
+                .map_err(|e| invalid("auth.viewer_channels", format!("`{pattern}`: {e}")))?;
+        }
+        if let Some(url) = &self.broker.url {
+            return Err(invalid(
+                "broker.url",
+                format!("`{url}`: this build has only the embedded broker; remove broker.url"),
+            ));
+        }
+        let l = &self.limits;
+        let positive: [(&'static str, bool); 8] = [
+            ("limits.max_message_bytes", l.max_message_bytes >= 128),
+            ("limits.max_subscriptions", l.max_subscriptions > 0),
+            ("limits.publish_rate", l.publish_rate > 0.0),
+            ("limits.publish_burst", l.publish_burst > 0),
+            ("limits.max_connections", l.max_connections > 0),
+            ("limits.connect_rate", l.connect_rate > 0.0),
+            ("limits.connect_burst", l.connect_burst > 0),
+            ("limits.outbound_queue", l.outbound_queue > 0),
+        ];
+        for (key, ok) in positive {
+            if !ok {
+                return Err(invalid(
+                    key,
+                    "must be greater than zero (max_message_bytes: at least 128)",
+                ));
+            }
+        }
+        if self.ws.ping_interval.is_zero() {
+            return Err(invalid("ws.ping_interval", "must be greater than zero"));
+        }
+        if self.ws.pong_timeout.is_zero() {
+            return Err(invalid("ws.pong_timeout", "must be greater than zero"));
+        }
+        Ok(())
+    }
+
+    /// The node id, resolved as documented on the field.
+    pub fn resolved_node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("hub-{:06x}", rand::random::<u32>() & 0xff_ffff))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn environment_overrides_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hub.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\n[auth]\nhs256_secret = \"from-file\"\n[limits]\nmax_subscriptions = 7\n",
+        )
+        .unwrap();
+        let settings = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("HUB_LISTEN", "127.0.0.1:9100"),
+                ("HUB_WS__PING_INTERVAL", "750ms"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:9100".parse().unwrap());
+        assert_eq!(settings.auth.hs256_secret.as_deref(), Some("from-file"));
+        assert_eq!(settings.limits.max_subscriptions, 7);
+        assert_eq!(settings.ws.ping_interval, Duration::from_millis(750));
+        assert_eq!(settings.history.size, 1000);
+    }
+
+    #[test]
+    fn env_lists_and_numeric_secrets_parse() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("HUB_AUTH__HS256_SECRET", "123456"),
+                ("HUB_AUTH__VIEWER_CHANNELS", "fleet,devices.*"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.auth.hs256_secret.as_deref(), Some("123456"));
+        assert_eq!(
+            settings.auth.viewer_channels.unwrap(),
+            ["fleet", "devices.*"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |pairs: &[(&str, &str)]| {
+            Settings::load_from(None, env(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[]).contains("auth.hs256_secret"));
+        let e = err(&[
+            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_LIMITS__MAX_CONNECTIONS", "many"),
+        ]);
+        assert!(e.contains("limits.max_connections"), "{e}");
+        let e = err(&[("HUB_AUTH__HS256_SECRET", "s"), ("HUB_LISTEN", "nowhere")]);
+        assert!(e.contains("listen"), "{e}");
+        let e = err(&[
+            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_LIMITS__OUTBOUND_QUEUE", "0"),
+        ]);
+        assert!(e.contains("limits.outbound_queue"), "{e}");
+        let e = err(&[
+            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_AUTH__VIEWER_CHANNELS", "dev*"),
+        ]);
+        assert!(e.contains("auth.viewer_channels"), "{e}");
+        let e = err(&[("HUB_AUTH__PUBLIC_KEY_FILE", "/nonexistent/key.pem")]);
+        assert!(e.contains("auth.public_key_file"), "{e}");
+        let e = err(&[
+            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_WS__PING_INTERVAL", "soon"),
+        ]);
+        assert!(e.contains("ws.ping_interval"), "{e}");
+    }
+}

@@ -1,0 +1,301 @@
+//! One WebSocket connection: this task reads, a spawned [`writer`](crate::writer) task writes,
+//! and the [`Outbox`] joins them. Whoever decides the connection ends calls `Outbox::close`; both
+//! halves watch for it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use fastwebsockets::upgrade::UpgradeFut;
+use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
+use hub_protocol::{CloseCode, Role};
+use tokio::io::AsyncRead;
+use tracing::debug;
+
+use crate::auth::Identity;
+use crate::frame;
+use crate::limits::ConnectionPermit;
+use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::server::AppState;
+use crate::session::Session;
+use crate::writer::{self, Liveness, WriterSettings};
+
+/// Serves an upgraded connection until it closes.
+pub async fn serve(
+    upgrade: UpgradeFut,
+    identity: Identity,
+    state: Arc<AppState>,
+    permit: ConnectionPermit,
+) {
+    let ws = match upgrade.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let settings = &state.settings;
+    let (read, write) = tokio::io::split(ws.into_inner());
+    let (mut reader, _) = fastwebsockets::after_handshake_split(
+        read,
+        tokio::io::sink(),
+        fastwebsockets::Role::Server,
+    );
+    reader.set_auto_close(false);
+    reader.set_auto_pong(true);
+    // fastwebsockets refuses frames of `max` bytes or more; ours is inclusive.
+    reader.set_max_message_size(settings.limits.max_message_bytes + 1);
+
+    let (outbox, rx) = Outbox::new(state.next_connection_id(), settings.limits.outbound_queue);
+    let liveness = Arc::new(Liveness::default());
+    let writer = tokio::spawn(writer::run(
+        write,
+        rx,
+        outbox.clone(),
+        liveness.clone(),
+        WriterSettings {
+            ping_interval: settings.ws.ping_interval,
+            pong_timeout: settings.ws.pong_timeout,
+            expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
+        },
+        state.shutdown.clone(),
+        state.metrics.clone(),
+    ));
+
+    let role = identity.role;
+    let metrics = &state.metrics;
+    metrics.connections_opened.inc(role.as_str());
+    let gauge = match role {
+        Role::Agent => &metrics.connections_agent,
+        Role::Viewer => &metrics.connections_viewer,
+    };
+    gauge.inc();
+    debug!(id = outbox.id(), sub = %identity.sub, role = role.as_str(), "connected");
+
+    let mut session = Session::new(identity, state.clone(), outbox.clone());
+    match session.start().await {
+        Ok(()) => read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await,
+        Err(code) => outbox.close(CloseReason::Hub(code)),
+    }
+    session.finish();
+    outbox.close(CloseReason::Hub(CloseCode::Normal));
+    let _ = writer.await;
+
+    let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
+    metrics.disconnects.inc(reason.label());
+    if reason == CloseReason::Hub(CloseCode::SlowConsumer) {
+        metrics.slow_consumer_disconnects.inc();
+    }
+    gauge.dec();
+    debug!(id = outbox.id(), reason = reason.label(), "disconnected");
+    drop(permit);
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    reader: &mut WebSocketRead<R>,
+    session: &mut Session,
+    outbox: &Outbox,
+    liveness: &Liveness,
+    state: &AppState,
+) {
+    let mut message = Reassembly::new(state.settings.limits.max_message_bytes);
+    let pong_outbox = outbox.clone();
+    let mut send_pong = move |ping: Frame<'_>| {
+        std::future::ready(pong_outbox.push(Outbound::control(frame::pong(&ping.payload))))
+    };
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = outbox.closed() => return,
+            frame = reader.read_frame(&mut send_pong) => frame,
+        };
+        liveness.heard();
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                outbox.close(read_error(&e));
+                return;
+            }
+        };
+        state.metrics.frames_received.inc();
+        let result = match frame.opcode {
+            OpCode::Binary => Err(CloseCode::UnsupportedData),
+            OpCode::Close => {
+                outbox.close(peer_close(&frame.payload));
+                return;
+            }
+            OpCode::Ping | OpCode::Pong => Ok(()),
+            OpCode::Text | OpCode::Continuation => match message.accept(&frame) {
+                Ok(Some(text)) => session.handle_text(&text).await,
+                Ok(None) => Ok(()),
+                Err(code) => Err(code),
+            },
+        };
+        if let Err(code) = result {
+            outbox.close(CloseReason::Hub(code));
+            return;
+        }
+    }
+}
+
+fn read_error(e: &WebSocketError) -> CloseReason {
+    match e {
+        WebSocketError::FrameTooLarge => CloseReason::Hub(CloseCode::MessageTooBig),
+        WebSocketError::InvalidUTF8 => CloseReason::Hub(CloseCode::InvalidPayload),
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::ConnectionClosed
+        | WebSocketError::IoError(_)
+        | WebSocketError::HTTPError(_)
+        // Our own pong could not be queued: the outbox already holds the reason.
+        | WebSocketError::SendError(_) => CloseReason::Gone,
+        _ => CloseReason::Hub(CloseCode::ProtocolError),
+    }
+}
+
+/// The reply to a peer's close frame (RFC 6455 §5.5.1, §7.4).
+fn peer_close(payload: &[u8]) -> CloseReason {
+    match payload {
+        [] => CloseReason::Peer(CloseCode::Normal.as_u16()),
+        [_] => CloseReason::Hub(CloseCode::ProtocolError),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !allowed {
+                CloseReason::Hub(CloseCode::ProtocolError)
+            } else if std::str::from_utf8(reason).is_err() {
+                CloseReason::Hub(CloseCode::InvalidPayload)
+            } else {
+                CloseReason::Peer(code)
+            }
+        }
+    }
+}
+
+/// Joins fragmented text messages, bounded by the message size limit in total (fastwebsockets
+/// bounds single frames only).
+struct Reassembly {
+    max: usize,
+    buf: Vec<u8>,
+    active: bool,
+}
+
+impl Reassembly {
+    fn new(max: usize) -> Self {
+        Reassembly {
+            max,
+            buf: Vec::new(),
+            active: false,
+        }
+    }
+
+    /// Takes a text or continuation frame; returns a whole message when one is complete.
+    fn accept<'a>(&mut self, frame: &'a Frame<'_>) -> Result<Option<Cow<'a, [u8]>>, CloseCode> {
+        match (frame.opcode, frame.fin, self.active) {
+            (OpCode::Text, true, false) => Ok(Some(Cow::Borrowed(&frame.payload[..]))),
+            (OpCode::Text, false, false) => {
+                self.active = true;
+                self.buf.clear();
+                self.append(&frame.payload)?;
+                Ok(None)
+            }
+            (OpCode::Continuation, fin, true) => {
+                self.append(&frame.payload)?;
+                if !fin {
+                    return Ok(None);
+                }
+                self.active = false;
+                let text = std::mem::take(&mut self.buf);
+                if std::str::from_utf8(&text).is_err() {
+                    return Err(CloseCode::InvalidPayload);
+                }
+                Ok(Some(Cow::Owned(text)))
+            }
+            _ => Err(CloseCode::ProtocolError),
+        }
+    }
+
+    fn append(&mut self, part: &[u8]) -> Result<(), CloseCode> {
+        if self.buf.len() + part.len() > self.max {
+            return Err(CloseCode::MessageTooBig);
+        }
+        self.buf.extend_from_slice(part);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fastwebsockets::Payload;
+
+    fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> Frame<'static> {
+        Frame::new(fin, opcode, None, Payload::Owned(payload.to_vec()))
+    }
+
+    #[test]
+    fn fragments_join_within_the_limit() {
+        let mut r = Reassembly::new(10);
+        assert_eq!(r.accept(&frame(false, OpCode::Text, b"hel")).unwrap(), None);
+        assert_eq!(
+            r.accept(&frame(false, OpCode::Continuation, b"lo "))
+                .unwrap(),
+            None
+        );
+        let last = frame(true, OpCode::Continuation, b"you");
+        let done = r.accept(&last).unwrap().unwrap();
+        assert_eq!(&done[..], b"hello you");
+        let whole = frame(true, OpCode::Text, b"x");
+        assert_eq!(&r.accept(&whole).unwrap().unwrap()[..], b"x");
+    }
+
+    #[test]
+    fn fragments_past_the_limit_or_out_of_order_are_refused() {
+        let mut r = Reassembly::new(5);
+        r.accept(&frame(false, OpCode::Text, b"abc")).unwrap();
+        assert_eq!(
+            r.accept(&frame(false, OpCode::Continuation, b"def")),
+            Err(CloseCode::MessageTooBig)
+        );
+        let mut r = Reassembly::new(5);
+        assert_eq!(
+            r.accept(&frame(true, OpCode::Continuation, b"a")),
+            Err(CloseCode::ProtocolError)
+        );
+        r.accept(&frame(false, OpCode::Text, b"a")).unwrap();
+        assert_eq!(
+            r.accept(&frame(true, OpCode::Text, b"b")),
+            Err(CloseCode::ProtocolError)
+        );
+    }
+
+    #[test]
+    fn split_utf8_is_checked_on_the_whole_message() {
+        let mut r = Reassembly::new(10);
+        let euro = "€".as_bytes();
+        r.accept(&frame(false, OpCode::Text, &euro[..1])).unwrap();
+        assert!(
+            r.accept(&frame(true, OpCode::Continuation, &euro[1..]))
+                .unwrap()
+                .is_some()
+        );
+        r.accept(&frame(false, OpCode::Text, &euro[..1])).unwrap();
+        assert_eq!(
+            r.accept(&frame(true, OpCode::Continuation, b"x")),
+            Err(CloseCode::InvalidPayload)
+        );
+    }
+
+    #[test]
+    fn peer_close_codes_are_echoed_or_refused() {
+        assert_eq!(peer_close(&[]), CloseReason::Peer(1000));
+        assert_eq!(peer_close(&[0x0f, 0xa0]), CloseReason::Peer(4000));
+        assert_eq!(
+            peer_close(&[0x03, 0xed]),
+            CloseReason::Hub(CloseCode::ProtocolError),
+            "1005 is reserved"
+        );
+        assert_eq!(
+            peer_close(&[0x03, 0xe8, 0xff]),
+            CloseReason::Hub(CloseCode::InvalidPayload)
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! The HTTP side: the accept loop, routes, the WebSocket upgrade and the drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::{ConfigError, Settings};
+use crate::connection;
+use crate::limits::ConnectionGate;
+use crate::metrics::Metrics;
+use crate::outbox::DISCONNECT_REASONS;
+
+/// Everything a request or connection handler needs, shared by all of them.
+pub struct AppState {
+    pub settings: Settings,
+    pub node_id: String,
+    pub auth: Authenticator,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub gate: Arc<ConnectionGate>,
+    /// Cancelled when the drain starts: every connection closes with 1012.
+    pub shutdown: CancellationToken,
+    draining: AtomicBool,
+    connections: TaskTracker,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && self.broker.is_ready()
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+type Body = Full<Bytes>;
+
+impl Server {
+    /// Builds the hub from `settings` and binds its listener.
+    pub async fn bind(settings: Settings) -> Result<Server, ServerError> {
+        let metrics = Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS));
+        let auth = Authenticator::from_settings(&settings.auth)?;
+        let broker: Arc<dyn Broker> =
+            Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone()));
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| ServerError::Bind(settings.listen, e))?;
+        let limits = &settings.limits;
+        let gate = ConnectionGate::new(
+            limits.max_connections,
+            limits.connect_rate,
+            limits.connect_burst,
+        );
+        let state = Arc::new(AppState {
+            node_id: settings.resolved_node_id(),
+            auth,
+            broker,
+            metrics,
+            gate,
+            shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            connections: TaskTracker::new(),
+            next_id: AtomicU64::new(1),
+            settings,
+        });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `signal` resolves, then drains: readiness off, new upgrades refused (probes
+    /// still answered), every client closed with 1012, and returns once they are gone or the
+    /// drain timeout has passed.
+    pub async fn run(self, signal: impl Future<Output = ()>) {
+        let Server { listener, state } = self;
+        state.metrics.ready.set(1);
+        info!(node = %state.node_id, addr = ?listener.local_addr().ok(), "hub listening");
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                _ = &mut signal => break,
+                accepted = listener.accept() => accept(accepted, &state).await,
+            }
+        }
+
+        state.draining.store(true, Ordering::Release);
+        state.metrics.ready.set(0);
+        let open = state.connections.len();
+        info!(open, "draining: closing every connection with 1012");
+        state.shutdown.cancel();
+        state.connections.close();
+        let deadline = tokio::time::sleep(state.settings.shutdown.drain_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = state.connections.wait() => break,
+                _ = &mut deadline => {
+                    warn!(left = state.connections.len(), "drain timeout: exiting with connections open");
+                    break;
+                }
+                accepted = listener.accept() => accept(accepted, &state).await,
+            }
+        }
+        info!("hub stopped");
+    }
+}
+
+async fn accept(accepted: std::io::Result<(TcpStream, SocketAddr)>, state: &Arc<AppState>) {
+    match accepted {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(serve_http(stream, state.clone()));
+        }
+        Err(e) => {
+            // Out of file descriptors and the like: back off briefly instead of spinning.
+            warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, state: Arc<AppState>) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(req, &state)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let _ = conn.await;
+}
+
+fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
+    let mut response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(req, state),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Body::from(state.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+    };
+    if let Ok(node) = HeaderValue::from_str(&state.node_id) {
+        response.headers_mut().insert("x-hub-node", node);
+    }
+    response
+}
+
+fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
+    let metrics = &state.metrics;
+    if state.draining.load(Ordering::Acquire) {
+        metrics.refused.inc("draining");
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "hub is shutting down; reconnect",
+        );
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket only",
+        );
+    }
+    let permit = match state.gate.admit() {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            metrics.refused.inc(refusal.reason());
+            let status = match refusal {
+                crate::limits::Refusal::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
+                crate::limits::Refusal::ConnectRate => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return retry_later(
+                status,
+                refusal.reason(),
+                "too many connections; retry with backoff",
+            );
+        }
+    };
+    let identity = match token(&req)
+        .ok_or(AuthError::Missing)
+        .and_then(|t| state.auth.authenticate(&t))
+    {
+        Ok(identity) => identity,
+        Err(e) => {
+            metrics.auth_failures.inc(e.reason());
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return json_error(status, e.reason(), &e.to_string());
+        }
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(parts) => parts,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string()),
+    };
+    state
+        .connections
+        .spawn(connection::serve(upgrade, identity, state.clone(), permit));
+    response.map(|_| Body::default())
+}
+
+/// The token from `Authorization: Bearer …`, else from the `token` query parameter.
+fn token(req: &Request<Incoming>) -> Option<String> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    let query = req.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// One line of JSON: `{"error": code, "message": …}`.
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let mut body = serde_json::json!({ "error": code, "message": message }).to_string();
+    body.push('\n');
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn retry_later(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let mut r = json_error(status, code, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}

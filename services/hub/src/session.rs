@@ -1,0 +1,260 @@
+//! What a connection may do, frame by frame: the protocol logic between the reader and the
+//! broker. Refusals the client can fix are `error` frames; `Err(code)` ends the connection.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hub_protocol::channel::{self, publication_channels};
+use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
+use serde_json::value::RawValue;
+use tracing::warn;
+
+use crate::auth::Identity;
+use crate::broker::{BrokerError, Publication, PublishOutcome};
+use crate::frame;
+use crate::limits::TokenBucket;
+use crate::outbox::{Outbound, Outbox};
+use crate::server::AppState;
+
+pub struct Session {
+    identity: Identity,
+    state: Arc<AppState>,
+    outbox: Outbox,
+    subscriptions: HashSet<String>,
+    publisher: Option<Publisher>,
+}
+
+/// Publishing state of an agent connection.
+struct Publisher {
+    channels: Vec<String>,
+    bucket: TokenBucket,
+    refused_in_row: u32,
+}
+
+type Outcome = Result<(), CloseCode>;
+
+impl Session {
+    pub fn new(identity: Identity, state: Arc<AppState>, outbox: Outbox) -> Self {
+        let limits = &state.settings.limits;
+        let publisher = (identity.role == Role::Agent).then(|| Publisher {
+            channels: publication_channels(&identity.sub, &identity.groups),
+            bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
+            refused_in_row: 0,
+        });
+        Session {
+            identity,
+            state,
+            outbox,
+            subscriptions: HashSet::new(),
+            publisher,
+        }
+    }
+
+    /// Sends `hello`.
+    pub async fn start(&mut self) -> Outcome {
+        let last_seq = match self.identity.role {
+            Role::Agent => match self.state.broker.last_seq(&self.identity.sub).await {
+                Ok(seq) => Some(seq),
+                Err(e) => {
+                    warn!(sub = %self.identity.sub, error = %e, "last seq unknown; hello goes without it");
+                    None
+                }
+            },
+            Role::Viewer => None,
+        };
+        self.send(&ServerFrame::Hello {
+            hub: self.state.node_id.as_str().into(),
+            sub: self.identity.sub.as_str().into(),
+            role: self.identity.role.as_str().into(),
+            last_seq,
+            expires_at: self.identity.expires_at,
+        })
+    }
+
+    pub async fn handle_text(&mut self, text: &[u8]) -> Outcome {
+        let frame = match ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.error(e.code(), &e.to_string(), None, None),
+        };
+        match frame {
+            ClientFrame::Subscribe {
+                channel,
+                since,
+                reference,
+            } => self.subscribe(&channel, since.as_ref(), reference).await,
+            ClientFrame::Unsubscribe { channel, reference } => {
+                self.unsubscribe(&channel, reference)
+            }
+            ClientFrame::Publish {
+                seq,
+                data,
+                device,
+                reference,
+            } => self.publish(seq, data, device.as_deref(), reference).await,
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<&Position>,
+        reference: Option<&RawValue>,
+    ) -> Outcome {
+        let refuse = |code, message: &str| (code, message.to_owned());
+        let refusal = if self.identity.role != Role::Viewer {
+            Some(refuse(ErrorCode::Forbidden, "agents cannot subscribe"))
+        } else if let Err(e) = channel::validate(channel) {
+            Some(refuse(ErrorCode::InvalidChannel, &e.to_string()))
+        } else if !self.identity.may_subscribe(channel) {
+            Some(refuse(
+                ErrorCode::Forbidden,
+                &format!("token may not subscribe to `{channel}`"),
+            ))
+        } else if self.subscriptions.contains(channel) {
+            Some(refuse(
+                ErrorCode::AlreadySubscribed,
+                &format!("already subscribed to `{channel}`"),
+            ))
+        } else if self.subscriptions.len() >= self.state.settings.limits.max_subscriptions {
+            let max = self.state.settings.limits.max_subscriptions;
+            Some(refuse(
+                ErrorCode::TooManySubscriptions,
+                &format!("at most {max} subscriptions per connection"),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            return self.error(code, &message, None, reference);
+        }
+        match self
+            .state
+            .broker
+            .subscribe(channel, since, &self.outbox)
+            .await
+        {
+            Ok(outcome) => {
+                self.subscriptions.insert(channel.to_owned());
+                let metrics = &self.state.metrics;
+                metrics.subscriptions.inc();
+                if since.is_some() {
+                    metrics.recoveries.inc(if outcome.recovered {
+                        "recovered"
+                    } else {
+                        "not_recovered"
+                    });
+                }
+                Ok(())
+            }
+            Err(BrokerError::SlowConsumer) => Err(CloseCode::SlowConsumer),
+            Err(e @ BrokerError::Unavailable(_)) => {
+                self.error(ErrorCode::Unavailable, &e.to_string(), None, reference)
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: &str, reference: Option<&RawValue>) -> Outcome {
+        if !self.subscriptions.remove(channel) {
+            let message = format!("not subscribed to `{channel}`");
+            return self.error(ErrorCode::NotSubscribed, &message, None, reference);
+        }
+        self.state.broker.unsubscribe(channel, self.outbox.id());
+        self.state.metrics.subscriptions.dec();
+        self.send(&ServerFrame::Unsubscribed {
+            channel: channel.into(),
+        })
+    }
+
+    async fn publish(
+        &mut self,
+        seq: u64,
+        data: &RawValue,
+        device: Option<&str>,
+        reference: Option<&RawValue>,
+    ) -> Outcome {
+        let metrics = &self.state.metrics;
+        let Some(publisher) = self.publisher.as_mut() else {
+            metrics.publications.inc("refused");
+            return self.error(
+                ErrorCode::Forbidden,
+                "only agents publish",
+                Some(seq),
+                reference,
+            );
+        };
+        if device.is_some_and(|d| d != self.identity.sub) {
+            metrics.publications.inc("refused");
+            let message = format!(
+                "an agent publishes as itself only (`{}`)",
+                self.identity.sub
+            );
+            return self.error(ErrorCode::Forbidden, &message, Some(seq), reference);
+        }
+        let now = Instant::now();
+        if !publisher.bucket.try_take(now) {
+            metrics.publications.inc("refused");
+            publisher.refused_in_row += 1;
+            // An agent that keeps flooding after being told is cut off.
+            if publisher.refused_in_row > self.state.settings.limits.publish_burst {
+                return Err(CloseCode::RateLimited);
+            }
+            return self.error(
+                ErrorCode::RateLimited,
+                "publish rate exceeded; retry later",
+                Some(seq),
+                reference,
+            );
+        }
+        publisher.refused_in_row = 0;
+        let publication = Publication {
+            device: &self.identity.sub,
+            seq,
+            channels: &publisher.channels,
+            data,
+            received_at: now,
+        };
+        match self.state.broker.publish(&publication).await {
+            Ok(outcome) => {
+                let duplicate = outcome == PublishOutcome::Duplicate;
+                metrics
+                    .publications
+                    .inc(if duplicate { "duplicate" } else { "accepted" });
+                self.send(&ServerFrame::Ack { seq, duplicate })
+            }
+            Err(e) => {
+                metrics.publications.inc("refused");
+                self.error(ErrorCode::Unavailable, &e.to_string(), Some(seq), reference)
+            }
+        }
+    }
+
+    fn send(&self, frame: &ServerFrame<'_>) -> Outcome {
+        self.outbox
+            .push(Outbound::control(frame::server(frame)))
+            .map_err(|_| CloseCode::SlowConsumer)
+    }
+
+    fn error(
+        &self,
+        code: ErrorCode,
+        message: &str,
+        seq: Option<u64>,
+        reference: Option<&RawValue>,
+    ) -> Outcome {
+        self.send(&ServerFrame::Error {
+            code,
+            message: message.into(),
+            seq,
+            reference,
+        })
+    }
+
+    /// Leaves every channel.
+    pub fn finish(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.state.broker.unsubscribe(&channel, self.outbox.id());
+            self.state.metrics.subscriptions.dec();
+        }
+    }
+}
