@@ -131,15 +131,21 @@ impl Authenticator {
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
         validation.leeway = auth.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
+        // jsonwebtoken checks `iss` and `aud` only when present unless they are required.
+        let mut required = vec!["exp", "sub"];
         match &auth.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &auth.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let viewer_default = match &auth.viewer_channels {
             Some(list) => {
                 Some(parse_patterns(list).map_err(|e| invalid("auth.viewer_channels", e))?)

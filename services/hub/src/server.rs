@@ -113,7 +113,9 @@ impl Server {
     pub async fn run(self, signal: impl Future<Output = ()>) {
         let Server { listener, state } = self;
         state.metrics.ready.set(1);
-        info!(node = %state.node_id, addr = ?listener.local_addr().ok(), "hub listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(node = %state.node_id, %addr, "hub listening");
+        }
         tokio::pin!(signal);
         loop {
             tokio::select! {

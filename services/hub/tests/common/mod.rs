@@ -1,0 +1,319 @@
+//! A real hub on a loopback port and real WebSocket clients for the integration tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, Role as WsRole, WebSocket};
+use http_body_util::{BodyExt, Empty};
+use hub::Settings;
+use hub::server::AppState;
+use hub::token::{TokenRequest, mint, sign};
+use hub_protocol::{Claims, Role, ServerFrame};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "integration-test-secret-of-32-bytes!";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestHub {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub settings: Settings,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        TestHub::with(|_| {}).await
+    }
+
+    /// Starts a hub on an ephemeral loopback port with test defaults changed by `configure`.
+    pub async fn with(configure: impl FnOnce(&mut Settings)) -> TestHub {
+        let mut settings = Settings::default();
+        settings.listen = "127.0.0.1:0".parse().unwrap();
+        settings.node_id = Some("test-hub".into());
+        settings.auth.hs256_secret = Some(SECRET.into());
+        configure(&mut settings);
+        settings.validate().expect("test settings are valid");
+        let server = hub::Server::bind(settings.clone())
+            .await
+            .expect("hub binds");
+        let addr = server.local_addr().unwrap();
+        let state = server.state();
+        let stop = CancellationToken::new();
+        let signal = stop.clone();
+        let task = tokio::spawn(server.run(async move { signal.cancelled().await }));
+        TestHub {
+            addr,
+            state,
+            settings,
+            stop,
+            task,
+        }
+    }
+
+    pub fn token(&self, sub: &str, role: Role) -> String {
+        mint(&self.settings.auth, &TokenRequest::new(sub, role)).unwrap()
+    }
+
+    pub fn token_for(&self, request: TokenRequest) -> String {
+        mint(&self.settings.auth, &request).unwrap()
+    }
+
+    /// Signs arbitrary claims with the hub's key.
+    pub fn sign(&self, claims: &Claims) -> String {
+        sign(&self.settings.auth, claims).unwrap()
+    }
+
+    pub async fn connect(&self, token: &str) -> Client {
+        match self.try_connect(token).await {
+            Ok(client) => client,
+            Err(refused) => panic!("connection refused: {refused:?}"),
+        }
+    }
+
+    pub async fn try_connect(&self, token: &str) -> Result<Client, Refused> {
+        connect(self.addr, &format!("/ws?token={token}"), None).await
+    }
+
+    /// A viewer subscribed to `channels`, `subscribed` frames consumed.
+    pub async fn viewer(&self, name: &str, channels: &[&str]) -> Client {
+        let mut client = self.connect(&self.token(name, Role::Viewer)).await;
+        for channel in channels {
+            client.subscribe(channel, None).await;
+        }
+        client
+    }
+
+    /// An agent with its `hello` consumed.
+    pub async fn agent(&self, device: &str, groups: &[&str]) -> Client {
+        let mut request = TokenRequest::new(device, Role::Agent);
+        request.groups = groups.iter().map(|g| g.to_string()).collect();
+        self.connect(&self.token_for(request)).await
+    }
+
+    /// Starts the drain as SIGTERM would and waits for the hub to stop.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("hub drains")
+            .unwrap();
+    }
+
+    /// GET over plain HTTP: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let stream = TcpStream::connect(self.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header("host", "hub")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The value of one sample line of `/metrics`, e.g. `hub_deliveries_total`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("no series {series}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A refused upgrade: HTTP status and the JSON body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Opens a WebSocket to `path` with an optional `Authorization` header.
+pub async fn connect(
+    addr: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+) -> Result<Client, Refused> {
+    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let mut req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header(
+            "sec-websocket-key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("sec-websocket-version", "13");
+    if let Some(value) = authorization {
+        req = req.header("authorization", value);
+    }
+    let mut res = sender
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    if status != 101 {
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&body)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
+        return Err(Refused { status, body });
+    }
+    let node = res
+        .headers()
+        .get("x-hub-node")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let upgraded = hyper::upgrade::on(&mut res).await.unwrap();
+    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), WsRole::Client);
+    ws.set_auto_close(false);
+    let mut client = Client {
+        ws,
+        hello: Value::Null,
+        node,
+    };
+    client.hello = client.expect("hello").await;
+    Ok(client)
+}
+
+/// What a client saw next.
+#[derive(Debug)]
+pub enum Event {
+    Frame(Value),
+    Closed(u16),
+    /// The connection ended without a close frame, or nothing came in time.
+    Gone,
+    Timeout,
+}
+
+pub struct Client {
+    pub ws: WebSocket<TokioIo<Upgraded>>,
+    pub hello: Value,
+    pub node: Option<String>,
+}
+
+impl Client {
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_frame(&mut self, frame: Frame<'_>) {
+        self.ws.write_frame(frame).await.unwrap();
+    }
+
+    /// The next frame or close, within `WAIT`. Every text frame must be a valid protocol frame.
+    pub async fn next(&mut self) -> Event {
+        self.next_within(WAIT).await
+    }
+
+    pub async fn next_within(&mut self, wait: Duration) -> Event {
+        loop {
+            let frame = match tokio::time::timeout(wait, self.ws.read_frame()).await {
+                Err(_) => return Event::Timeout,
+                Ok(Err(_)) => return Event::Gone,
+                Ok(Ok(frame)) => frame,
+            };
+            match frame.opcode {
+                OpCode::Text => {
+                    ServerFrame::parse(&frame.payload).expect("hub sends protocol frames");
+                    return Event::Frame(serde_json::from_slice(&frame.payload).unwrap());
+                }
+                OpCode::Close => {
+                    let code = if frame.payload.len() >= 2 {
+                        u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+                    } else {
+                        1005
+                    };
+                    return Event::Closed(code);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame, which must have `type`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        match self.next().await {
+            Event::Frame(v) if v["type"] == kind => v,
+            other => panic!("expected a `{kind}` frame, got {other:?}"),
+        }
+    }
+
+    /// Reads until the hub closes; returns the close code (messages in between are skipped).
+    pub async fn expect_close(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Event::Frame(_) => continue,
+                Event::Closed(code) => return code,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str, since: Option<(&str, u64)>) -> Value {
+        let mut frame = json!({"type": "subscribe", "channel": channel});
+        if let Some((epoch, offset)) = since {
+            frame["since"] = json!({"epoch": epoch, "offset": offset});
+        }
+        self.send(frame).await;
+        self.expect("subscribed").await
+    }
+
+    /// Publishes and returns the reply (`ack` or `error`).
+    pub async fn publish(&mut self, seq: u64, data: Value) -> Value {
+        self.send(json!({"type": "publish", "seq": seq, "data": data}))
+            .await;
+        match self.next().await {
+            Event::Frame(v) => v,
+            other => panic!("expected a reply to publish {seq}, got {other:?}"),
+        }
+    }
+
+    /// Reads `n` `message` frames.
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            out.push(self.expect("message").await);
+        }
+        out
+    }
+}
+
+/// Offsets of `message` frames.
+pub fn offsets(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
