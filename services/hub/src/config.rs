@@ -134,6 +134,10 @@ pub struct Limits {
     pub connect_burst: u32,
     /// Frames queued per connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Kernel send buffer per connection, in bytes; absent: the kernel's autotuning (up to
+    /// `net.ipv4.tcp_wmem`, 4 MiB by default). Bounding it bounds kernel memory per connection and
+    /// makes a stalled client count as slow sooner.
+    pub socket_send_buffer: Option<usize>,
 }
 
 impl Default for Limits {
@@ -147,6 +151,7 @@ impl Default for Limits {
             connect_rate: 5_000.0,
             connect_burst: 10_000,
             outbound_queue: 1024,
+            socket_send_buffer: None,
         }
     }
 }

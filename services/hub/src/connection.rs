@@ -87,6 +87,7 @@ pub async fn serve(
     }
     gauge.dec();
     debug!(id = outbox.id(), reason = reason.label(), "disconnected");
+    linger(&mut reader).await;
     drop(permit);
 }
 
@@ -135,6 +136,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
             return;
         }
     }
+}
+
+/// Reads and discards until the peer's close frame or EOF, for a short while. Dropping a socket
+/// with unread input makes the kernel send RST, which can destroy our close frame before the peer
+/// reads it; waiting for the peer's side of the close handshake avoids that.
+async fn linger<R: AsyncRead + Unpin>(reader: &mut WebSocketRead<R>) {
+    let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), std::convert::Infallible>(()));
+    let _ = tokio::time::timeout(2 * writer::CLOSE_GRACE, async {
+        while let Ok(frame) = reader.read_frame(&mut ignore).await {
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn read_error(e: &WebSocketError) -> CloseReason {

@@ -150,6 +150,9 @@ async fn accept(accepted: std::io::Result<(TcpStream, SocketAddr)>, state: &Arc<
     match accepted {
         Ok((stream, _)) => {
             let _ = stream.set_nodelay(true);
+            if let Some(size) = state.settings.limits.socket_send_buffer {
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(size);
+            }
             tokio::spawn(serve_http(stream, state.clone()));
         }
         Err(e) => {

@@ -26,7 +26,7 @@ const MAX_BATCH_ITEMS: usize = 64;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 const MAX_IOVECS: usize = 64;
 /// Time left to flush what is queued and the close frame once a connection is closing.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// When the peer was last heard from; written by the reader, read by the writer.
 pub struct Liveness {
@@ -187,6 +187,12 @@ pub async fn run<W: AsyncWrite + Unpin>(
     }
 
     if !broken {
+        // What was queued before the close (acks, errors, messages) goes out ahead of the close
+        // frame; nothing new can be queued once the outbox is closed.
+        let mut rest = Batch::default();
+        while let Ok(item) = rx.try_recv() {
+            rest.add(item, &mut pending);
+        }
         let reason = outbox
             .close_reason()
             .unwrap_or(CloseReason::Hub(CloseCode::Normal));

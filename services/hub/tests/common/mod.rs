@@ -140,6 +140,24 @@ impl TestHub {
     }
 }
 
+impl TestHub {
+    /// Waits until `series` reads `value` (for counters updated when a connection has ended).
+    pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.metric(series).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A refused upgrade: HTTP status and the JSON body.
 #[derive(Debug)]
 pub struct Refused {
@@ -153,7 +171,22 @@ pub async fn connect(
     path: &str,
     authorization: Option<&str>,
 ) -> Result<Client, Refused> {
-    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    connect_with(addr, path, authorization, None).await
+}
+
+/// As [`connect`], with the client's socket receive buffer set to `recv_buffer` bytes: a client
+/// that stops reading then stalls the hub's writes after a few kilobytes.
+pub async fn connect_with(
+    addr: SocketAddr,
+    path: &str,
+    authorization: Option<&str>,
+    recv_buffer: Option<u32>,
+) -> Result<Client, Refused> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = socket.connect(addr).await.expect("tcp connect");
     stream.set_nodelay(true).unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -187,8 +220,7 @@ pub async fn connect(
         .get("x-hub-node")
         .map(|v| v.to_str().unwrap().to_owned());
     let upgraded = hyper::upgrade::on(&mut res).await.unwrap();
-    let mut ws = WebSocket::after_handshake(TokioIo::new(upgraded), WsRole::Client);
-    ws.set_auto_close(false);
+    let ws = WebSocket::after_handshake(TokioIo::new(upgraded), WsRole::Client);
     let mut client = Client {
         ws,
         hello: Value::Null,

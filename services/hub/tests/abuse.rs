@@ -1,0 +1,332 @@
+//! Bad input, floods and slow consumers: each gets its documented error or close code, and the hub
+//! keeps serving everyone else.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Event, TestHub};
+use fastwebsockets::{Frame, OpCode, Payload};
+use hub_protocol::Role;
+use serde_json::json;
+
+/// The hub still serves a new client end to end.
+async fn assert_healthy(hub: &TestHub) {
+    assert_eq!(hub.get("/healthz").await.0, 200);
+    let mut viewer = hub.viewer("probe", &["devices.probe"]).await;
+    let mut agent = hub.agent("probe", &[]).await;
+    let seq = agent.hello["last_seq"].as_u64().unwrap() + 1;
+    assert_eq!(agent.publish(seq, json!({"ok": true})).await["type"], "ack");
+    assert_eq!(viewer.expect("message").await["data"], json!({"ok": true}));
+}
+
+#[tokio::test]
+async fn malformed_frames_get_an_error_and_the_connection_stays_open() {
+    let hub = TestHub::start().await;
+    let mut client = hub.viewer("v", &[]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    for (text, code) in [
+        ("{not json", "bad_frame"),
+        ("[1,2,3]", "bad_frame"),
+        (r#"{"channel":"fleet"}"#, "bad_frame"),
+        (r#"{"type":"dance"}"#, "unknown_type"),
+        (r#"{"type":"subscribe"}"#, "bad_frame"),
+        (
+            r#"{"type":"subscribe","channel":"bad channel!"}"#,
+            "invalid_channel",
+        ),
+        (
+            r#"{"type":"subscribe","channel":"fleet","since":{"epoch":1}}"#,
+            "bad_frame",
+        ),
+    ] {
+        client.send_text(text).await;
+        let error = client.expect("error").await;
+        assert_eq!(error["code"], code, "for {text}");
+        assert!(!error["message"].as_str().unwrap().is_empty());
+    }
+    for (text, code) in [
+        (r#"{"type":"publish","seq":1,"data":[1]}"#, "bad_frame"),
+        (r#"{"type":"publish","seq":1,"data":"warm"}"#, "bad_frame"),
+        (r#"{"type":"publish","data":{}}"#, "bad_frame"),
+        (r#"{"type":"publish","seq":-4,"data":{}}"#, "bad_frame"),
+    ] {
+        agent.send_text(text).await;
+        assert_eq!(agent.expect("error").await["code"], code, "for {text}");
+    }
+    client.subscribe("fleet", None).await;
+    assert_eq!(agent.publish(1, json!({"v": 1})).await["type"], "ack");
+    assert_eq!(client.expect("message").await["data"], json!({"v": 1}));
+}
+
+#[tokio::test]
+async fn a_binary_frame_is_closed_with_1003() {
+    let hub = TestHub::start().await;
+    let mut client = hub.viewer("v", &["fleet"]).await;
+    client
+        .send_frame(Frame::binary(Payload::Borrowed(b"\x00\x01")))
+        .await;
+    assert_eq!(client.expect_close().await, 1003);
+    assert_healthy(&hub).await;
+    hub.wait_for_metric("hub_disconnects_total{reason=\"unsupported_data\"}", 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn an_oversize_message_is_closed_with_1009_whole_or_fragmented() {
+    let hub = TestHub::with(|s| s.limits.max_message_bytes = 1024).await;
+    let mut exact = hub.agent("pi-1", &[]).await;
+    let fits = format!(
+        r#"{{"type":"publish","seq":1,"data":{{"pad":"{}"}}}}"#,
+        "x".repeat(1024 - 44)
+    );
+    assert_eq!(fits.len(), 1024);
+    exact.send_text(&fits).await;
+    assert_eq!(exact.expect("ack").await["seq"], 1);
+
+    let mut whole = hub.viewer("v1", &[]).await;
+    whole
+        .send_text(&format!(
+            r#"{{"type":"subscribe","channel":"{}"}}"#,
+            "x".repeat(2000)
+        ))
+        .await;
+    assert_eq!(whole.expect_close().await, 1009);
+
+    // Each fragment is small; together they pass the limit.
+    let mut fragmented = hub.viewer("v2", &[]).await;
+    let part = vec![b' '; 600];
+    fragmented
+        .send_frame(Frame::new(
+            false,
+            OpCode::Text,
+            None,
+            Payload::Borrowed(&part),
+        ))
+        .await;
+    fragmented
+        .send_frame(Frame::new(
+            false,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(&part),
+        ))
+        .await;
+    assert_eq!(fragmented.expect_close().await, 1009);
+    assert_healthy(&hub).await;
+}
+
+#[tokio::test]
+async fn fragmented_messages_within_the_limit_are_joined() {
+    let hub = TestHub::start().await;
+    let mut client = hub.viewer("v", &[]).await;
+    let text = br#"{"type":"subscribe","channel":"fleet"}"#;
+    client
+        .send_frame(Frame::new(
+            false,
+            OpCode::Text,
+            None,
+            Payload::Borrowed(&text[..10]),
+        ))
+        .await;
+    client
+        .send_frame(Frame::new(
+            false,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(&text[10..20]),
+        ))
+        .await;
+    client
+        .send_frame(Frame::new(
+            true,
+            OpCode::Continuation,
+            None,
+            Payload::Borrowed(&text[20..]),
+        ))
+        .await;
+    assert_eq!(client.expect("subscribed").await["channel"], "fleet");
+}
+
+#[tokio::test]
+async fn subscriptions_past_the_limit_are_refused() {
+    let hub = TestHub::with(|s| s.limits.max_subscriptions = 2).await;
+    let mut client = hub.viewer("v", &["fleet", "devices.a"]).await;
+    client
+        .send(json!({"type": "subscribe", "channel": "devices.b", "ref": "third"}))
+        .await;
+    let error = client.expect("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("too_many_subscriptions"), Some("third"))
+    );
+    client
+        .send(json!({"type": "subscribe", "channel": "fleet"}))
+        .await;
+    assert_eq!(client.expect("error").await["code"], "already_subscribed");
+    client
+        .send(json!({"type": "unsubscribe", "channel": "devices.a"}))
+        .await;
+    client.expect("unsubscribed").await;
+    client.subscribe("devices.b", None).await;
+}
+
+#[tokio::test]
+async fn a_publish_flood_is_refused_then_cut_off_with_4029() {
+    let hub = TestHub::with(|s| {
+        s.limits.publish_rate = 5.0;
+        s.limits.publish_burst = 5;
+    })
+    .await;
+    let mut fleet = hub.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("flood", &[]).await;
+    for seq in 1..=40 {
+        agent
+            .send(json!({"type": "publish", "seq": seq, "data": {"n": seq}}))
+            .await;
+    }
+    let (mut acked, mut limited) = (0, 0);
+    let code = loop {
+        match agent.next().await {
+            Event::Frame(f) if f["type"] == "ack" => acked += 1,
+            Event::Frame(f) if f["code"] == "rate_limited" => limited += 1,
+            Event::Closed(code) => break code,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(code, 4029);
+    assert!(acked >= 5, "the burst is accepted: {acked}");
+    assert!(
+        limited >= 1,
+        "refusals are explained before the cut: {limited}"
+    );
+    assert_eq!(
+        fleet.messages(acked).await.len(),
+        acked,
+        "every acked reading was delivered"
+    );
+    assert!(matches!(
+        fleet.next_within(Duration::from_millis(200)).await,
+        Event::Timeout
+    ));
+    assert_healthy(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_cut_off_while_100_fast_ones_receive_everything() {
+    const READINGS: u64 = 400;
+    let hub = TestHub::with(|s| {
+        s.limits.outbound_queue = 32;
+        s.limits.socket_send_buffer = Some(32 * 1024);
+        s.limits.publish_rate = 100_000.0;
+    })
+    .await;
+    let mut fast = Vec::new();
+    for i in 0..100 {
+        fast.push(hub.viewer(&format!("fast-{i}"), &["fleet"]).await);
+    }
+    let path = format!("/ws?token={}", hub.token("slow", Role::Viewer));
+    let mut slow = common::connect_with(hub.addr, &path, None, Some(4096))
+        .await
+        .unwrap();
+    slow.subscribe("fleet", None).await;
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut viewer| {
+            tokio::spawn(async move {
+                let got = viewer.messages(READINGS as usize).await;
+                common::offsets(&got)
+            })
+        })
+        .collect();
+
+    let mut agent = hub.agent("pi-1", &[]).await;
+    let pad = "x".repeat(2048);
+    for seq in 1..=READINGS {
+        assert_eq!(
+            agent.publish(seq, json!({"n": seq, "pad": pad})).await["type"],
+            "ack"
+        );
+    }
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), (1..=READINGS).collect::<Vec<_>>());
+    }
+    assert!(hub.metric("hub_delivery_drops_total").await >= 1.0);
+    hub.wait_for_metric("hub_slow_consumer_disconnects_total", 1.0)
+        .await;
+    // The slow one finds its stream ended: by a 4008 close if it reads in time, else by EOF.
+    let end = loop {
+        match slow.next().await {
+            Event::Frame(_) => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(end, Event::Closed(4008) | Event::Gone), "{end:?}");
+    assert_healthy(&hub).await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_or_the_connect_rate_are_refused_before_auth() {
+    let capped = TestHub::with(|s| s.limits.max_connections = 2).await;
+    let _a = capped.viewer("a", &[]).await;
+    let b = capped.viewer("b", &[]).await;
+    let refused = capped
+        .try_connect(&capped.token("c", Role::Viewer))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (503, Some("max_connections"))
+    );
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    capped.viewer("c", &[]).await;
+
+    let throttled = TestHub::with(|s| {
+        s.limits.connect_rate = 0.01;
+        s.limits.connect_burst = 3;
+    })
+    .await;
+    for i in 0..3 {
+        throttled.viewer(&format!("v{i}"), &[]).await;
+    }
+    let refused = throttled
+        .try_connect(&throttled.token("v4", Role::Viewer))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (429, Some("connect_rate"))
+    );
+    assert_eq!(
+        throttled
+            .metric("hub_connections_refused_total{reason=\"connect_rate\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_closed_with_4002() {
+    let hub = TestHub::with(|s| {
+        s.ws.ping_interval = Duration::from_millis(200);
+        s.ws.pong_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut live = hub.viewer("live", &["fleet"]).await;
+    let mut silent = hub.viewer("silent", &["fleet"]).await;
+    silent.ws.set_auto_pong(false);
+    // `live` keeps reading (and so answering pings) for well past the timeout.
+    assert!(matches!(
+        live.next_within(Duration::from_millis(1500)).await,
+        Event::Timeout
+    ));
+    // `silent` read nothing meanwhile, so it answered no ping.
+    assert_eq!(silent.expect_close().await, 4002);
+    assert!(matches!(
+        live.next_within(Duration::from_millis(300)).await,
+        Event::Timeout
+    ));
+}
