@@ -111,19 +111,7 @@ impl TestHub {
 
     /// GET over plain HTTP: status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let stream = TcpStream::connect(self.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header("host", "hub")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let res = sender.send_request(req).await.unwrap();
-        let status = res.status().as_u16();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        http_get(self.addr, path).await
     }
 
     /// The value of one sample line of `/metrics`, e.g. `hub_deliveries_total`.
@@ -156,6 +144,23 @@ impl TestHub {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// GET over plain HTTP: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "hub")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A refused upgrade: HTTP status and the JSON body.

@@ -1,0 +1,207 @@
+//! Start, probes, configuration errors and graceful shutdown, in process and as the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{SECRET, TestHub, http_get};
+use serde_json::json;
+
+#[tokio::test]
+async fn probes_and_metrics_answer_over_plain_http() {
+    let hub = TestHub::start().await;
+    assert_eq!(hub.get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(hub.get("/readyz").await, (200, "ready\n".into()));
+    let (status, metrics) = hub.get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "hub_connections",
+        "hub_frames_received_total",
+        "hub_frames_sent_total",
+        "hub_deliveries_total",
+        "hub_delivery_drops_total",
+        "hub_slow_consumer_disconnects_total",
+        "hub_auth_failures_total",
+        "hub_publish_to_deliver_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} missing"
+        );
+    }
+    let (status, body) = hub.get("/nowhere").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"],
+        "not_found"
+    );
+    assert_eq!(
+        hub.get("/ws").await.0,
+        426,
+        "a plain GET on /ws is told to upgrade"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_sends_the_restart_code_to_every_client() {
+    let hub = TestHub::start().await;
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        clients.push(hub.viewer(&format!("v{i}"), &["fleet"]).await);
+    }
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    clients.push(agent);
+    let stopping = tokio::spawn(hub.shutdown());
+    for mut client in clients {
+        assert_eq!(client.expect_close().await, 1012);
+    }
+    stopping.await.unwrap();
+}
+
+/// The real `hub` binary with `env`, its stderr followed until it reports its address.
+struct HubProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+const ENV: &[(&str, &str)] = &[
+    ("HUB_LISTEN", "127.0.0.1:0"),
+    ("HUB_AUTH__HS256_SECRET", SECRET),
+    ("HUB_SHUTDOWN__DRAIN_TIMEOUT", "5s"),
+    ("RUST_LOG", "info"),
+];
+
+fn hub_command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hub"));
+    cmd.env_clear().envs(env.iter().copied());
+    cmd
+}
+
+impl HubProcess {
+    fn start() -> HubProcess {
+        let mut child = hub_command(ENV).stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("hub reports its address");
+        HubProcess {
+            child,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status();
+        assert!(status.unwrap().success());
+    }
+
+    fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "hub did not exit in {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mint(args: &[&str]) -> String {
+    let out = hub_command(ENV).arg("token").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn the_binary_mints_tokens_serves_them_and_drains_on_sigterm() {
+    let mut hub = HubProcess::start();
+    let viewer = mint(&[
+        "--sub",
+        "wall",
+        "--role",
+        "viewer",
+        "--ttl",
+        "10m",
+        "--channels",
+        "fleet",
+    ]);
+    let agent = mint(&["--sub", "pi-9", "--role", "agent", "--groups", "north,lab"]);
+    let mut dash = common::connect(hub.addr, &format!("/ws?token={viewer}"), None)
+        .await
+        .unwrap();
+    dash.subscribe("fleet", None).await;
+    let bearer = format!("Bearer {agent}");
+    let mut pi = common::connect(hub.addr, "/ws", Some(&bearer))
+        .await
+        .unwrap();
+    assert_eq!(pi.publish(1, json!({"t": 20.5})).await["type"], "ack");
+    assert_eq!(dash.expect("message").await["data"], json!({"t": 20.5}));
+    assert_eq!(http_get(hub.addr, "/readyz").await.0, 200);
+
+    hub.signal("TERM");
+    assert_eq!(dash.expect_close().await, 1012);
+    assert_eq!(pi.expect_close().await, 1012);
+    assert!(hub.wait(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn invalid_configuration_fails_at_start_naming_the_key() {
+    for (env, key) in [
+        (vec![("HUB_LISTEN", "127.0.0.1:0")], "auth.hs256_secret"),
+        (
+            vec![
+                ("HUB_AUTH__HS256_SECRET", "s"),
+                ("HUB_LIMITS__MAX_CONNECTIONS", "lots"),
+            ],
+            "limits.max_connections",
+        ),
+        (
+            vec![
+                ("HUB_AUTH__HS256_SECRET", "s"),
+                ("HUB_BROKER__URL", "redis://127.0.0.1:1"),
+            ],
+            "broker.url",
+        ),
+    ] {
+        let out = hub_command(&env).output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "expected `{key}` in: {stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hub.toml");
+    std::fs::write(&file, "[ws]\nping_interval = \"often\"\n").unwrap();
+    let out = hub_command(&[("HUB_AUTH__HS256_SECRET", "s")])
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ws.ping_interval"));
+}
