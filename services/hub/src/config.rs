@@ -348,6 +348,24 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_loads_with_the_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("hub.example.toml");
+        let settings = Settings::load_from(Some(&file), env(&[])).unwrap();
+        let defaults = Settings::default();
+        assert_eq!(settings.listen, defaults.listen);
+        assert_eq!(
+            settings.limits.outbound_queue,
+            defaults.limits.outbound_queue
+        );
+        assert_eq!(settings.history.meta_ttl, defaults.history.meta_ttl);
+        assert_eq!(settings.ws.ping_interval, defaults.ws.ping_interval);
+        assert_eq!(
+            settings.shutdown.drain_timeout,
+            defaults.shutdown.drain_timeout
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let err = |pairs: &[(&str, &str)]| {
             Settings::load_from(None, env(pairs))

@@ -37,9 +37,11 @@ impl TestHub {
 
     /// Starts a hub on an ephemeral loopback port with test defaults changed by `configure`.
     pub async fn with(configure: impl FnOnce(&mut Settings)) -> TestHub {
-        let mut settings = Settings::default();
-        settings.listen = "127.0.0.1:0".parse().unwrap();
-        settings.node_id = Some("test-hub".into());
+        let mut settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            node_id: Some("test-hub".into()),
+            ..Settings::default()
+        };
         settings.auth.hs256_secret = Some(SECRET.into());
         configure(&mut settings);
         settings.validate().expect("test settings are valid");

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every check and test of the repository on a fresh machine: installs the system packages
+# the tests need when they are missing, then formatting, lints and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v kill >/dev/null || need+=(procps)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
