@@ -24,7 +24,7 @@ use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::{ConfigError, Settings};
 use crate::connection;
-use crate::limits::ConnectionGate;
+use crate::limits::{ConnectionGate, Refusal};
 use crate::metrics::Metrics;
 use crate::outbox::DISCONNECT_REASONS;
 
@@ -220,8 +220,8 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> 
         Err(refusal) => {
             metrics.refused.inc(refusal.reason());
             let status = match refusal {
-                crate::limits::Refusal::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
-                crate::limits::Refusal::ConnectRate => StatusCode::TOO_MANY_REQUESTS,
+                Refusal::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::ConnectRate => StatusCode::TOO_MANY_REQUESTS,
             };
             return retry_later(
                 status,
