@@ -88,11 +88,32 @@ impl Default for AuthSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct BrokerSettings {
-    /// `redis://…` for a pool of hubs; absent: the embedded in-process broker.
+    /// `redis://host:port/db` (or `redis+unix:///path`) for a pool of hubs; absent: the embedded
+    /// in-process broker.
     pub url: Option<String>,
+    /// Redis connections for commands (the pub/sub connection is extra).
+    pub pool_size: usize,
+    /// Limit for one Redis command or connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How often each live channel's position is compared with Redis, to repair a lost last
+    /// message of a channel that then went quiet.
+    #[serde(with = "humantime_serde")]
+    pub position_check: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            url: None,
+            pool_size: 16,
+            timeout: Duration::from_secs(2),
+            position_check: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,9 +271,14 @@ impl Settings {
                 .map_err(|e| invalid("auth.viewer_channels", format!("`{pattern}`: {e}")))?;
         }
         if let Some(url) = &self.broker.url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| invalid("broker.url", format!("`{url}`: {e}")))?;
+        }
+        let broker = &self.broker;
+        if broker.pool_size == 0 || broker.timeout.is_zero() || broker.position_check.is_zero() {
             return Err(invalid(
-                "broker.url",
-                format!("`{url}`: this build has only the embedded broker; remove broker.url"),
+                "broker",
+                "broker.pool_size, broker.timeout and broker.position_check must be greater than zero",
             ));
         }
         let l = &self.limits;

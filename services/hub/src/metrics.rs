@@ -141,6 +141,9 @@ pub struct Metrics {
     pub recoveries: CounterVec,
     pub publish_to_deliver: Histogram,
     pub ready: Gauge,
+    pub broker_reconnects: Counter,
+    pub gap_fills: Counter,
+    pub history_misses: Counter,
 }
 
 impl Metrics {
@@ -166,6 +169,9 @@ impl Metrics {
             recoveries: CounterVec::new("result", RECOVERY_RESULTS),
             publish_to_deliver: Histogram::latency(),
             ready: Gauge::default(),
+            broker_reconnects: Counter::default(),
+            gap_fills: Counter::default(),
+            history_misses: Counter::default(),
         }
     }
 
@@ -285,6 +291,24 @@ impl Metrics {
             h.sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(o, "hub_publish_to_deliver_seconds_count {cumulative}");
+        counter(
+            o,
+            "hub_broker_reconnects_total",
+            "Reconnects of the Redis pub/sub connection.",
+            &self.broker_reconnects,
+        );
+        counter(
+            o,
+            "hub_gap_fills_total",
+            "Offset gaps in pub/sub repaired from history.",
+            &self.gap_fills,
+        );
+        counter(
+            o,
+            "hub_history_misses_total",
+            "Live channels whose missed messages were gone from history (subscribers told recovered=false).",
+            &self.history_misses,
+        );
         header(
             o,
             "hub_ready",

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
-use crate::broker::{Broker, MemoryBroker};
+use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
 use crate::connection;
 use crate::limits::{ConnectionGate, Refusal};
@@ -73,8 +73,10 @@ impl Server {
     pub async fn bind(settings: Settings) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS));
         let auth = Authenticator::from_settings(&settings.auth)?;
-        let broker: Arc<dyn Broker> =
-            Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone()));
+        let broker: Arc<dyn Broker> = match &settings.broker.url {
+            Some(url) => Arc::new(RedisBroker::new(&settings, url, metrics.clone())?),
+            None => Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone())),
+        };
         let listener = TcpListener::bind(settings.listen)
             .await
             .map_err(|e| ServerError::Bind(settings.listen, e))?;
@@ -112,7 +114,6 @@ impl Server {
     /// drain timeout has passed.
     pub async fn run(self, signal: impl Future<Output = ()>) {
         let Server { listener, state } = self;
-        state.metrics.ready.set(1);
         if let Ok(addr) = listener.local_addr() {
             info!(node = %state.node_id, %addr, "hub listening");
         }
@@ -125,7 +126,6 @@ impl Server {
         }
 
         state.draining.store(true, Ordering::Release);
-        state.metrics.ready.set(0);
         let open = state.connections.len();
         info!(open, "draining: closing every connection with 1012");
         state.shutdown.cancel();
@@ -183,6 +183,7 @@ fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
         (&Method::GET, "/readyz") if state.is_ready() => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (&Method::GET, "/metrics") => {
+            state.metrics.ready.set(i64::from(state.is_ready()));
             let mut r = Response::new(Body::from(state.metrics.render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -9,18 +9,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame};
 
-use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
+use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome, pack};
 use crate::config::HistorySettings;
 use crate::fanout::Subscribers;
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbox::{Outbound, Outbox};
-
-/// Replays are queued in items of about this size.
-const REPLAY_CHUNK: usize = 256 * 1024;
+use crate::outbox::Outbox;
 
 pub struct MemoryBroker {
     inner: Arc<Inner>,
@@ -272,35 +269,6 @@ impl Inner {
     }
 }
 
-/// Packs the `subscribed` frame and the replay into as few queue items as fit [`REPLAY_CHUNK`].
-fn pack(subscribed: Bytes, replay: &[&Bytes]) -> Vec<Outbound> {
-    if replay.is_empty() {
-        return vec![Outbound::control(subscribed)];
-    }
-    let mut items = Vec::new();
-    let mut buf = BytesMut::with_capacity(REPLAY_CHUNK);
-    buf.extend_from_slice(&subscribed);
-    let mut count = 1;
-    for frame in replay {
-        if !buf.is_empty() && buf.len() + frame.len() > REPLAY_CHUNK {
-            items.push(Outbound {
-                frames: buf.split().freeze(),
-                count,
-                published_at: None,
-            });
-            count = 0;
-        }
-        buf.extend_from_slice(frame);
-        count += 1;
-    }
-    items.push(Outbound {
-        frames: buf.freeze(),
-        count,
-        published_at: None,
-    });
-    items
-}
-
 async fn sweep(inner: Weak<Inner>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,7 +343,7 @@ mod tests {
     }
 
     /// Splits queued items back into the JSON texts of their frames.
-    fn frames(rx: &mut tokio::sync::mpsc::Receiver<Outbound>) -> Vec<String> {
+    fn frames(rx: &mut tokio::sync::mpsc::Receiver<crate::outbox::Outbound>) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(item) = rx.try_recv() {
             let mut b = &item.frames[..];

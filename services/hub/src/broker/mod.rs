@@ -13,15 +13,22 @@
 //! - Offsets of a channel are gapless within an epoch; a new epoch means history was lost.
 
 pub mod memory;
+pub mod redis;
 
 use std::time::Instant;
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use hub_protocol::Position;
 use serde_json::value::RawValue;
 
-use crate::outbox::Outbox;
+pub use self::redis::RedisBroker;
+use crate::outbox::{Outbound, Outbox};
 pub use memory::MemoryBroker;
+
+/// Replays are queued in items of about this size, so a replay larger than the outbound queue
+/// still fits in it.
+const REPLAY_CHUNK: usize = 256 * 1024;
 
 /// A publication from an agent, borrowed from the frame it arrived in.
 #[derive(Debug)]
@@ -80,4 +87,33 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can take publications now (feeds `/readyz`).
     fn is_ready(&self) -> bool;
+}
+
+/// Packs the `subscribed` frame and the replay into as few queue items as fit [`REPLAY_CHUNK`].
+pub(crate) fn pack(subscribed: Bytes, replay: &[&Bytes]) -> Vec<Outbound> {
+    if replay.is_empty() {
+        return vec![Outbound::control(subscribed)];
+    }
+    let mut items = Vec::new();
+    let mut buf = BytesMut::with_capacity(REPLAY_CHUNK);
+    buf.extend_from_slice(&subscribed);
+    let mut count = 1;
+    for frame in replay {
+        if !buf.is_empty() && buf.len() + frame.len() > REPLAY_CHUNK {
+            items.push(Outbound {
+                frames: buf.split().freeze(),
+                count,
+                published_at: None,
+            });
+            count = 0;
+        }
+        buf.extend_from_slice(frame);
+        count += 1;
+    }
+    items.push(Outbound {
+        frames: buf.freeze(),
+        count,
+        published_at: None,
+    });
+    items
 }

@@ -356,3 +356,150 @@ pub fn offsets(messages: &[Value]) -> Vec<u64> {
         .map(|m| m["offset"].as_u64().unwrap())
         .collect()
 }
+
+/// A private `redis-server` on a unix socket in its own temp dir, killed on drop.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub dir: tempfile::TempDir,
+    persistent: bool,
+}
+
+impl RedisServer {
+    /// No persistence: a restart loses everything.
+    pub fn start() -> RedisServer {
+        RedisServer::with(false)
+    }
+
+    /// Append-only file with fsync on every write: a restart keeps everything.
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::with(true)
+    }
+
+    fn with(persistent: bool) -> RedisServer {
+        let mut server = RedisServer::unstarted(persistent);
+        server.spawn();
+        server
+    }
+
+    /// A server whose socket path is known but which is not running yet.
+    pub fn unstarted(persistent: bool) -> RedisServer {
+        RedisServer {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            persistent,
+        }
+    }
+
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    pub fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(self.socket())
+            .args(["--unixsocketperm", "700", "--dir"])
+            .arg(dir)
+            .args([
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                "--logfile",
+            ])
+            .arg(dir.join("redis.log"))
+            .args(["--appendonly", if self.persistent { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl TestHub {
+    /// A hub on the Redis broker at `redis`, with quick repair intervals for tests.
+    pub async fn on_redis(redis: &RedisServer) -> TestHub {
+        TestHub::on_redis_with(redis, |_| {}).await
+    }
+
+    pub async fn on_redis_with(
+        redis: &RedisServer,
+        configure: impl FnOnce(&mut Settings),
+    ) -> TestHub {
+        let url = redis.url();
+        let hub = TestHub::with(|s| {
+            s.broker.url = Some(url);
+            s.broker.position_check = Duration::from_millis(200);
+            s.broker.timeout = Duration::from_secs(1);
+            s.limits.publish_rate = 100_000.0;
+            configure(s);
+        })
+        .await;
+        hub.wait_ready(true).await;
+        hub
+    }
+
+    /// Waits until `/readyz` says `ready`.
+    pub async fn wait_ready(&self, ready: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, _) = self.get("/readyz").await;
+            if (status == 200) == ready {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never became {ready}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

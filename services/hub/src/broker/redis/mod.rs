@@ -1,0 +1,195 @@
+//! The Redis broker: hubs share offsets, history and deduplication through Redis and relay every
+//! publication to each other with pub/sub, so any hub can serve any client.
+//!
+//! - [`store`]: keys, the publish script and the reads (history, positions).
+//! - [`relay`]: the pub/sub connection, interest-based subscriptions and gap repair.
+//! - [`local`]: this hub's channels and subscribers.
+//!
+//! A publish is acknowledged once the script has appended it in Redis. It then reaches every
+//! hub, this one included, through pub/sub; no hub delivers its own publications directly, so
+//! all hubs deliver the same offsets in the same order.
+
+pub mod local;
+pub mod relay;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hub_protocol::Position;
+use tokio::sync::{mpsc, oneshot};
+
+use self::local::{Attach, Local};
+use self::relay::{Command, Relay, catch_up};
+use self::store::Store;
+use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
+use crate::config::{ConfigError, Settings};
+use crate::metrics::Metrics;
+
+pub struct RedisBroker {
+    store: Arc<Store>,
+    local: Arc<Local>,
+    commands: mpsc::Sender<Command>,
+    connected: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+}
+
+impl RedisBroker {
+    /// Sets up the pool and starts the relay; Redis need not be reachable yet.
+    pub fn new(settings: &Settings, url: &str, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            key: "broker.url",
+            message,
+        };
+        let client = redis::Client::open(url).map_err(|e| invalid(format!("`{url}`: {e}")))?;
+        let broker = &settings.broker;
+        let mut pool_config = deadpool_redis::Config::from_url(url);
+        pool_config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: broker.pool_size,
+            timeouts: deadpool_redis::Timeouts {
+                wait: Some(broker.timeout),
+                create: Some(broker.timeout),
+                recycle: Some(broker.timeout),
+            },
+            ..Default::default()
+        });
+        let pool = pool_config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| invalid(e.to_string()))?;
+        let store = Arc::new(Store::new(pool, settings.history.clone(), broker.timeout));
+        let local = Arc::new(Local::new(metrics.clone()));
+        let (commands, receiver) = mpsc::channel(4096);
+        let connected = Arc::new(AtomicBool::new(false));
+        let relay = Relay::new(
+            client,
+            store.clone(),
+            local.clone(),
+            receiver,
+            connected.clone(),
+            metrics.clone(),
+            broker.position_check,
+            broker.timeout,
+        );
+        tokio::spawn(relay.run());
+        Ok(RedisBroker {
+            store,
+            local,
+            commands,
+            connected,
+            metrics,
+            timeout: broker.timeout,
+        })
+    }
+
+    async fn join(&self, channel: &str) -> Result<(), BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Join {
+            channel: channel.to_owned(),
+            reply,
+        };
+        let wait = async {
+            self.commands
+                .send(command)
+                .await
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?
+        };
+        tokio::time::timeout(2 * self.timeout, wait)
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable("redis: join timed out".into())))
+    }
+
+    fn leave(&self, channel: &str) {
+        // A full command queue only delays the UNSUBSCRIBE: the relay ignores topics nobody wants.
+        let _ = self.commands.try_send(Command::Leave {
+            channel: channel.to_owned(),
+        });
+    }
+
+    async fn attach(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        outbox: &crate::outbox::Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let mut history = None;
+        for attempt in 0..4 {
+            let give_up = attempt == 3;
+            match self
+                .local
+                .attach(channel, since, outbox, history.as_deref(), give_up)?
+            {
+                Attach::Done(outcome) => return Ok(outcome),
+                Attach::NeedHistory { after, upto } => {
+                    history = Some(self.store.range(channel, after, Some(upto)).await?);
+                }
+                Attach::Behind { upto } => {
+                    if let Some((epoch, _)) = self.local.position(channel) {
+                        let (_, remote) = self.store.position(channel).await?;
+                        catch_up(
+                            &self.store,
+                            &self.local,
+                            channel,
+                            &epoch,
+                            upto.min(remote),
+                            &self.metrics,
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        unreachable!("the last attempt gives up on recovery and always attaches")
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
+        let offsets = self
+            .store
+            .publish(p.device, p.seq, p.channels, p.data)
+            .await?;
+        Ok(if offsets.iter().all(|o| *o == 0) {
+            PublishOutcome::Duplicate
+        } else {
+            PublishOutcome::Accepted
+        })
+    }
+
+    async fn subscribe(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        subscriber: &crate::outbox::Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        self.local.register(channel);
+        let result = match self.join(channel).await {
+            Ok(()) => self.attach(channel, since, subscriber).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() && self.local.abandon(channel) {
+            self.leave(channel);
+        }
+        result
+    }
+
+    fn unsubscribe(&self, channel: &str, subscriber: u64) {
+        if self.local.remove_subscriber(channel, subscriber) {
+            self.leave(channel);
+        }
+    }
+
+    async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
+        self.store.last_seq(device).await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,334 @@
+//! The relay: this hub's one pub/sub connection to Redis.
+//!
+//! It subscribes to a channel's Redis topic only while a local client is subscribed to the
+//! channel (interest-based routing, reference counted through [`Local`]), hands each envelope to
+//! [`Local::offer`], and repairs what pub/sub loses: a gap in offsets is filled from the stream
+//! before anything after it is delivered, a periodic position check catches channels whose last
+//! message was lost, and after a reconnect every channel is resynchronised. Joins and leaves are
+//! commands processed in order by this one task, so SUBSCRIBE and UNSUBSCRIBE never race.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::PubSubSink;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::local::{Local, Offer};
+use super::store::{Envelope, Store, channel_of, now_ms, pubsub_channel};
+use crate::broker::BrokerError;
+use crate::metrics::Metrics;
+
+pub enum Command {
+    /// Make the channel live here; answered once it is.
+    Join {
+        channel: String,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    /// The channel lost its last local subscriber.
+    Leave { channel: String },
+}
+
+pub struct Relay {
+    pub client: redis::Client,
+    pub store: Arc<Store>,
+    pub local: Arc<Local>,
+    pub commands: mpsc::Receiver<Command>,
+    pub connected: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub position_check: Duration,
+    pub timeout: Duration,
+    /// Redis topics this connection is subscribed to.
+    subscribed: HashSet<String>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("redis pub/sub: {e}"))
+}
+
+impl Relay {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: redis::Client,
+        store: Arc<Store>,
+        local: Arc<Local>,
+        commands: mpsc::Receiver<Command>,
+        connected: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+        position_check: Duration,
+        timeout: Duration,
+    ) -> Self {
+        Relay {
+            client,
+            store,
+            local,
+            commands,
+            connected,
+            metrics,
+            position_check,
+            timeout,
+            subscribed: HashSet::new(),
+        }
+    }
+
+    /// Runs until the broker is dropped (its command sender closes).
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            match self.session(&mut first).await {
+                Ok(()) => return,
+                Err(e) => {
+                    if self.connected.swap(false, Ordering::AcqRel) {
+                        warn!(error = %e, "redis pub/sub lost; reconnecting");
+                    }
+                }
+            }
+            // Joins that arrive while Redis is away fail fast instead of waiting for it.
+            let deadline = tokio::time::sleep(jitter(backoff));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    command = self.commands.recv() => match command {
+                        None => return,
+                        Some(Command::Join { reply, .. }) => {
+                            let _ = reply.send(Err(unavailable("not connected")));
+                        }
+                        Some(Command::Leave { .. }) => {}
+                    }
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection's lifetime. `Ok` only when the broker is gone.
+    async fn session(&mut self, first: &mut bool) -> Result<(), BrokerError> {
+        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| unavailable("connect timed out"))?
+            .map_err(unavailable)?;
+        let (mut sink, mut stream) = pubsub.split();
+        self.subscribed.clear();
+        let names = self.local.names();
+        for chunk in names.chunks(256) {
+            let topics: Vec<String> = chunk.iter().map(|c| pubsub_channel(c)).collect();
+            self.timed(sink.subscribe(&topics)).await?;
+            self.subscribed.extend(chunk.iter().cloned());
+        }
+        if !*first {
+            self.metrics.broker_reconnects.inc();
+        }
+        *first = false;
+        // Whatever was published while we were away is in the streams.
+        self.check_positions().await?;
+        self.connected.store(true, Ordering::Release);
+        info!(channels = names.len(), "redis pub/sub connected");
+
+        let mut check = tokio::time::interval(self.position_check);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.dispatch(&message).await,
+                    None => return Err(unavailable("connection closed")),
+                },
+                command = self.commands.recv() => match command {
+                    None => return Ok(()),
+                    Some(Command::Join { channel, reply }) => {
+                        let result = self.join(&mut sink, &channel).await;
+                        let failed = result.is_err();
+                        let _ = reply.send(result);
+                        if failed {
+                            return Err(unavailable("join failed"));
+                        }
+                    }
+                    Some(Command::Leave { channel }) => self.leave(&mut sink, &channel).await?,
+                },
+                _ = check.tick() => self.check_positions().await?,
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BrokerError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| unavailable("timed out"))?
+            .map_err(unavailable)
+    }
+
+    async fn join(&mut self, sink: &mut PubSubSink, channel: &str) -> Result<(), BrokerError> {
+        if self.local.is_live(channel) {
+            return Ok(());
+        }
+        if !self.subscribed.contains(channel) {
+            self.timed(sink.subscribe(pubsub_channel(channel))).await?;
+            self.subscribed.insert(channel.to_owned());
+        }
+        // Read after SUBSCRIBE took effect: everything above this offset arrives by pub/sub,
+        // and everything this task dispatched before is at or below it.
+        let (epoch, offset) = self.store.position(channel).await?;
+        self.local.set_live(channel, &epoch, offset);
+        Ok(())
+    }
+
+    async fn leave(&mut self, sink: &mut PubSubSink, channel: &str) -> Result<(), BrokerError> {
+        if !self.local.contains(channel) && self.subscribed.remove(channel) {
+            self.timed(sink.unsubscribe(pubsub_channel(channel)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&self, message: &redis::Msg) {
+        let Some(channel) = channel_of(message.get_channel_name()) else {
+            return;
+        };
+        let Some(envelope) = Envelope::parse(message.get_payload_bytes()) else {
+            warn!(channel, "unreadable envelope on redis pub/sub");
+            return;
+        };
+        let age = Duration::from_millis(now_ms().saturating_sub(envelope.published_ms));
+        let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        deliver(
+            &self.store,
+            &self.local,
+            channel,
+            &envelope,
+            published_at,
+            &self.metrics,
+        )
+        .await;
+    }
+
+    /// Compares every live channel with Redis and repairs what differs.
+    async fn check_positions(&self) -> Result<(), BrokerError> {
+        let positions = self.local.positions();
+        for chunk in positions.chunks(256) {
+            let names: Vec<String> = chunk.iter().map(|(n, _, _)| n.clone()).collect();
+            let remote = self.store.positions(&names).await?;
+            for ((channel, epoch, offset), remote) in chunk.iter().zip(remote) {
+                let Some((remote_epoch, remote_offset)) = remote else {
+                    continue;
+                };
+                if remote_epoch != *epoch {
+                    self.local.change_epoch(channel, &remote_epoch);
+                    catch_up(
+                        &self.store,
+                        &self.local,
+                        channel,
+                        &remote_epoch,
+                        remote_offset,
+                        &self.metrics,
+                    )
+                    .await?;
+                } else if remote_offset > *offset {
+                    catch_up(
+                        &self.store,
+                        &self.local,
+                        channel,
+                        epoch,
+                        remote_offset,
+                        &self.metrics,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Delivers one envelope, first filling any gap before it from the stream.
+pub async fn deliver(
+    store: &Store,
+    local: &Local,
+    channel: &str,
+    envelope: &Envelope<'_>,
+    published_at: Instant,
+    metrics: &Metrics,
+) {
+    for _ in 0..3 {
+        match local.offer(
+            channel,
+            envelope.epoch,
+            envelope.offset,
+            envelope.message,
+            published_at,
+        ) {
+            Offer::EpochChanged => local.change_epoch(channel, envelope.epoch),
+            Offer::Gap { .. } => {
+                if catch_up(
+                    store,
+                    local,
+                    channel,
+                    envelope.epoch,
+                    envelope.offset - 1,
+                    metrics,
+                )
+                .await
+                .is_err()
+                {
+                    // Redis is unreachable: the position check repairs this once it is back.
+                    return;
+                }
+            }
+            Offer::Delivered | Offer::Stale | Offer::Unknown => return,
+        }
+    }
+}
+
+/// Brings the channel's delivered position up to `upto` from history; where history no longer
+/// has the messages, subscribers are told (`recovered: false`) and delivery skips ahead.
+pub async fn catch_up(
+    store: &Store,
+    local: &Local,
+    channel: &str,
+    epoch: &str,
+    upto: u64,
+    metrics: &Metrics,
+) -> Result<(), BrokerError> {
+    let Some((current_epoch, after)) = local.position(channel) else {
+        return Ok(());
+    };
+    if current_epoch != epoch || after >= upto {
+        return Ok(());
+    }
+    let entries = store.range(channel, after, Some(upto)).await?;
+    let now = Instant::now();
+    for entry in &entries {
+        if carries_epoch(&entry.message, epoch) {
+            local.offer(channel, epoch, entry.offset, &entry.message, now);
+        }
+    }
+    metrics.gap_fills.inc();
+    if local
+        .position(channel)
+        .is_some_and(|(e, o)| e == epoch && o < upto)
+    {
+        local.skip_to(channel, epoch, upto);
+    }
+    Ok(())
+}
+
+/// Whether a stored `message` JSON belongs to `epoch` (history read across a Redis reset).
+fn carries_epoch(message: &[u8], epoch: &str) -> bool {
+    let needle = format!("\"epoch\":\"{epoch}\"");
+    message
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}

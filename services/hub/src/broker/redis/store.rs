@@ -1,0 +1,348 @@
+//! Everything the Redis broker stores, and the commands that read and write it.
+//!
+//! Keys of one channel share the hash slot `{channel}`, so each channel's script touches one slot
+//! (Redis Cluster ready):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given) |
+//! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
+//! | `tl:{ch}:seq` | hash | device → last `seq` appended to this channel |
+//! | `tl:{ch}:pub` | pub/sub channel | envelopes: `<offset> <epoch> <ms>\n<message JSON>` |
+//!
+//! Deduplication is per channel: a publication interrupted half-way is retried by its agent and
+//! completes the channels it missed, without duplicating the others.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::Pool;
+use redis::{Script, Value};
+use serde_json::value::RawValue;
+
+use crate::broker::BrokerError;
+use crate::config::HistorySettings;
+
+/// One publication into every target channel, in one round trip. Per channel: skip if the
+/// device's `seq` is not above the last one seen there, else take the next offset, build the
+/// `message` JSON once, append it to the stream, remember the `seq`, refresh the TTLs and
+/// PUBLISH the envelope. Returns the new offset per channel, 0 where it was a duplicate.
+/// `seq`s are compared as decimal strings: Lua numbers are doubles and u64s do not fit.
+const PUBLISH: &str = r#"
+local device, seq, now = ARGV[1], ARGV[2], ARGV[3]
+local size, meta_ttl, new_epoch, data = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local function above(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local offsets = {}
+for i = 0, #KEYS / 3 - 1 do
+  local meta, log, seqs = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local channel = ARGV[8 + i]
+  local last = redis.call('HGET', seqs, device) or '0'
+  if above(seq, last) then
+    local epoch = redis.call('HGET', meta, 'epoch')
+    if not epoch then
+      epoch = new_epoch
+      redis.call('HSET', meta, 'epoch', epoch)
+    end
+    local offset = redis.call('HINCRBY', meta, 'offset', 1)
+    local msg = '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
+      '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
+    if size > 0 then
+      redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+      redis.call('PEXPIRE', log, meta_ttl)
+    end
+    redis.call('HSET', seqs, device, seq)
+    redis.call('PEXPIRE', meta, meta_ttl)
+    redis.call('PEXPIRE', seqs, meta_ttl)
+    redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub', offset .. ' ' .. epoch .. ' ' .. now .. '\n' .. msg)
+    offsets[#offsets + 1] = offset
+  else
+    offsets[#offsets + 1] = 0
+  end
+end
+return offsets
+"#;
+
+/// The channel's `(epoch, offset)`, giving it an epoch if it has none.
+const POSITION: &str = r#"
+redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+return {v[1], v[2] or '0'}
+"#;
+
+pub fn meta_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:meta")
+}
+
+pub fn log_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:log")
+}
+
+pub fn seq_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:seq")
+}
+
+pub fn pubsub_channel(channel: &str) -> String {
+    format!("tl:{{{channel}}}:pub")
+}
+
+/// The hub channel behind a Redis pub/sub channel name.
+pub fn channel_of(pubsub: &str) -> Option<&str> {
+    pubsub.strip_prefix("tl:{")?.strip_suffix("}:pub")
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A pub/sub message: where it sits and the `message` JSON to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    pub offset: u64,
+    pub epoch: &'a str,
+    /// Wall-clock time of the publication, ms since the Unix epoch.
+    pub published_ms: u64,
+    pub message: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    pub fn parse(payload: &'a [u8]) -> Option<Envelope<'a>> {
+        let newline = payload.iter().position(|b| *b == b'\n')?;
+        let head = std::str::from_utf8(&payload[..newline]).ok()?;
+        let mut parts = head.split(' ');
+        let offset = parts.next()?.parse().ok()?;
+        let epoch = parts.next()?;
+        let published_ms = parts.next()?.parse().ok()?;
+        Some(Envelope {
+            offset,
+            epoch,
+            published_ms,
+            message: &payload[newline + 1..],
+        })
+    }
+}
+
+/// One history entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub offset: u64,
+    pub at_ms: u64,
+    pub message: Vec<u8>,
+}
+
+pub struct Store {
+    pool: Pool,
+    publish: Script,
+    position: Script,
+    history: HistorySettings,
+    timeout: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {e}"))
+}
+
+impl Store {
+    pub fn new(pool: Pool, history: HistorySettings, timeout: Duration) -> Self {
+        Store {
+            pool,
+            publish: Script::new(PUBLISH),
+            position: Script::new(POSITION),
+            history,
+            timeout,
+        }
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, BrokerError> {
+        let work = async {
+            let mut conn = self.pool.get().await.map_err(unavailable)?;
+            f(&mut conn).await.map_err(unavailable)
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("timed out")))
+    }
+
+    /// Appends one publication to `channels`; returns the new offsets (0: duplicate there).
+    pub async fn publish(
+        &self,
+        device: &str,
+        seq: u64,
+        channels: &[String],
+        data: &RawValue,
+    ) -> Result<Vec<u64>, BrokerError> {
+        let mut call = self.publish.prepare_invoke();
+        for channel in channels {
+            call.key(meta_key(channel))
+                .key(log_key(channel))
+                .key(seq_key(channel));
+        }
+        call.arg(device)
+            .arg(seq.to_string())
+            .arg(now_ms())
+            .arg(self.history.size)
+            .arg(self.history.meta_ttl.as_millis() as u64)
+            .arg(crate::broker::memory::new_epoch())
+            .arg(data.get());
+        for channel in channels {
+            call.arg(channel);
+        }
+        self.run(async |conn| call.invoke_async(conn).await).await
+    }
+
+    /// The channel's current `(epoch, offset)`; creates its epoch if it has none.
+    pub async fn position(&self, channel: &str) -> Result<(String, u64), BrokerError> {
+        let mut call = self.position.prepare_invoke();
+        call.key(meta_key(channel))
+            .arg(crate::broker::memory::new_epoch())
+            .arg(self.history.meta_ttl.as_millis() as u64);
+        let (epoch, offset): (String, u64) =
+            self.run(async |conn| call.invoke_async(conn).await).await?;
+        Ok((epoch, offset))
+    }
+
+    /// `(epoch, offset)` of many channels without creating anything; `None` where unknown.
+    pub async fn positions(
+        &self,
+        channels: &[String],
+    ) -> Result<Vec<Option<(String, u64)>>, BrokerError> {
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("HMGET")
+                .arg(meta_key(channel))
+                .arg("epoch")
+                .arg("offset");
+        }
+        let rows: Vec<(Option<String>, Option<u64>)> =
+            self.run(async |conn| pipe.query_async(conn).await).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(e, o)| e.map(|e| (e, o.unwrap_or(0))))
+            .collect())
+    }
+
+    /// History entries with offsets in `(after, upto]` that are younger than the history TTL.
+    pub async fn range(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: Option<u64>,
+    ) -> Result<Vec<Entry>, BrokerError> {
+        let key = log_key(channel);
+        let end = upto.map_or("+".to_owned(), |u| format!("{u}-0"));
+        let start = format!("({after}-0");
+        let value: Value = self
+            .run(async |conn| {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg(&end)
+                    .query_async(conn)
+                    .await
+            })
+            .await?;
+        let oldest = now_ms().saturating_sub(self.history.ttl.as_millis() as u64);
+        Ok(parse_range(value)
+            .into_iter()
+            .filter(|e| e.at_ms >= oldest)
+            .collect())
+    }
+
+    /// The last `seq` accepted from `device` (kept with its own channel).
+    pub async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
+        let key = seq_key(&hub_protocol::channel::device_channel(device));
+        let seq: Option<u64> = self
+            .run(async |conn| {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg(device)
+                    .query_async(conn)
+                    .await
+            })
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+}
+
+/// Parses an XRANGE reply: `[[id, [field, value, …]], …]`.
+fn parse_range(value: Value) -> Vec<Entry> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            continue;
+        };
+        if pair.len() != 2 {
+            continue;
+        }
+        let fields = pair.pop();
+        let id = pair.pop();
+        let Some(Value::BulkString(id)) = id else {
+            continue;
+        };
+        let Some(offset) = std::str::from_utf8(&id)
+            .ok()
+            .and_then(|s| s.split('-').next()?.parse().ok())
+        else {
+            continue;
+        };
+        let Some(Value::Array(fields)) = fields else {
+            continue;
+        };
+        let mut entry = Entry {
+            offset,
+            at_ms: 0,
+            message: Vec::new(),
+        };
+        let mut it = fields.into_iter();
+        while let (Some(Value::BulkString(k)), Some(Value::BulkString(v))) = (it.next(), it.next())
+        {
+            match &k[..] {
+                b"t" => {
+                    entry.at_ms = std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                }
+                b"m" => entry.message = v,
+                _ => {}
+            }
+        }
+        entries.push(entry);
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_parse_and_reject_garbage() {
+        let env = Envelope::parse(b"12 ab34 1700000000000\n{\"type\":\"message\"}").unwrap();
+        assert_eq!(env.offset, 12);
+        assert_eq!(env.epoch, "ab34");
+        assert_eq!(env.published_ms, 1_700_000_000_000);
+        assert_eq!(env.message, b"{\"type\":\"message\"}");
+        assert!(Envelope::parse(b"no newline").is_none());
+        assert!(Envelope::parse(b"x ab 1\n{}").is_none());
+    }
+
+    #[test]
+    fn pubsub_names_map_back_to_channels() {
+        assert_eq!(
+            channel_of(&pubsub_channel("devices.pi-1")),
+            Some("devices.pi-1")
+        );
+        assert_eq!(channel_of("other"), None);
+    }
+}
