@@ -314,6 +314,42 @@ async fn redis_losing_its_data_changes_the_epoch_and_tells_live_subscribers() {
 }
 
 #[tokio::test]
+async fn redis_losing_delivered_writes_but_keeping_the_epoch_starts_a_new_epoch() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    let mut viewer = hub.viewer("v", &[]).await;
+    let epoch = viewer.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut agent = hub.agent("pi-1", &[]).await;
+    for seq in 1..=5 {
+        agent.publish(seq, json!({"n": seq})).await;
+    }
+    viewer.messages(5).await;
+    // What a failover to a lagging replica looks like: the same epoch, an older offset.
+    let _: () = redis::cmd("HSET")
+        .arg("tl:{fleet}:meta")
+        .arg("offset")
+        .arg(2)
+        .query(&mut redis.connection())
+        .unwrap();
+    let notice = viewer.expect("subscribed").await;
+    assert_eq!(notice["recovered"], false);
+    let new_epoch = notice["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(
+        new_epoch, epoch,
+        "offsets 3..5 would be reused: the epoch must change"
+    );
+    agent.publish(6, json!({"n": 6})).await;
+    let message = viewer.expect("message").await;
+    assert_eq!(
+        (message["epoch"].as_str(), message["offset"].as_u64()),
+        (Some(new_epoch.as_str()), Some(3))
+    );
+}
+
+#[tokio::test]
 async fn a_hub_starts_without_redis_and_becomes_ready_when_it_appears() {
     let mut redis = RedisServer::unstarted(false);
     let hub = TestHub::with(|s| {

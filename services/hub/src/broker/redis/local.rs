@@ -192,14 +192,15 @@ impl Local {
         Offer::Delivered
     }
 
-    /// The channel now has `epoch`: subscribers are told, and delivery restarts before offset 1.
-    pub fn change_epoch(&self, channel: &str, epoch: &str) {
+    /// The channel now has `epoch`: subscribers are told, and delivery goes on after `offset`
+    /// (0 when the new epoch's history can be delivered from its start).
+    pub fn change_epoch(&self, channel: &str, epoch: &str, offset: u64) {
         if let Some(ch) = self
             .lock()
             .get_mut(channel)
             .filter(|c| c.live && c.epoch != epoch)
         {
-            ch.restart(epoch, 0, channel, &self.metrics);
+            ch.restart(epoch, offset, channel, &self.metrics);
         }
     }
 

@@ -221,8 +221,21 @@ impl Relay {
                 let Some((remote_epoch, remote_offset)) = remote else {
                     continue;
                 };
-                if remote_epoch != *epoch {
-                    self.local.change_epoch(channel, &remote_epoch);
+                if remote_epoch == *epoch && remote_offset < *offset {
+                    // The history up to here belongs to the lost timeline: restart after it.
+                    warn!(
+                        channel,
+                        delivered = offset,
+                        remote_offset,
+                        "redis lost delivered writes; new epoch"
+                    );
+                    let renewed = self
+                        .store
+                        .renew_rewound_epoch(channel, epoch, *offset)
+                        .await?;
+                    self.local.change_epoch(channel, &renewed, remote_offset);
+                } else if remote_epoch != *epoch {
+                    self.local.change_epoch(channel, &remote_epoch, 0);
                     catch_up(
                         &self.store,
                         &self.local,
@@ -266,7 +279,7 @@ pub async fn deliver(
             envelope.message,
             published_at,
         ) {
-            Offer::EpochChanged => local.change_epoch(channel, envelope.epoch),
+            Offer::EpochChanged => local.change_epoch(channel, envelope.epoch, 0),
             Offer::Gap { .. } => {
                 if catch_up(
                     store,

@@ -34,6 +34,10 @@ local function above(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
+local function message(channel, epoch, offset)
+  return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
+    '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
+end
 local offsets = {}
 for i = 0, #KEYS / 3 - 1 do
   local meta, log, seqs = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
@@ -46,10 +50,18 @@ for i = 0, #KEYS / 3 - 1 do
       redis.call('HSET', meta, 'epoch', epoch)
     end
     local offset = redis.call('HINCRBY', meta, 'offset', 1)
-    local msg = '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
-      '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
+    local msg = message(channel, epoch, offset)
     if size > 0 then
-      redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+      local added = redis.pcall('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+      if type(added) == 'table' and added.err then
+        -- The stream is ahead of the offset: Redis lost writes it had acknowledged. The old
+        -- history belongs to a lost timeline; start a new epoch with an empty one.
+        redis.call('DEL', log)
+        epoch, offset = new_epoch, 1
+        redis.call('HSET', meta, 'epoch', epoch, 'offset', offset)
+        msg = message(channel, epoch, offset)
+        redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+      end
       redis.call('PEXPIRE', log, meta_ttl)
     end
     redis.call('HSET', seqs, device, seq)
@@ -70,6 +82,20 @@ redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
 return {v[1], v[2] or '0'}
+"#;
+
+/// Gives the channel a new epoch if it still has `ARGV[1]` and its offset is below `ARGV[2]`:
+/// Redis lost writes that hubs had already delivered (a crash between fsyncs, a failover to a
+/// lagging replica), so the offsets ahead would be reused. Returns the epoch the channel has now.
+const REWOUND: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+if epoch == ARGV[1] and offset < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return ARGV[3]
+end
+return epoch
 "#;
 
 pub fn meta_key(channel: &str) -> String {
@@ -138,6 +164,7 @@ pub struct Store {
     pool: Pool,
     publish: Script,
     position: Script,
+    rewound: Script,
     history: HistorySettings,
     timeout: Duration,
 }
@@ -152,6 +179,7 @@ impl Store {
             pool,
             publish: Script::new(PUBLISH),
             position: Script::new(POSITION),
+            rewound: Script::new(REWOUND),
             history,
             timeout,
         }
@@ -206,6 +234,24 @@ impl Store {
         let (epoch, offset): (String, u64) =
             self.run(async |conn| call.invoke_async(conn).await).await?;
         Ok((epoch, offset))
+    }
+
+    /// Starts a new epoch for a channel whose offset fell below `delivered` in `epoch`; returns
+    /// the channel's epoch afterwards.
+    pub async fn renew_rewound_epoch(
+        &self,
+        channel: &str,
+        epoch: &str,
+        delivered: u64,
+    ) -> Result<String, BrokerError> {
+        let mut call = self.rewound.prepare_invoke();
+        call.key(meta_key(channel))
+            .key(log_key(channel))
+            .arg(epoch)
+            .arg(delivered)
+            .arg(crate::broker::memory::new_epoch());
+        let epoch: Option<String> = self.run(async |conn| call.invoke_async(conn).await).await?;
+        Ok(epoch.unwrap_or_default())
     }
 
     /// `(epoch, offset)` of many channels without creating anything; `None` where unknown.

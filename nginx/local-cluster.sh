@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# A local hub pool on loopback: redis-server, N hubs and nginx in front, all in one directory.
+#
+#   nginx/local-cluster.sh start [--hubs N] [--dir DIR] [--port PORT]   start everything
+#   nginx/local-cluster.sh stop --dir DIR                               stop everything
+#   nginx/local-cluster.sh redis-stop --dir DIR                         SIGKILL redis (fault drills)
+#   nginx/local-cluster.sh redis-start --dir DIR                        start it again (same socket, same data)
+#
+# `start` prints the cluster's variables and writes them to DIR/cluster.env: NGINX_ADDR, REDIS_URL,
+# HUB_COUNT, HUB_<i>_ADDR, HUB_<i>_PID, and HUB_AUTH__HS256_SECRET (so `hub token` mints tokens
+# the pool accepts: `set -a; . DIR/cluster.env; target/release/hub token --sub me --role viewer`).
+# Clients connect to ws://NGINX_ADDR/ws?client=<id>&token=<jwt>.
+# HUB_BIN picks the hub binary (default target/release/hub, built when missing).
+set -euo pipefail
+
+command=${1:-}
+shift || true
+hubs=3
+dir=""
+port=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --hubs) hubs=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_for() { # wait_for SECONDS COMMAND...
+  local deadline=$((SECONDS + $1)); shift
+  until "$@"; do
+    if [ $SECONDS -ge $deadline ]; then echo "timed out waiting for: $*" >&2; return 1; fi
+    sleep 0.05
+  done
+}
+
+redis_start() {
+  # Append-only with fsync on every write: an acknowledged reading survives a crash. (With
+  # everysec a crash may lose the last second; hubs then detect the rewind and start a new epoch.)
+  redis-server --port 0 --unixsocket "$dir/redis.sock" --unixsocketperm 700 --dir "$dir" \
+    --save "" --appendonly yes --appendfsync always --daemonize no --logfile "$dir/redis.log" \
+    </dev/null >/dev/null 2>&1 &
+  echo $! > "$dir/redis.pid"
+  wait_for 10 test -S "$dir/redis.sock"
+}
+
+redis_stop() {
+  if [ -f "$dir/redis.pid" ]; then
+    kill -KILL "$(cat "$dir/redis.pid")" 2>/dev/null || true
+    rm -f "$dir/redis.pid" "$dir/redis.sock"
+  fi
+}
+
+hub_addr() { grep -o 'addr=[0-9.:]*' "$dir/hub-$1.log" 2>/dev/null | head -n 1 | cut -d= -f2; }
+hub_listening() { [ -n "$(hub_addr "$1")" ]; }
+
+start() {
+  [ -n "$dir" ] || dir=$(mktemp -d "${TMPDIR:-/tmp}/hub-cluster.XXXXXX")
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  local hub_bin=${HUB_BIN:-$root/target/release/hub}
+  if [ ! -x "$hub_bin" ]; then (cd "$root" && cargo build --release --locked -p hub); fi
+  local secret
+  secret=$(head -c 32 /dev/urandom | base64 | tr -d '\n=/+')
+  redis_start
+  local redis_url="redis+unix://$dir/redis.sock"
+
+  : > "$dir/hub-upstreams.conf"
+  for i in $(seq 1 "$hubs"); do
+    HUB_LISTEN=127.0.0.1:0 HUB_NODE_ID="hub-$i" HUB_BROKER__URL="$redis_url" \
+      HUB_AUTH__HS256_SECRET="$secret" HUB_SHUTDOWN__DRAIN_TIMEOUT=5s \
+      "$hub_bin" </dev/null >/dev/null 2>"$dir/hub-$i.log" &
+    echo $! > "$dir/hub-$i.pid"
+  done
+  {
+    echo "REDIS_URL=$redis_url"
+    echo "HUB_COUNT=$hubs"
+    echo "HUB_AUTH__HS256_SECRET=$secret"
+  } > "$dir/cluster.env"
+  for i in $(seq 1 "$hubs"); do
+    wait_for 15 hub_listening "$i"
+    echo "server $(hub_addr "$i") max_fails=2 fail_timeout=5s;" >> "$dir/hub-upstreams.conf"
+    echo "HUB_${i}_ADDR=$(hub_addr "$i")" >> "$dir/cluster.env"
+    echo "HUB_${i}_PID=$(cat "$dir/hub-$i.pid")" >> "$dir/cluster.env"
+  done
+
+  [ -n "$port" ] || port=$(free_port)
+  echo "listen 127.0.0.1:$port backlog=4096;" > "$dir/hub-listen.conf"
+  cp "$root/nginx/hub-proxy.conf" "$dir/hub-proxy.conf"
+  mkdir -p "$dir/tmp"
+  cat > "$dir/nginx.conf" <<CONF
+# Local variant of nginx/nginx.conf: same hub-proxy.conf, paths in this directory.
+worker_processes 2;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    include hub-proxy.conf;
+}
+CONF
+  nginx -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log"
+  nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" -g 'daemon off;' \
+    </dev/null >/dev/null 2>&1 &
+  wait_for 10 test -s "$dir/nginx.pid"
+  echo "NGINX_ADDR=127.0.0.1:$port" >> "$dir/cluster.env"
+  echo "CLUSTER_DIR=$dir" >> "$dir/cluster.env"
+  cat "$dir/cluster.env"
+}
+
+stop() {
+  [ -n "$dir" ] || { echo "stop needs --dir" >&2; exit 2; }
+  local pids=()
+  for f in "$dir"/*.pid; do
+    [ -f "$f" ] && pids+=("$(cat "$f")")
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "${pids[@]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  rm -f "$dir"/*.pid
+}
+
+case "$command" in
+  start) start ;;
+  stop) stop ;;
+  redis-stop) [ -n "$dir" ] && redis_stop ;;
+  redis-start) [ -n "$dir" ] && redis_start ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
