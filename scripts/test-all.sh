@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v nginx >/dev/null || need+=(nginx)
+command -v python3 >/dev/null || need+=(python3)
 command -v kill >/dev/null || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -18,4 +20,5 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# A hung test fails the run with a clear message instead of running into CI's time limit.
+timeout --signal=KILL 40m cargo test --workspace --locked

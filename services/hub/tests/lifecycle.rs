@@ -128,6 +128,28 @@ impl Drop for HubProcess {
     }
 }
 
+/// Runs `cmd` to completion; a hub that starts instead of refusing its settings is killed and
+/// fails the test rather than hanging it.
+fn exits_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not exit: it should have refused its settings");
+        }
+    }
+}
+
 fn mint(args: &[&str]) -> String {
     let out = hub_command(ENV).arg("token").args(args).output().unwrap();
     assert!(
@@ -184,12 +206,12 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
         (
             vec![
                 ("HUB_AUTH__HS256_SECRET", "s"),
-                ("HUB_BROKER__URL", "redis://127.0.0.1:1"),
+                ("HUB_BROKER__URL", "postgres://127.0.0.1:1"),
             ],
             "broker.url",
         ),
     ] {
-        let out = hub_command(&env).output().unwrap();
+        let out = exits_within(hub_command(&env), Duration::from_secs(10));
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(key), "expected `{key}` in: {stderr}");
@@ -197,11 +219,9 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hub.toml");
     std::fs::write(&file, "[ws]\nping_interval = \"often\"\n").unwrap();
-    let out = hub_command(&[("HUB_AUTH__HS256_SECRET", "s")])
-        .arg("--config")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let mut cmd = hub_command(&[("HUB_AUTH__HS256_SECRET", "s")]);
+    cmd.arg("--config").arg(&file);
+    let out = exits_within(cmd, Duration::from_secs(10));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ws.ping_interval"));
 }

@@ -165,11 +165,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A refused upgrade: HTTP status and the JSON body.
+/// A refused upgrade: HTTP status and the JSON body (status 0: the transport failed).
 #[derive(Debug)]
 pub struct Refused {
     pub status: u16,
     pub body: Value,
+}
+
+impl Refused {
+    fn transport(e: impl std::fmt::Display) -> Refused {
+        Refused {
+            status: 0,
+            body: Value::String(e.to_string()),
+        }
+    }
 }
 
 /// Opens a WebSocket to `path` with an optional `Authorization` header.
@@ -193,11 +202,11 @@ pub async fn connect_with(
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size).unwrap();
     }
-    let stream = socket.connect(addr).await.expect("tcp connect");
+    let stream = socket.connect(addr).await.map_err(Refused::transport)?;
     stream.set_nodelay(true).unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .unwrap();
+        .map_err(Refused::transport)?;
     tokio::spawn(conn.with_upgrades());
     let mut req = hyper::Request::get(path)
         .header("host", addr.to_string())
@@ -214,10 +223,15 @@ pub async fn connect_with(
     let mut res = sender
         .send_request(req.body(Empty::<Bytes>::new()).unwrap())
         .await
-        .unwrap();
+        .map_err(Refused::transport)?;
     let status = res.status().as_u16();
     if status != 101 {
-        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(Refused::transport)?
+            .to_bytes();
         let body = serde_json::from_slice(&body)
             .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
         return Err(Refused { status, body });
@@ -226,7 +240,9 @@ pub async fn connect_with(
         .headers()
         .get("x-hub-node")
         .map(|v| v.to_str().unwrap().to_owned());
-    let upgraded = hyper::upgrade::on(&mut res).await.unwrap();
+    let upgraded = hyper::upgrade::on(&mut res)
+        .await
+        .map_err(Refused::transport)?;
     let ws = WebSocket::after_handshake(TokioIo::new(upgraded), WsRole::Client);
     let mut client = Client {
         ws,
@@ -258,11 +274,12 @@ impl Client {
         self.send_text(&value.to_string()).await;
     }
 
+    /// Sends a text frame. A failed write is not reported here: the next read sees the end.
     pub async fn send_text(&mut self, text: &str) {
-        self.ws
+        let _ = self
+            .ws
             .write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
-            .await
-            .unwrap();
+            .await;
     }
 
     pub async fn send_frame(&mut self, frame: Frame<'_>) {
@@ -502,4 +519,133 @@ impl TestHub {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// What a viewer that reconnects and resumes on its own saw of one channel.
+#[derive(Debug, Default)]
+pub struct Followed {
+    pub messages: Vec<Value>,
+    /// `hello.hub` of every connection it made.
+    pub hubs: Vec<String>,
+    /// Close codes that ended its connections (1006 for a connection lost without one).
+    pub closes: Vec<u16>,
+    /// Times a resume was answered `recovered: false`: a hole the client was told about.
+    pub holes: usize,
+}
+
+/// Follows `channel` through `addr` as client `client` until `done` says so (or 60 s pass),
+/// reconnecting with jitter and resuming with `since` after every close, as a dashboard does.
+pub async fn follow(
+    addr: SocketAddr,
+    token: &str,
+    client: &str,
+    channel: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Followed {
+    let path = format!("/ws?client={client}&token={token}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Followed::default();
+    let mut position: Option<(String, u64)> = None;
+    while !done(&seen.messages) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{client} stalled: {seen:?}"
+        );
+        let Ok(mut c) = connect(addr, &path, None).await else {
+            tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 100)).await;
+            continue;
+        };
+        seen.hubs
+            .push(c.hello["hub"].as_str().unwrap_or_default().to_owned());
+        let mut subscribe = json!({"type": "subscribe", "channel": channel});
+        if let Some((epoch, offset)) = &position {
+            subscribe["since"] = json!({"epoch": epoch, "offset": offset});
+        }
+        c.send(subscribe).await;
+        loop {
+            if done(&seen.messages) {
+                return seen;
+            }
+            match c.next_within(Duration::from_millis(200)).await {
+                Event::Frame(f) if f["type"] == "subscribed" => {
+                    if position.is_some() && f["recovered"] == false {
+                        seen.holes += 1;
+                    }
+                    let epoch = f["epoch"].as_str().unwrap().to_owned();
+                    position = Some((epoch, f["offset"].as_u64().unwrap()));
+                }
+                Event::Frame(f) if f["type"] == "message" => {
+                    position = Some((
+                        f["epoch"].as_str().unwrap().to_owned(),
+                        f["offset"].as_u64().unwrap(),
+                    ));
+                    seen.messages.push(f);
+                }
+                Event::Frame(other) => panic!("{client} got {other}"),
+                Event::Timeout => continue,
+                Event::Closed(code) => {
+                    seen.closes.push(code);
+                    break;
+                }
+                Event::Gone => {
+                    seen.closes.push(1006);
+                    break;
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// What an agent that reconnects and resends saw.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub hubs: Vec<String>,
+    /// Publishes answered `unavailable` and sent again.
+    pub retried: usize,
+}
+
+/// Publishes readings `1..=count` of device `client` through `addr`, one at a time, resending
+/// whatever was not acknowledged after a reconnect or an `unavailable` error.
+pub async fn publish_all(
+    addr: SocketAddr,
+    token: &str,
+    client: &str,
+    count: u64,
+    pace: Duration,
+) -> Published {
+    let path = format!("/ws?client={client}&token={token}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut report = Published::default();
+    let mut next = 1;
+    while next <= count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{client} stalled at {next}"
+        );
+        let Ok(mut c) = connect(addr, &path, None).await else {
+            tokio::time::sleep(Duration::from_millis(50 + rand::random::<u64>() % 100)).await;
+            continue;
+        };
+        report
+            .hubs
+            .push(c.hello["hub"].as_str().unwrap_or_default().to_owned());
+        while next <= count {
+            c.send(json!({"type": "publish", "seq": next, "data": {"seq": next}}))
+                .await;
+            match c.next().await {
+                Event::Frame(f) if f["type"] == "ack" => {
+                    next += 1;
+                    tokio::time::sleep(pace).await;
+                }
+                Event::Frame(f) if f["code"] == "unavailable" => {
+                    report.retried += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Event::Frame(other) => panic!("{client} got {other}"),
+                _ => break,
+            }
+        }
+    }
+    report
 }
