@@ -103,6 +103,17 @@ pub struct BrokerSettings {
     /// message of a channel that then went quiet.
     #[serde(with = "humantime_serde")]
     pub position_check: Duration,
+    /// Which publications reach this hub: `interest` (only channels its clients watch) or
+    /// `broadcast` (all of them, one pattern subscription; for comparison, see docs/benchmarks.md).
+    pub routing: Routing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    #[default]
+    Interest,
+    Broadcast,
 }
 
 impl Default for BrokerSettings {
@@ -112,6 +123,7 @@ impl Default for BrokerSettings {
             pool_size: 16,
             timeout: Duration::from_secs(2),
             position_check: Duration::from_secs(2),
+            routing: Routing::Interest,
         }
     }
 }

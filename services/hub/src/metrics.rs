@@ -142,6 +142,8 @@ pub struct Metrics {
     pub publish_to_deliver: Histogram,
     pub ready: Gauge,
     pub broker_reconnects: Counter,
+    pub broker_messages: Counter,
+    pub broker_unwanted: Counter,
     pub gap_fills: Counter,
     pub history_misses: Counter,
 }
@@ -170,6 +172,8 @@ impl Metrics {
             publish_to_deliver: Histogram::latency(),
             ready: Gauge::default(),
             broker_reconnects: Counter::default(),
+            broker_messages: Counter::default(),
+            broker_unwanted: Counter::default(),
             gap_fills: Counter::default(),
             history_misses: Counter::default(),
         }
@@ -291,6 +295,18 @@ impl Metrics {
             h.sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(o, "hub_publish_to_deliver_seconds_count {cumulative}");
+        counter(
+            o,
+            "hub_broker_messages_total",
+            "Publications received from Redis pub/sub.",
+            &self.broker_messages,
+        );
+        counter(
+            o,
+            "hub_broker_unwanted_messages_total",
+            "Publications received from Redis for channels no client of this hub watches.",
+            &self.broker_unwanted,
+        );
         counter(
             o,
             "hub_broker_reconnects_total",

@@ -83,7 +83,14 @@ fn hub_command(env: &[(&str, &str)]) -> Command {
 
 impl HubProcess {
     fn start() -> HubProcess {
-        let mut child = hub_command(ENV).stderr(Stdio::piped()).spawn().unwrap();
+        HubProcess::start_with(&[])
+    }
+
+    /// The binary with `ENV` plus `extra`.
+    fn start_with(extra: &[(&str, &str)]) -> HubProcess {
+        let mut command = hub_command(ENV);
+        command.envs(extra.iter().copied());
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -224,4 +231,34 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
     let out = exits_within(cmd, Duration::from_secs(10));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ws.ping_interval"));
+}
+
+#[tokio::test]
+async fn a_hub_process_starts_without_redis_and_becomes_ready_when_redis_appears() {
+    let mut redis = common::RedisServer::unstarted(false);
+    let url = redis.url();
+    let hub =
+        HubProcess::start_with(&[("HUB_BROKER__URL", &url), ("HUB_BROKER__TIMEOUT", "300ms")]);
+    assert_eq!(
+        http_get(hub.addr, "/healthz").await.0,
+        200,
+        "alive without Redis"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        http_get(hub.addr, "/readyz").await.0,
+        503,
+        "not ready without Redis"
+    );
+    redis.spawn();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(hub.addr, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = mint(&["--sub", "pi-1", "--role", "agent"]);
+    let mut pi = common::connect(hub.addr, &format!("/ws?token={agent}"), None)
+        .await
+        .unwrap();
+    assert_eq!(pi.publish(1, json!({"t": 1})).await["type"], "ack");
 }

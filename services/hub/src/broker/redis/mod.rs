@@ -70,8 +70,7 @@ impl RedisBroker {
             receiver,
             connected.clone(),
             metrics.clone(),
-            broker.position_check,
-            broker.timeout,
+            broker,
         );
         tokio::spawn(relay.run());
         Ok(RedisBroker {

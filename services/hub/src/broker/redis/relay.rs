@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::local::{Local, Offer};
 use super::store::{Envelope, Store, channel_of, now_ms, pubsub_channel};
 use crate::broker::BrokerError;
+use crate::config::{BrokerSettings, Routing};
 use crate::metrics::Metrics;
 
 pub enum Command {
@@ -41,18 +42,20 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     pub position_check: Duration,
     pub timeout: Duration,
+    pub routing: Routing,
     /// Redis topics this connection is subscribed to.
     subscribed: HashSet<String>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Every hub channel's topic, for `broker.routing = "broadcast"`.
+const BROADCAST_PATTERN: &str = "tl:{*}:pub";
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(format!("redis pub/sub: {e}"))
 }
 
 impl Relay {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: redis::Client,
         store: Arc<Store>,
@@ -60,8 +63,7 @@ impl Relay {
         commands: mpsc::Receiver<Command>,
         connected: Arc<AtomicBool>,
         metrics: Arc<Metrics>,
-        position_check: Duration,
-        timeout: Duration,
+        settings: &BrokerSettings,
     ) -> Self {
         Relay {
             client,
@@ -70,8 +72,9 @@ impl Relay {
             commands,
             connected,
             metrics,
-            position_check,
-            timeout,
+            position_check: settings.position_check,
+            timeout: settings.timeout,
+            routing: settings.routing,
             subscribed: HashSet::new(),
         }
     }
@@ -117,7 +120,13 @@ impl Relay {
         let (mut sink, mut stream) = pubsub.split();
         self.subscribed.clear();
         let names = self.local.names();
-        for chunk in names.chunks(256) {
+        if self.routing == Routing::Broadcast {
+            self.timed(sink.psubscribe(BROADCAST_PATTERN)).await?;
+        }
+        for chunk in names
+            .chunks(256)
+            .filter(|_| self.routing == Routing::Interest)
+        {
             let topics: Vec<String> = chunk.iter().map(|c| pubsub_channel(c)).collect();
             self.timed(sink.subscribe(&topics)).await?;
             self.subscribed.extend(chunk.iter().cloned());
@@ -171,7 +180,7 @@ impl Relay {
         if self.local.is_live(channel) {
             return Ok(());
         }
-        if !self.subscribed.contains(channel) {
+        if self.routing == Routing::Interest && !self.subscribed.contains(channel) {
             self.timed(sink.subscribe(pubsub_channel(channel))).await?;
             self.subscribed.insert(channel.to_owned());
         }
@@ -194,6 +203,11 @@ impl Relay {
         let Some(channel) = channel_of(message.get_channel_name()) else {
             return;
         };
+        self.metrics.broker_messages.inc();
+        if !self.local.contains(channel) {
+            self.metrics.broker_unwanted.inc();
+            return;
+        }
         let Some(envelope) = Envelope::parse(message.get_payload_bytes()) else {
             warn!(channel, "unreadable envelope on redis pub/sub");
             return;
