@@ -375,14 +375,21 @@ async fn a_hub_starts_without_redis_and_becomes_ready_when_it_appears() {
 async fn broadcast_routing_delivers_the_same_stream_but_sends_every_hub_everything() {
     let redis = RedisServer::start();
     let broadcast = |s: &mut hub::Settings| s.broker.routing = hub::config::Routing::Broadcast;
-    let (a, b) = (TestHub::on_redis_with(&redis, broadcast).await, TestHub::on_redis_with(&redis, broadcast).await);
+    let (a, b) = (
+        TestHub::on_redis_with(&redis, broadcast).await,
+        TestHub::on_redis_with(&redis, broadcast).await,
+    );
     let mut viewer = a.viewer("v", &["devices.pi-1"]).await;
     let _elsewhere = b.viewer("w", &["devices.pi-2"]).await;
     let mut agent = b.agent("pi-1", &[]).await;
     for seq in 1..=20 {
         agent.publish(seq, json!({"n": seq})).await;
     }
-    assert_eq!(offsets(&viewer.messages(20).await), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        offsets(&viewer.messages(20).await),
+        (1..=20).collect::<Vec<_>>()
+    );
     // Hub B watches only devices.pi-2, yet receives all of pi-1's readings (devices.pi-1, fleet).
-    b.wait_for_metric("hub_broker_unwanted_messages_total", 40.0).await;
+    b.wait_for_metric("hub_broker_unwanted_messages_total", 40.0)
+        .await;
 }
