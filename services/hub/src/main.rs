@@ -41,6 +41,11 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         channels: Vec<String>,
     },
+    /// Exit 0 if GET URL answers 200 within two seconds (container health checks without a shell).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:8080/healthz")]
+        url: hyper::Uri,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -49,6 +54,9 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Probe { url }) = &cli.command {
+        return probe(url);
+    }
     let settings = Settings::load(cli.config.as_deref()).context("invalid configuration")?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Token {
@@ -69,7 +77,34 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(settings),
+        Command::Probe { .. } => unreachable!("handled before loading settings"),
     }
+}
+
+fn probe(url: &hyper::Uri) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(async {
+        let host = url.host().context("the URL needs a host")?;
+        let port = url.port_u16().unwrap_or(80);
+        let check = async {
+            let stream = tokio::net::TcpStream::connect((host, port)).await?;
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let path = url.path_and_query().map_or("/", |p| p.as_str());
+            let request = hyper::Request::get(path)
+                .header(hyper::header::HOST, host)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            anyhow::Ok(sender.send_request(request).await?.status())
+        };
+        tokio::time::timeout(Duration::from_secs(2), check)
+            .await
+            .context("timed out")?
+    })?;
+    anyhow::ensure!(status == hyper::StatusCode::OK, "{url} answered {status}");
+    Ok(())
 }
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
