@@ -393,3 +393,80 @@ async fn broadcast_routing_delivers_the_same_stream_but_sends_every_hub_everythi
     b.wait_for_metric("hub_broker_unwanted_messages_total", 40.0)
         .await;
 }
+
+#[tokio::test]
+async fn a_gap_longer_than_history_delivers_what_history_still_has_after_announcing_the_hole() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    let mut viewer = hub.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    assert_eq!(offsets(&viewer.messages(1).await), [1]);
+
+    // Pub/sub loses offsets 2..=6 and history keeps only the last three of them.
+    for _ in 2..=6 {
+        append_silently(&redis, "fleet", "ghost");
+    }
+    let _: i64 = redis::cmd("XTRIM")
+        .arg("tl:{fleet}:log")
+        .arg("MAXLEN")
+        .arg(3)
+        .query(&mut redis.connection())
+        .unwrap();
+    agent.publish(2, json!({"n": 2})).await;
+
+    let hole = viewer.expect("subscribed").await;
+    assert_eq!(
+        (hole["recovered"].as_bool(), hole["offset"].as_u64()),
+        (Some(false), Some(3)),
+        "the hub says 2 and 3 are gone for good"
+    );
+    let rest = viewer.messages(4).await;
+    assert_eq!(offsets(&rest), [4, 5, 6, 7]);
+    assert_eq!(rest[3]["data"], json!({"n": 2}));
+    assert!(hub.metric("hub_history_misses_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_a_busy_channel_still_recovers() {
+    let redis = RedisServer::start();
+    let (publishing, resuming) = (
+        TestHub::on_redis(&redis).await,
+        TestHub::on_redis(&redis).await,
+    );
+    let mut first = publishing.viewer("v", &[]).await;
+    let epoch = first.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut agent = publishing.agent("pi-0", &[]).await;
+    for seq in 1..=5 {
+        agent.publish(seq, json!({"n": seq})).await;
+    }
+    assert_eq!(offsets(&first.messages(5).await), [1, 2, 3, 4, 5]);
+    drop(first);
+
+    // Three agents keep the channel moving while the viewer resumes on the other hub.
+    let count = 400;
+    let agents: Vec<_> = (1..=3)
+        .map(|n| {
+            let (addr, token) = (
+                publishing.addr,
+                publishing.token(&format!("pi-{n}"), Role::Agent),
+            );
+            tokio::spawn(async move {
+                common::publish_all(addr, &token, &format!("pi-{n}"), count, Duration::ZERO).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut resumed = resuming.viewer("v", &[]).await;
+    let subscribed = resumed.subscribe("fleet", Some((&epoch, 5))).await;
+    assert_eq!(subscribed["recovered"].as_bool(), Some(true));
+    for task in agents {
+        task.await.unwrap();
+    }
+    let total = 5 + 3 * count;
+    let got = resumed.messages((total - 5) as usize).await;
+    assert_eq!(offsets(&got), (6..=total).collect::<Vec<_>>());
+}

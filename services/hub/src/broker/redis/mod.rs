@@ -116,26 +116,35 @@ impl RedisBroker {
         since: Option<&Position>,
         outbox: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        let mut history = None;
-        for attempt in 0..4 {
-            let give_up = attempt == 3;
+        // On a busy channel delivery moves on while history is read: keep what was read and
+        // fetch only the tail, for a bounded time, then attach without recovery.
+        let mut history: Option<Vec<store::Entry>> = None;
+        let deadline = tokio::time::Instant::now() + 2 * self.timeout;
+        let mut beyond_redis = false;
+        loop {
+            let give_up = beyond_redis || tokio::time::Instant::now() >= deadline;
             match self
                 .local
                 .attach(channel, since, outbox, history.as_deref(), give_up)?
             {
                 Attach::Done(outcome) => return Ok(outcome),
                 Attach::NeedHistory { after, upto } => {
-                    history = Some(self.store.range(channel, after, Some(upto)).await?);
+                    let read = history.get_or_insert_with(Vec::new);
+                    let from = read.last().map_or(after, |e| e.offset).max(after);
+                    read.extend(self.store.range(channel, from, Some(upto)).await?);
                 }
                 Attach::Behind { upto } => {
                     if let Some((epoch, _)) = self.local.position(channel) {
                         let (_, remote) = self.store.position(channel).await?;
+                        // A `since` past what Redis holds cannot be recovered.
+                        beyond_redis = remote < upto;
+                        let upto = upto.min(remote);
                         catch_up(
                             &self.store,
                             &self.local,
                             channel,
                             &epoch,
-                            upto.min(remote),
+                            upto,
                             &self.metrics,
                         )
                         .await?;
@@ -143,7 +152,6 @@ impl RedisBroker {
                 }
             }
         }
-        unreachable!("the last attempt gives up on recovery and always attaches")
     }
 }
 

@@ -152,16 +152,18 @@ impl Relay {
                 command = self.commands.recv() => match command {
                     None => return Ok(()),
                     Some(Command::Join { channel, reply }) => {
-                        let result = self.join(&mut sink, &channel).await;
-                        let failed = result.is_err();
-                        let _ = reply.send(result);
-                        if failed {
-                            return Err(unavailable("join failed"));
-                        }
+                        // A failed join fails that subscribe only; a broken connection shows
+                        // itself as the end of the stream.
+                        let _ = reply.send(self.join(&mut sink, &channel).await);
                     }
                     Some(Command::Leave { channel }) => self.leave(&mut sink, &channel).await?,
                 },
-                _ = check.tick() => self.check_positions().await?,
+                _ = check.tick() => {
+                    if let Err(e) = self.check_positions().await {
+                        warn!(error = %e, "position check failed; retrying next tick");
+                    }
+                    self.release_unwanted(&mut sink).await?;
+                }
             }
         }
     }
@@ -180,6 +182,10 @@ impl Relay {
         if self.local.is_live(channel) {
             return Ok(());
         }
+        if !self.local.contains(channel) {
+            // The subscriber gave up while the join was queued.
+            return Err(unavailable("subscribe abandoned"));
+        }
         if self.routing == Routing::Interest && !self.subscribed.contains(channel) {
             self.timed(sink.subscribe(pubsub_channel(channel))).await?;
             self.subscribed.insert(channel.to_owned());
@@ -195,6 +201,21 @@ impl Relay {
         if !self.local.contains(channel) && self.subscribed.remove(channel) {
             self.timed(sink.unsubscribe(pubsub_channel(channel)))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes topics no local client wants any more (a `Leave` dropped by a full command
+    /// queue ends up here).
+    async fn release_unwanted(&mut self, sink: &mut PubSubSink) -> Result<(), BrokerError> {
+        let unwanted: Vec<String> = self
+            .subscribed
+            .iter()
+            .filter(|c| !self.local.contains(c))
+            .cloned()
+            .collect();
+        for channel in unwanted {
+            self.leave(sink, &channel).await?;
         }
         Ok(())
     }
@@ -247,7 +268,10 @@ impl Relay {
                         .store
                         .renew_rewound_epoch(channel, epoch, *offset)
                         .await?;
-                    self.local.change_epoch(channel, &renewed, remote_offset);
+                    // None: the channel vanished meanwhile; the next check sees what came instead.
+                    if !renewed.is_empty() {
+                        self.local.change_epoch(channel, &renewed, remote_offset);
+                    }
                 } else if remote_epoch != *epoch {
                     self.local.change_epoch(channel, &remote_epoch, 0);
                     catch_up(
@@ -293,7 +317,21 @@ pub async fn deliver(
             envelope.message,
             published_at,
         ) {
-            Offer::EpochChanged => local.change_epoch(channel, envelope.epoch, 0),
+            Offer::EpochChanged => {
+                // Only switch to an epoch Redis still has: envelopes of a timeline that was
+                // just renewed away may still be queued.
+                match store.positions(&[channel.to_owned()]).await {
+                    Ok(current)
+                        if current
+                            .first()
+                            .and_then(|p| p.as_ref())
+                            .is_some_and(|(e, _)| e == envelope.epoch) =>
+                    {
+                        local.change_epoch(channel, envelope.epoch, 0)
+                    }
+                    _ => return,
+                }
+            }
             Offer::Gap { .. } => {
                 if catch_up(
                     store,
@@ -331,12 +369,22 @@ pub async fn catch_up(
     if current_epoch != epoch || after >= upto {
         return Ok(());
     }
-    let entries = store.range(channel, after, Some(upto)).await?;
+    let entries: Vec<_> = store
+        .range(channel, after, Some(upto))
+        .await?
+        .into_iter()
+        .filter(|e| carries_epoch(&e.message, epoch))
+        .collect();
+    // History may have lost the oldest of the missing messages (trimmed, expired, or a new
+    // epoch that does not start at 1): announce that hole, then deliver what is still there.
+    if let Some(first) = entries.first()
+        && first.offset > after + 1
+    {
+        local.skip_to(channel, epoch, first.offset - 1);
+    }
     let now = Instant::now();
     for entry in &entries {
-        if carries_epoch(&entry.message, epoch) {
-            local.offer(channel, epoch, entry.offset, &entry.message, now);
-        }
+        local.offer(channel, epoch, entry.offset, &entry.message, now);
     }
     metrics.gap_fills.inc();
     if local
