@@ -115,6 +115,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    raise_fd_limit(settings.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -123,4 +124,18 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         server.run(hub::shutdown::signal()).await;
         anyhow::Ok(())
     })
+}
+
+/// Each connection holds a socket: lift the soft open-file limit to the hard one (containers and
+/// systemd often start at 1024 soft) and say when even that is below `max_connections`.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "open-file limit is below limits.max_connections; raise the hard limit (LimitNOFILE, ulimit -n)"
+        ),
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
 }
