@@ -18,7 +18,16 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
 
+# Offline Kubernetes schema validation (pinned: its schemas are part of what is checked).
+python3 -c "import kubernetes_validate" 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+for tool in kubectl node npm; do
+  command -v "$tool" >/dev/null || { echo "$tool is needed by k8s/check.sh" >&2; exit 1; }
+done
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.
 timeout --signal=KILL 40m cargo test --workspace --locked
+# Manifests, front-door configs and the image's build step.
+k8s/check.sh
