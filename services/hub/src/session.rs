@@ -30,6 +30,9 @@ struct Publisher {
     channels: Vec<String>,
     bucket: TokenBucket,
     refused_in_row: u32,
+    /// The first refused `seq` not yet sent again, and why it was refused. Later seqs are refused
+    /// until it comes back: accepting one would make the refused reading a "duplicate" forever.
+    awaiting_resend: Option<(u64, ErrorCode)>,
 }
 
 type Outcome = Result<(), CloseCode>;
@@ -41,6 +44,7 @@ impl Session {
             channels: publication_channels(&identity.sub, &identity.groups),
             bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
             refused_in_row: 0,
+            awaiting_resend: None,
         });
         Session {
             identity,
@@ -191,6 +195,19 @@ impl Session {
             );
             return self.error(ErrorCode::Forbidden, &message, Some(seq), reference);
         }
+        match publisher.awaiting_resend {
+            Some((first, code)) if seq > first => {
+                metrics.publications.inc("refused");
+                publisher.refused_in_row += 1;
+                if publisher.refused_in_row > self.state.settings.limits.publish_burst {
+                    return Err(CloseCode::RateLimited);
+                }
+                let message = format!("publish {first} was refused; resend from it");
+                return self.error(code, &message, Some(seq), reference);
+            }
+            Some(_) => publisher.awaiting_resend = None,
+            None => {}
+        }
         let now = Instant::now();
         if !publisher.bucket.try_take(now) {
             metrics.publications.inc("refused");
@@ -199,6 +216,7 @@ impl Session {
             if publisher.refused_in_row > self.state.settings.limits.publish_burst {
                 return Err(CloseCode::RateLimited);
             }
+            publisher.awaiting_resend = Some((seq, ErrorCode::RateLimited));
             return self.error(
                 ErrorCode::RateLimited,
                 "publish rate exceeded; retry later",
@@ -224,6 +242,9 @@ impl Session {
             }
             Err(e) => {
                 metrics.publications.inc("refused");
+                if let Some(publisher) = self.publisher.as_mut() {
+                    publisher.awaiting_resend = Some((seq, ErrorCode::Unavailable));
+                }
                 self.error(ErrorCode::Unavailable, &e.to_string(), Some(seq), reference)
             }
         }

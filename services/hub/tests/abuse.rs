@@ -5,10 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Event, TestHub};
+use common::{Event, TestHub, offsets};
 use fastwebsockets::{Frame, OpCode, Payload};
 use hub_protocol::Role;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The hub still serves a new client end to end.
 async fn assert_healthy(hub: &TestHub) {
@@ -329,4 +329,48 @@ async fn a_peer_that_stops_answering_pings_is_closed_with_4002() {
         live.next_within(Duration::from_millis(300)).await,
         Event::Timeout
     ));
+}
+
+#[tokio::test]
+async fn after_a_refused_publish_later_seqs_are_refused_until_it_is_resent() {
+    let hub = TestHub::with(|s| {
+        s.limits.publish_rate = 20.0;
+        s.limits.publish_burst = 2;
+    })
+    .await;
+    let mut fleet = hub.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    // Pipelined: the burst takes 1 and 2; 3 is rate limited, so 4 must not overtake it (3 would
+    // then count as a duplicate and be lost).
+    for seq in 1..=4 {
+        agent
+            .send(json!({"type": "publish", "seq": seq, "data": {"n": seq}}))
+            .await;
+    }
+    let mut replies = Vec::new();
+    for _ in 1..=4 {
+        let Event::Frame(f) = agent.next().await else {
+            panic!("the agent's connection ended");
+        };
+        replies.push((f["seq"].as_u64(), f["type"].clone(), f["code"].clone()));
+    }
+    assert_eq!(
+        replies,
+        [
+            (Some(1), json!("ack"), Value::Null),
+            (Some(2), json!("ack"), Value::Null),
+            (Some(3), json!("error"), json!("rate_limited")),
+            (Some(4), json!("error"), json!("rate_limited")),
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    for seq in 3..=4 {
+        let reply = agent.publish(seq, json!({"n": seq})).await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["seq"].as_u64()),
+            (Some("ack"), Some(seq))
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(offsets(&fleet.messages(4).await), [1, 2, 3, 4]);
 }
