@@ -10,6 +10,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || need+=(nginx)
 command -v python3 >/dev/null || need+=(python3)
 command -v kill >/dev/null || need+=(procps)
+command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -29,5 +31,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.
 timeout --signal=KILL 40m cargo test --workspace --locked
+# The agent cross-built for the Pi (aarch64), run under qemu against a real hub.
+scripts/build-agent-aarch64.sh
+EDGE_AGENT_BIN=$PWD/target/aarch64-unknown-linux-gnu/release/edge-agent \
+EDGE_AGENT_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+  timeout --signal=KILL 5m cargo test --locked -p edge-agent --test agent -- --exact \
+  readings_arrive_at_a_subscriber_in_order
 # Manifests, front-door configs and the image's build step.
 k8s/check.sh

@@ -1,0 +1,315 @@
+//! The agent as a fleet runs it: real agent processes (simulated sensor) against real hub
+//! processes, killed and restarted under them. Every reading the agent took must reach a
+//! dashboard exactly once, except those the log's size bound dropped, which are counted.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Agent, AgentConfig, Hub, Redis, reading_key, target, wait_until, watch, watch_first};
+use serde_json::Value;
+
+const DEVICE: &str = "pi-test";
+
+fn channel() -> String {
+    format!("devices.{DEVICE}")
+}
+
+/// Stops the agent, and starts and stops it again until its log holds nothing unacknowledged
+/// (bounded); returns how many readings it ever took.
+fn stop_drained(agent: &mut Agent) -> edge_agent::store::Stats {
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1000));
+        agent.stop();
+        let stats = agent.log_stats();
+        if stats.pending_records == 0 {
+            return stats;
+        }
+        agent.spawn();
+    }
+    panic!("the agent never drained its log\n{}", agent.output());
+}
+
+/// Every reading exactly once: as many distinct readings as the agent took, none twice.
+fn assert_exactly_once(got: &[Value], taken: u64) {
+    let distinct: BTreeSet<_> = got.iter().map(reading_key).collect();
+    assert_eq!(distinct.len(), got.len(), "a reading arrived twice");
+    assert_eq!(got.len() as u64, taken, "every reading taken arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_arrive_at_a_subscriber_in_order() {
+    let hub = Hub::start();
+    let watching = watch_first(&hub, &hub.token("dash", "viewer", "1h"), &channel(), 20);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let token = hub.token(DEVICE, "agent", "1h");
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    let got = watching.await.unwrap();
+    agent.stop();
+
+    assert!(got.len() >= 20);
+    assert!(
+        got.iter()
+            .all(|d| d["device"] == DEVICE && d["sensor"] == "simulated"),
+        "{:?}",
+        got[0]
+    );
+    let clocks: Vec<u64> = got.iter().map(|d| d["mono_ms"].as_u64().unwrap()).collect();
+    assert!(
+        clocks.windows(2).all(|w| w[0] < w[1]),
+        "in order: {clocks:?}"
+    );
+    let first = &got[0];
+    assert_eq!(first["metrics"]["cpu_temp"]["unit"], "C", "{first}");
+    assert!(first["clock_synced"].is_boolean());
+    assert!(first["ts"].as_u64() > Some(1_700_000_000_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
+    let redis = Redis::start();
+    let mut hub = Hub::on_redis(&redis);
+    let expected = target(usize::MAX);
+    let watching = watch(
+        &hub,
+        &hub.token("dash", "viewer", "1h"),
+        &channel(),
+        expected.clone(),
+    );
+    let token = hub.token(DEVICE, "agent", "1h");
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..2 {
+        hub.kill();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        hub.spawn();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let stats = stop_drained(&mut agent);
+    expected.store(stats.last_seq as usize, Ordering::SeqCst);
+    let got = watching.await.unwrap();
+
+    assert_eq!(stats.dropped_total, 0);
+    assert_exactly_once(&got, stats.last_seq);
+    assert!(
+        agent.output().matches("connected").count() >= 3,
+        "{}",
+        agent.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() {
+    let mut hub = Hub::start();
+    let viewer = hub.token("dash", "viewer", "1h");
+    let token = hub.token(DEVICE, "agent", "1h");
+    // A backlog while the hub is away: the agent sends it in windows when it comes back.
+    hub.kill();
+    let mut config = AgentConfig::new(&hub, &token);
+    config.interval = "5ms";
+    config.extra = "";
+    let mut agent = Agent::start(&config);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hub.spawn();
+    let expected = target(usize::MAX);
+    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    // Killed while windows of readings are in flight, several times.
+    for pause in [150, 60, 250] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        agent.kill();
+        agent.spawn();
+    }
+    let stats = stop_drained(&mut agent);
+    expected.store(stats.last_seq as usize, Ordering::SeqCst);
+    let got = watching.await.unwrap();
+
+    assert!(stats.last_seq > 200, "a real backlog: {}", stats.last_seq);
+    assert_eq!(stats.dropped_total, 0);
+    assert_exactly_once(&got, stats.last_seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_the_rest_delivered()
+{
+    let mut hub = Hub::start();
+    let viewer = hub.token("dash", "viewer", "1h");
+    let token = hub.token(DEVICE, "agent", "1h");
+    hub.kill();
+    let mut config = AgentConfig::new(&hub, &token);
+    config.interval = "5ms";
+    config.max_bytes = 32 * 1024;
+    config.segment_bytes = 8 * 1024;
+    let mut agent = Agent::start(&config);
+    // Far more than 32 KiB of readings (each about 300 bytes) while the link is down.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    agent.stop();
+    let offline = agent.log_stats();
+    assert!(offline.dropped_total > 0, "the bound was reached");
+    assert!(offline.pending_records > 0);
+
+    hub.spawn();
+    let expected = target(usize::MAX);
+    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    agent.spawn();
+    let stats = stop_drained(&mut agent);
+    expected.store(
+        (stats.last_seq - stats.dropped_total) as usize,
+        Ordering::SeqCst,
+    );
+    let got = watching.await.unwrap();
+
+    assert_eq!(
+        stats.dropped_total, offline.dropped_total,
+        "no more drops online"
+    );
+    assert_exactly_once(&got, stats.last_seq - stats.dropped_total);
+    assert!(agent.output().contains("dropped"), "{}", agent.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_log_tail_is_cut_off_and_the_agent_carries_on() {
+    let mut hub = Hub::start();
+    let token = hub.token(DEVICE, "agent", "1h");
+    hub.kill();
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.kill();
+    // A power cut in the middle of a write: half a record header and garbage at the end.
+    let segment = std::fs::read_dir(agent.data_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .max()
+        .expect("a segment file");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&[0x2a, 0x00, 0x00, 0x00, 0xde, 0xad]);
+    std::fs::write(&segment, bytes).unwrap();
+    let before = agent.log_stats().last_seq;
+
+    hub.spawn();
+    let viewer = hub.token("dash", "viewer", "1h");
+    let expected = target(usize::MAX);
+    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    agent.spawn();
+    let stats = stop_drained(&mut agent);
+    expected.store(stats.last_seq as usize, Ordering::SeqCst);
+    let got = watching.await.unwrap();
+    assert!(stats.last_seq > before);
+    assert_exactly_once(&got, stats.last_seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_reported_and_retried_only_after_the_auth_backoff() {
+    let hub = Hub::start();
+    let token = hub.token(DEVICE, "agent", "1s");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    wait_until("the refusal in the log", Duration::from_secs(10), || {
+        agent.output().contains("refused this device's token")
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(agent.is_running(), "the agent keeps running");
+    assert_eq!(
+        hub.metric("hub_auth_failures_total{reason=\"expired\"}"),
+        1.0,
+        "one attempt, then the long auth backoff (30 s here)"
+    );
+    let out = agent.output();
+    assert!(out.contains("expired"), "the reason is logged: {out}");
+    agent.stop();
+    assert!(agent.log_stats().pending_records > 0, "readings are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_another_key_is_refused_the_same_way() {
+    let hub = Hub::start();
+    // Signed with another key: the hub answers 401 bad_signature.
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJwaS10ZXN0Iiwicm9sZSI6ImFnZW50IiwiZXhwIjo0MTAyNDQ0ODAwfQ.c2lnbmF0dXJl";
+    let mut agent = Agent::start(&AgentConfig::new(&hub, forged));
+    wait_until("the refusal in the log", Duration::from_secs(10), || {
+        agent.output().contains("refused this device's token")
+    });
+    assert!(agent.output().contains("401"), "{}", agent.output());
+    assert!(agent.is_running());
+    agent.stop();
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_with_the_token_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJwaS0wNyJ9.c2VjcmV0LXNpZ25hdHVyZQ";
+    std::fs::write(
+        &file,
+        format!("[auth]\ntoken = \"{token}\"\n[[sensors]]\nkind = \"cpu_temp\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--check-config")
+        .env("AGENT_HUB__URL", "wss://hub.example.com/ws")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("url = \"wss://hub.example.com/ws\""),
+        "env wins: {text}"
+    );
+    assert!(!text.contains("c2VjcmV0"), "token masked: {text}");
+    assert!(text.contains("cpu_temp"), "{text}");
+
+    std::fs::write(&file, "[hub]\nurl = \"http://nope\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ws://"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_disk_was_wiped_renumbers_its_readings_above_what_the_hub_knows() {
+    let redis = Redis::start();
+    let mut hub = Hub::on_redis(&redis);
+    let expected = target(usize::MAX);
+    let watching = watch(
+        &hub,
+        &hub.token("dash", "viewer", "1h"),
+        &channel(),
+        expected.clone(),
+    );
+    let token = hub.token(DEVICE, "agent", "1h");
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = stop_drained(&mut agent).last_seq;
+
+    // A new SD card: the log starts again at seq 1, and takes readings before it can reach the
+    // hub, which remembers seqs up to `before` for this device.
+    std::fs::remove_dir_all(agent.data_dir()).unwrap();
+    hub.kill();
+    agent.spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.spawn();
+    let after = stop_drained(&mut agent);
+    expected.store(after.last_seq as usize, Ordering::SeqCst);
+    let got = watching.await.unwrap();
+
+    assert!(after.last_seq > before, "numbered above the hub's last_seq");
+    assert_exactly_once(&got, after.last_seq);
+    assert_eq!(
+        hub.metric("hub_publications_total{result=\"duplicate\"}"),
+        0.0,
+        "nothing was mistaken for a duplicate"
+    );
+    assert!(agent.output().contains("renumbered"), "{}", agent.output());
+}

@@ -1,0 +1,473 @@
+//! Real processes for the agent's tests: a hub process (the workspace's `hub` binary) on a fixed
+//! loopback port so it can be killed and started again, an optional private redis-server, agent
+//! processes with their own storage directory, and a viewer that resumes like a dashboard.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edge_agent::uplink::Dialer;
+use fastwebsockets::{Frame, OpCode, Payload};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "edge-agent-test-secret-of-32-bytes!!";
+
+/// The hub binary cargo built beside the agent (`cargo test --workspace` builds both).
+fn hub_bin() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_edge-agent")).with_file_name("hub");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p hub` or `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// The agent binary, or what `EDGE_AGENT_BIN` names (the aarch64 build, run through
+/// `EDGE_AGENT_RUNNER`, e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`).
+fn agent_command() -> Command {
+    let bin = std::env::var("EDGE_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent").to_owned());
+    match std::env::var("EDGE_AGENT_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut cmd = Command::new(parts.next().unwrap_or("env"));
+            cmd.args(parts).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Redis {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(dir.path().join("redis.sock"))
+            .args(["--unixsocketperm", "700", "--dir"])
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let socket = dir.path().join("redis.sock");
+        wait_until("redis-server", Duration::from_secs(10), || socket.exists());
+        Redis { dir, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis+unix://{}",
+            self.dir.path().join("redis.sock").display()
+        )
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub process on a fixed port.
+pub struct Hub {
+    pub addr: SocketAddr,
+    broker: Option<String>,
+    child: Option<Child>,
+}
+
+impl Hub {
+    /// On the embedded broker.
+    pub fn start() -> Hub {
+        Hub::start_with(None)
+    }
+
+    /// On Redis: its dedup state and history survive the hub process.
+    pub fn on_redis(redis: &Redis) -> Hub {
+        Hub::start_with(Some(redis.url()))
+    }
+
+    fn start_with(broker: Option<String>) -> Hub {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut hub = Hub {
+            addr,
+            broker,
+            child: None,
+        };
+        hub.spawn();
+        hub
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(hub_bin());
+        cmd.env("HUB_LISTEN", self.addr.to_string())
+            .env("HUB_AUTH__HS256_SECRET", SECRET)
+            .env("HUB_NODE_ID", "test-hub")
+            .env("RUST_LOG", "warn");
+        if let Some(url) = &self.broker {
+            cmd.env("HUB_BROKER__URL", url);
+        }
+        cmd
+    }
+
+    pub fn spawn(&mut self) {
+        let child = self
+            .command()
+            .arg("serve")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the hub");
+        self.child = Some(child);
+        let addr = self.addr;
+        wait_until("the hub to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(addr).is_ok()
+        });
+    }
+
+    /// SIGKILL: no drain, no close frames.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn token(&self, sub: &str, role: &str, ttl: &str) -> String {
+        let out = self
+            .command()
+            .args(["token", "--sub", sub, "--role", role, "--ttl", ttl])
+            .output()
+            .expect("hub token");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// One series of `/metrics`, 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(self.addr) else {
+            return 0.0;
+        };
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        );
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent process with its own storage directory and config file.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+pub struct AgentConfig<'a> {
+    pub url: String,
+    pub token: &'a str,
+    pub interval: &'a str,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+    pub extra: &'a str,
+}
+
+impl<'a> AgentConfig<'a> {
+    pub fn new(hub: &Hub, token: &'a str) -> Self {
+        AgentConfig {
+            url: hub.url(),
+            token,
+            interval: "20ms",
+            max_bytes: 8 * 1024 * 1024,
+            segment_bytes: 64 * 1024,
+            extra: "",
+        }
+    }
+}
+
+impl Agent {
+    pub fn start(config: &AgentConfig<'_>) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), config.token).unwrap();
+        let toml = format!(
+            r#"
+[hub]
+url = "{url}"
+backoff_base = "50ms"
+backoff_cap = "500ms"
+auth_backoff = "30s"
+dead_after = "5s"
+publish_rate = 500.0
+
+[auth]
+token_file = "{dir}/token"
+
+[storage]
+dir = "{dir}/data"
+max_bytes = {max_bytes}
+segment_bytes = {segment_bytes}
+fsync_interval = "100ms"
+
+[[sensors]]
+kind = "simulated"
+interval = "{interval}"
+{extra}
+"#,
+            url = config.url,
+            dir = dir.path().display(),
+            max_bytes = config.max_bytes,
+            segment_bytes = config.segment_bytes,
+            interval = config.interval,
+            extra = config.extra,
+        );
+        std::fs::write(dir.path().join("agent.toml"), toml).unwrap();
+        let log = dir.path().join("agent.log");
+        let mut agent = Agent {
+            dir,
+            child: None,
+            log,
+        };
+        agent.spawn();
+        agent
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = agent_command()
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent");
+        self.child = Some(child);
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// What the agent has logged so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the agent syncs its log and exits 0.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "agent exit: {status}\n{}", self.output());
+                    return;
+                }
+                assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The log as the agent left it (the agent must be stopped).
+    pub fn log_stats(&self) -> edge_agent::store::Stats {
+        let settings = edge_agent::store::StoreConfig {
+            dir: self.data_dir(),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 * 1024,
+            fsync: edge_agent::store::FsyncPolicy::Always,
+        };
+        edge_agent::store::Log::open(settings).unwrap().stats()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How many messages a [`watch`] waits for; `usize::MAX` until the test knows.
+pub type Target = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
+pub fn target(n: usize) -> Target {
+    std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(n))
+}
+
+/// Follows a channel in the background as a dashboard does: reconnects and resumes with
+/// `since` until it has `target` messages and nothing more arrives for 500 ms (so extra
+/// messages, duplicates included, are seen), or 60 s pass. Checks offsets are gapless and
+/// unique and every resume recovered. Returns each message's `data`, in arrival order.
+pub fn watch(
+    hub: &Hub,
+    token: &str,
+    channel: &str,
+    target: Target,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    let (url, token, channel) = (hub.url(), token.to_owned(), channel.to_owned());
+    tokio::spawn(async move { follow(url, token, channel, target, true).await })
+}
+
+/// Like [`watch`], but returns as soon as `count` messages arrived (the stream goes on).
+pub fn watch_first(
+    hub: &Hub,
+    token: &str,
+    channel: &str,
+    count: usize,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    let (url, token, channel) = (hub.url(), token.to_owned(), channel.to_owned());
+    tokio::spawn(async move { follow(url, token, channel, self::target(count), false).await })
+}
+
+async fn follow(
+    url: String,
+    token: String,
+    channel: String,
+    target: Target,
+    until_quiet: bool,
+) -> Vec<Value> {
+    use std::sync::atomic::Ordering;
+    let dialer = Dialer::new(&url, None, Duration::from_secs(2)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let quiet = Duration::from_millis(500);
+    let mut seen = Vec::new();
+    let mut position: Option<(String, u64)> = None;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got {} of {} messages on {channel}",
+            seen.len(),
+            target.load(Ordering::SeqCst)
+        );
+        let Ok((mut ws, _)) = dialer.connect(&token).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut subscribe = json!({"type": "subscribe", "channel": channel});
+        if let Some((epoch, offset)) = &position {
+            subscribe["since"] = json!({"epoch": epoch, "offset": offset});
+        }
+        let text = subscribe.to_string().into_bytes();
+        if ws
+            .write_frame(Frame::text(Payload::Owned(text)))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel}: {} messages, then nothing more for too long",
+                seen.len()
+            );
+            let frame = match tokio::time::timeout(quiet, ws.read_frame()).await {
+                Err(_) if seen.len() >= target.load(Ordering::SeqCst) => return seen,
+                Err(_) => continue,
+                Ok(Err(_)) => break,
+                Ok(Ok(frame)) => frame,
+            };
+            match frame.opcode {
+                OpCode::Close => break,
+                OpCode::Text => {}
+                _ => continue,
+            }
+            let v: Value = serde_json::from_slice(&frame.payload).unwrap();
+            match v["type"].as_str() {
+                Some("subscribed") => {
+                    let epoch = v["epoch"].as_str().unwrap().to_owned();
+                    if let Some((old, _)) = &position {
+                        assert!(
+                            v["recovered"] == true && *old == epoch,
+                            "the viewer lost messages: {v}"
+                        );
+                    }
+                    position = Some((epoch, v["offset"].as_u64().unwrap()));
+                }
+                Some("message") => {
+                    let offset = v["offset"].as_u64().unwrap();
+                    let (_, last) = position.as_mut().expect("subscribed first");
+                    assert_eq!(offset, *last + 1, "offsets are gapless and unique");
+                    *last = offset;
+                    seen.push(v["data"].clone());
+                    if !until_quiet && seen.len() >= target.load(Ordering::SeqCst) {
+                        return seen;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Readings are told apart by the clocks they were stamped with (one simulated sensor, one
+/// reading per tick).
+pub fn reading_key(data: &Value) -> (String, u64, String) {
+    (
+        data["boot_id"].as_str().unwrap_or_default().to_owned(),
+        data["mono_ms"].as_u64().unwrap_or_default(),
+        data["sensor"].as_str().unwrap_or_default().to_owned(),
+    )
+}
