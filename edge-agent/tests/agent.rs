@@ -109,7 +109,6 @@ async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() 
     hub.kill();
     let mut config = AgentConfig::new(&hub, &token);
     config.interval = "5ms";
-    config.extra = "";
     let mut agent = Agent::start(&config);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     hub.spawn();
@@ -312,4 +311,166 @@ async fn an_agent_whose_disk_was_wiped_renumbers_its_readings_above_what_the_hub
         "nothing was mistaken for a duplicate"
     );
     assert!(agent.output().contains("renumbered"), "{}", agent.output());
+}
+
+/// nginx terminating TLS with a certificate from a private CA, in front of the hub.
+struct TlsProxy {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl TlsProxy {
+    fn start(hub: &Hub) -> TlsProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "hub.key",
+            "-out",
+            "hub.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "hub.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "hub.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = format!(
+            r#"pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+daemon off;
+# One process: killing it leaves no orphaned worker behind.
+master_process off;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {d}/hub.pem;
+        ssl_certificate_key {d}/hub.key;
+        location /ws {{
+            proxy_pass http://{hub};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Authorization $http_authorization;
+            proxy_read_timeout 75s;
+        }}
+    }}
+}}
+"#,
+            d = d.display(),
+            hub = hub.addr
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .args(["-p"])
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx is installed");
+        wait_until("nginx", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        TlsProxy { dir, port, child }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reaches_a_hub_over_wss_trusting_a_configured_ca_only() {
+    let hub = Hub::start();
+    let proxy = TlsProxy::start(&hub);
+    let token = hub.token(DEVICE, "agent", "1h");
+    let watching = watch_first(&hub, &hub.token("dash", "viewer", "1h"), &channel(), 5);
+    let mut config = AgentConfig::new(&hub, &token);
+    config.url = format!("wss://localhost:{}/ws", proxy.port);
+    let ca_line = format!("ca_file = \"{}\"", proxy.ca().display());
+    config.hub_extra = &ca_line;
+    let mut agent = Agent::start(&config);
+    let got = watching.await.unwrap();
+    agent.stop();
+    assert!(got.len() >= 5);
+
+    // Without the CA the system roots do not know this certificate: the agent says why.
+    let mut config = AgentConfig::new(&hub, &token);
+    config.url = format!("wss://localhost:{}/ws", proxy.port);
+    let mut untrusted = Agent::start(&config);
+    wait_until("a TLS error in the log", Duration::from_secs(10), || {
+        untrusted.output().contains("TLS with localhost")
+    });
+    untrusted.stop();
 }

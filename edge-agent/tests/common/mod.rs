@@ -212,7 +212,8 @@ pub struct AgentConfig<'a> {
     pub interval: &'a str,
     pub max_bytes: u64,
     pub segment_bytes: u64,
-    pub extra: &'a str,
+    /// More lines for the `[hub]` table.
+    pub hub_extra: &'a str,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -223,7 +224,7 @@ impl<'a> AgentConfig<'a> {
             interval: "20ms",
             max_bytes: 8 * 1024 * 1024,
             segment_bytes: 64 * 1024,
-            extra: "",
+            hub_extra: "",
         }
     }
 }
@@ -241,6 +242,7 @@ backoff_cap = "500ms"
 auth_backoff = "30s"
 dead_after = "5s"
 publish_rate = 500.0
+{hub_extra}
 
 [auth]
 token_file = "{dir}/token"
@@ -254,14 +256,13 @@ fsync_interval = "100ms"
 [[sensors]]
 kind = "simulated"
 interval = "{interval}"
-{extra}
 "#,
             url = config.url,
             dir = dir.path().display(),
             max_bytes = config.max_bytes,
             segment_bytes = config.segment_bytes,
             interval = config.interval,
-            extra = config.extra,
+            hub_extra = config.hub_extra,
         );
         std::fs::write(dir.path().join("agent.toml"), toml).unwrap();
         let log = dir.path().join("agent.log");
