@@ -81,8 +81,13 @@ async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
     let token = hub.token(DEVICE, "agent", "1h");
     let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    for _ in 0..2 {
-        hub.kill();
+    // Killed outright, then drained (1012: the agent comes back within a second).
+    for drained in [false, true] {
+        if drained {
+            hub.terminate();
+        } else {
+            hub.kill();
+        }
         tokio::time::sleep(Duration::from_millis(700)).await;
         hub.spawn();
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -93,11 +98,39 @@ async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
 
     assert_eq!(stats.dropped_total, 0);
     assert_exactly_once(&got, stats.last_seq);
+    let out = agent.output();
+    assert!(out.matches("connected").count() >= 3, "{out}");
     assert!(
-        agent.output().matches("connected").count() >= 3,
-        "{}",
-        agent.output()
+        out.contains("code=1012"),
+        "the drain was seen as such: {out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_hangs_is_noticed_by_the_agents_own_timeout() {
+    let hub = Hub::start();
+    let expected = target(usize::MAX);
+    let watching = watch(
+        &hub,
+        &hub.token("dash", "viewer", "1h"),
+        &channel(),
+        expected.clone(),
+    );
+    let token = hub.token(DEVICE, "agent", "1h");
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Connections stay open but nothing comes back: no acks, no pings.
+    hub.freeze(true);
+    wait_until(
+        "the agent to give up on the link",
+        Duration::from_secs(10),
+        || agent.output().contains("nothing from the hub for"),
+    );
+    hub.freeze(false);
+    let stats = stop_drained(&mut agent);
+    expected.store(stats.last_seq as usize, Ordering::SeqCst);
+    let got = watching.await.unwrap();
+    assert_exactly_once(&got, stats.last_seq);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,13 @@ fn agent_command() -> Command {
     }
 }
 
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid}");
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -157,6 +164,21 @@ impl Hub {
         }
     }
 
+    /// SIGTERM: the hub drains, closing every connection with 1012, and exits.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "TERM");
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a hub that hangs with its connections open.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            signal(child.id(), if frozen { "STOP" } else { "CONT" });
+        }
+    }
+
     pub fn token(&self, sub: &str, role: &str, ttl: &str) -> String {
         let out = self
             .command()
@@ -240,7 +262,7 @@ url = "{url}"
 backoff_base = "50ms"
 backoff_cap = "500ms"
 auth_backoff = "30s"
-dead_after = "5s"
+dead_after = "2s"
 publish_rate = 500.0
 {hub_extra}
 
@@ -311,9 +333,7 @@ interval = "{interval}"
     /// SIGTERM and wait: the agent syncs its log and exits 0.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            signal(child.id(), "TERM");
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
