@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs one hub on the embedded broker (no Redis) at 127.0.0.1:8080 and prints tokens to try it.
+# Runs one hub on the embedded broker (no Redis) at 127.0.0.1:8080 with five simulated demo
+# devices, and prints the dashboard's address and tokens to try it. HUB_DEMO__DEVICES=0 turns
+# the demo devices off.
 # The HS256 secret is generated once into .dev/hub-secret (ignored by git). Set HUB_* variables
 # to change anything, e.g. HUB_LISTEN=0.0.0.0:8080 scripts/run-hub.sh
 set -euo pipefail
@@ -11,12 +13,15 @@ if [ ! -s .dev/hub-secret ]; then
 fi
 export HUB_AUTH__HS256_SECRET="${HUB_AUTH__HS256_SECRET:-$(cat .dev/hub-secret)}"
 export HUB_LISTEN="${HUB_LISTEN:-127.0.0.1:8080}"
+export HUB_DEMO__DEVICES="${HUB_DEMO__DEVICES:-5}"
 
 cargo build --release --locked -p hub
 hub=target/release/hub
 viewer=$("$hub" token --sub dashboard --role viewer --ttl 12h)
 agent=$("$hub" token --sub pi-01 --role agent --ttl 12h --groups demo)
 cat <<MSG
+Dashboard (live demo fleet of $HUB_DEMO__DEVICES devices):
+  http://$HUB_LISTEN/?token=$viewer
 Hub on ws://$HUB_LISTEN/ws (embedded broker). Tokens valid for 12 hours:
   viewer: $viewer
   agent (device pi-01, group demo): $agent

@@ -12,6 +12,7 @@ command -v python3 >/dev/null || need+=(python3)
 command -v kill >/dev/null || need+=(procps)
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -24,13 +25,16 @@ fi
 python3 -c "import kubernetes_validate" 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
 for tool in kubectl node npm; do
-  command -v "$tool" >/dev/null || { echo "$tool is needed by k8s/check.sh" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "$tool is needed (k8s/check.sh, browser tests)" >&2; exit 1; }
 done
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.
 timeout --signal=KILL 40m cargo test --workspace --locked
+# The dashboard in headless Chromium against a real hub (built by cargo test above).
+(cd services/hub/tests/browser && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; })
+timeout --signal=KILL 5m node services/hub/tests/browser/dashboard.test.mjs
 # The agent cross-built for the Pi (aarch64), run under qemu against a real hub.
 scripts/build-agent-aarch64.sh
 EDGE_AGENT_BIN=$PWD/target/aarch64-unknown-linux-gnu/release/edge-agent \

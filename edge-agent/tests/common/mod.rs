@@ -459,13 +459,14 @@ async fn follow(
             match v["type"].as_str() {
                 Some("subscribed") => {
                     let epoch = v["epoch"].as_str().unwrap().to_owned();
-                    if let Some((old, _)) = &position {
-                        assert!(
+                    match &position {
+                        // A recovered resume replays from `since` on: keep it.
+                        Some((old, _)) => assert!(
                             v["recovered"] == true && *old == epoch,
                             "the viewer lost messages: {v}"
-                        );
+                        ),
+                        None => position = Some((epoch, v["offset"].as_u64().unwrap())),
                     }
-                    position = Some((epoch, v["offset"].as_u64().unwrap()));
                 }
                 Some("message") => {
                     let offset = v["offset"].as_u64().unwrap();

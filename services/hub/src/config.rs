@@ -37,6 +37,7 @@ pub struct Settings {
     pub limits: Limits,
     pub ws: WsSettings,
     pub shutdown: ShutdownSettings,
+    pub demo: DemoSettings,
 }
 
 impl Default for Settings {
@@ -50,6 +51,7 @@ impl Default for Settings {
             limits: Limits::default(),
             ws: WsSettings::default(),
             shutdown: ShutdownSettings::default(),
+            demo: DemoSettings::default(),
         }
     }
 }
@@ -124,6 +126,25 @@ impl Default for BrokerSettings {
             timeout: Duration::from_secs(2),
             position_check: Duration::from_secs(2),
             routing: Routing::Interest,
+        }
+    }
+}
+
+/// Simulated devices published by the hub itself, for a first run (off by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DemoSettings {
+    /// How many (`demo-01`, `demo-02`, …); 0 turns the demo off.
+    pub devices: usize,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for DemoSettings {
+    fn default() -> Self {
+        DemoSettings {
+            devices: 0,
+            interval: Duration::from_secs(1),
         }
     }
 }
@@ -317,6 +338,9 @@ impl Settings {
         }
         if self.ws.pong_timeout.is_zero() {
             return Err(invalid("ws.pong_timeout", "must be greater than zero"));
+        }
+        if self.demo.devices > 0 && self.demo.interval < Duration::from_millis(10) {
+            return Err(invalid("demo.interval", "must be at least 10ms"));
         }
         Ok(())
     }

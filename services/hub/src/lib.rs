@@ -21,10 +21,12 @@
 //! - [`limits`], [`metrics`], [`config`], [`shutdown`]: admission control, Prometheus metrics,
 //!   settings, signals.
 
+pub mod assets;
 pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod fanout;
 pub mod frame;
 pub mod limits;

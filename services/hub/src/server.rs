@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::assets;
 use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
@@ -117,6 +118,10 @@ impl Server {
         if let Ok(addr) = listener.local_addr() {
             info!(node = %state.node_id, %addr, "hub listening");
         }
+        if state.settings.demo.devices > 0 {
+            let demo = &state.settings.demo;
+            tokio::spawn(crate::demo::run(state.clone(), demo.devices, demo.interval));
+        }
         tokio::pin!(signal);
         loop {
             tokio::select! {
@@ -191,6 +196,10 @@ fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
             );
             r
         }
+        (&Method::GET, path) => match assets::get(path) {
+            Some((content_type, bytes)) => asset(content_type, bytes),
+            None => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        },
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     };
     if let Ok(node) = HeaderValue::from_str(&state.node_id) {
@@ -210,6 +219,12 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> 
         );
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        // A browser cannot see why an upgrade failed; a plain GET with the token tells it
+        // whether the token is the problem (401/403) or not (426).
+        if let Some(Err(e)) = token(&req).map(|t| state.auth.authenticate(&t)) {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            return json_error(status, e.reason(), &e.to_string());
+        }
         return json_error(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
@@ -265,6 +280,26 @@ fn token(req: &Request<Incoming>) -> Option<String> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
+}
+
+fn asset(content_type: &'static str, bytes: &'static [u8]) -> Response<Body> {
+    let mut r = Response::new(Body::from(Bytes::from_static(bytes)));
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Small files that change with the binary: always revalidate.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+             style-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -1,0 +1,488 @@
+/**
+ * fleet-client.js — reference JavaScript client for the hub's viewer WebSocket (wire protocol v1).
+ *
+ * Standalone ES module: no DOM access, no dependencies. Works in browsers and in Node 22+
+ * (or any runtime with a global `WebSocket`; pass `WebSocket`/`fetch` in the options otherwise).
+ *
+ * @example
+ *   import { FleetClient } from '/fleet-client.js';
+ *   const client = new FleetClient({ token, clientId: 'wallboard-1' });
+ *   client.on('state', ({ state, hub, retryInMs, reason }) => render(state));
+ *   client.on('message', (channel, data, { epoch, offset, from }) => append(data));
+ *   client.on('gap', (channel, { epoch, offset, missedFrom }) => markHole(channel));
+ *   client.on('recovered', (channel, { replayed }) => {});
+ *   client.subscribe('fleet');
+ *   // later: client.unsubscribe('fleet'); client.close();
+ *
+ * Behaviour
+ * - Connects to `url` (default: same-origin `/ws`, `wss:` on https pages) with `?token=&client=`.
+ * - Before the first connection and after each failed one (socket closed before `hello`, or close
+ *   4001) it validates the token with a plain `GET /ws?token=…`: 401/403 means refused (state
+ *   `auth_refused`, `reason` = the hub's `message`, no more retries); 426 means the token is fine.
+ * - Reconnects with exponential backoff and full jitter (base 500 ms, cap 30 s; the attempt
+ *   counter resets after a connection that lived 10 s). After close 1012 (hub restart) or a
+ *   `draining` refusal it retries within 0-1 s.
+ * - Keeps the last `(epoch, offset)` of every channel from each `subscribed`/`message` frame and
+ *   resubscribes every channel with `since` after a reconnect, so the hub replays what was missed.
+ * - Never delivers a message twice or out of order: in one epoch, offsets <= the last seen are
+ *   dropped. Messages arriving before a subscription's `subscribed` answer are held until it.
+ * - Reports holes the hub could not fill as `gap` events: `subscribed` with `recovered: false`
+ *   answering a resume, an unasked `subscribed` on a live subscription, or an epoch change.
+ *
+ * Events (`on(event, fn)` returns a function that removes the listener):
+ * - `state`     ({state, hub, retryInMs, retryAt, reason, code}) — state is one of
+ *               'connecting' | 'connected' | 'reconnecting' | 'auth_refused' | 'closed'.
+ *               `retryAt` is a Date.now() timestamp (reconnecting only), `code` the close code or
+ *               the hub's refusal `error` (e.g. 'expired').
+ * - `message`   (channel, data, {epoch, offset, from})
+ * - `gap`       (channel, {epoch, offset, missedFrom, previousEpoch, unsolicited}) — messages from
+ *               `missedFrom` (in `previousEpoch`) up to `offset` (in `epoch`) are lost; live
+ *               messages continue from `offset + 1`. `missedFrom` is null when unknown.
+ * - `recovered` (channel, {replayed, epoch, offset}) — a resume the hub fully replayed.
+ * - `error`     (frame) — an `error` frame from the hub; a refused subscribe is also dropped
+ *               from the client's channel list (frame.channel is set then).
+ *
+ * Properties: `state`, `hub`, `expiresAt` (token exp, seconds), `channels` (Map snapshot
+ * channel → {epoch, offset} | null), `stats` → {messages, messagesPerSecond, dropped}.
+ */
+
+/** Backoff parameters (milliseconds). */
+export const BACKOFF = Object.freeze({ baseMs: 500, capMs: 30_000, stableMs: 10_000, restartJitterMs: 1000 });
+
+/** How long to wait for `hello` after starting a connection before giving up on it. */
+const HELLO_TIMEOUT_MS = 15_000;
+/** Messages held per channel while its `subscribed` answer is outstanding. */
+const EARLY_CAP = 10_000;
+/** Rate window: 8 buckets of 250 ms. */
+const RATE_BUCKETS = 8;
+const RATE_BUCKET_MS = 250;
+
+/**
+ * Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^attempt)).
+ * @param {number} attempt 0 for the first retry
+ * @param {() => number} [random]
+ * @returns {number} delay in ms
+ */
+export function backoffDelay(attempt, random = Math.random, { baseMs, capMs } = BACKOFF) {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * ceiling);
+}
+
+/** Same-origin `/ws` URL, `wss:` when the page is served over https. */
+function defaultUrl() {
+  const loc = globalThis.location;
+  if (!loc) throw new Error('FleetClient: no `url` given and no `location` to derive it from');
+  return `${loc.protocol === 'https:' ? 'wss:' : 'ws:'}//${loc.host}/ws`;
+}
+
+function randomId() {
+  const c = globalThis.crypto;
+  if (c?.randomUUID) return c.randomUUID();
+  return `c-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+}
+
+export class FleetClient {
+  /** @type {Map<string, Set<Function>>} */
+  #listeners = new Map();
+  #opts;
+  #ws = null;
+  #state = 'closed';
+  #hub = null;
+  #expiresAt = null;
+  #attempt = 0;
+  #gen = 0; // bumps on every connection / close, so late async results are ignored
+  #retryTimer = null;
+  #helloTimer = null;
+  #openedAt = 0;
+  #gotHello = false;
+  #stopped = true;
+  #userClosed = false;
+  /** channel → {pos: {epoch, offset} | null, pending: null | {since}, early: object[]} */
+  #channels = new Map();
+  #messages = 0;
+  #dropped = 0;
+  #rateIds = new Float64Array(RATE_BUCKETS).fill(-1);
+  #rateCounts = new Uint32Array(RATE_BUCKETS);
+
+  /**
+   * @param {object} opts
+   * @param {string} opts.token viewer JWT
+   * @param {string} [opts.url] WebSocket URL; default same-origin `/ws`
+   * @param {string} [opts.clientId] sent as `client` query parameter; default a random id
+   * @param {boolean} [opts.autoConnect=true] connect on the next microtask (listeners attached
+   *   right after construction see every state change); otherwise call `connect()`
+   * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (tests, old runtimes)
+   * @param {typeof fetch} [opts.fetch] fetch implementation, for the token check
+   * @param {() => number} [opts.random] jitter source in [0, 1)
+   * @param {() => number} [opts.now] clock in ms
+   * @param {Function} [opts.setTimeout] timer functions (tests)
+   * @param {Function} [opts.clearTimeout]
+   */
+  constructor({ token, url, clientId, autoConnect = true, ...hooks } = {}) {
+    this.#opts = {
+      token: token ?? '',
+      url: url ?? defaultUrl(),
+      clientId: clientId ?? randomId(),
+      WebSocket: hooks.WebSocket ?? globalThis.WebSocket,
+      fetch: hooks.fetch ?? globalThis.fetch?.bind(globalThis),
+      random: hooks.random ?? Math.random,
+      now: hooks.now ?? Date.now,
+      setTimeout: hooks.setTimeout ?? globalThis.setTimeout.bind(globalThis),
+      clearTimeout: hooks.clearTimeout ?? globalThis.clearTimeout.bind(globalThis),
+    };
+    if (autoConnect) queueMicrotask(() => !this.#userClosed && this.connect());
+  }
+
+  // ---- public API ---------------------------------------------------------------------------
+
+  /**
+   * Adds a listener; returns a function that removes it.
+   * @param {'state'|'message'|'gap'|'recovered'|'error'} event
+   * @param {Function} fn
+   */
+  on(event, fn) {
+    if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
+    this.#listeners.get(event).add(fn);
+    return () => this.off(event, fn);
+  }
+
+  off(event, fn) {
+    this.#listeners.get(event)?.delete(fn);
+  }
+
+  /** Starts (or restarts after `close()`) connecting. Idempotent while running. */
+  connect() {
+    if (!this.#stopped) return;
+    this.#stopped = false;
+    this.#userClosed = false;
+    this.#attempt = 0;
+    this.#start(true);
+  }
+
+  /**
+   * Subscribes a channel (idempotent). Sent now if connected, else on the next connection.
+   * @param {string} channel e.g. 'fleet' or 'devices.pi-01'
+   */
+  subscribe(channel) {
+    if (this.#channels.has(channel)) return;
+    this.#channels.set(channel, { pos: null, pending: null, early: [] });
+    if (this.#gotHello) this.#sendSubscribe(channel);
+  }
+
+  /** Unsubscribes and forgets the channel's position (a later subscribe starts live). */
+  unsubscribe(channel) {
+    if (!this.#channels.delete(channel)) return;
+    if (this.#gotHello) this.#send({ type: 'unsubscribe', channel });
+  }
+
+  /** Closes for good (until `connect()`); state becomes 'closed'. */
+  close() {
+    this.#stopped = true;
+    this.#userClosed = true;
+    this.#gen++;
+    this.#clearTimers();
+    const ws = this.#ws;
+    this.#ws = null;
+    this.#gotHello = false;
+    if (ws) {
+      try { ws.close(1000, 'client closed'); } catch { /* already closing */ }
+    }
+    this.#setState('closed');
+  }
+
+  get state() { return this.#state; }
+  get hub() { return this.#hub; }
+  get expiresAt() { return this.#expiresAt; }
+
+  /** Snapshot: channel → last {epoch, offset} seen, or null before the first answer. */
+  get channels() {
+    return new Map([...this.#channels].map(([name, ch]) => [name, ch.pos && { ...ch.pos }]));
+  }
+
+  /** Delivered messages, messages per second over the last ~2 s, duplicates dropped. */
+  get stats() {
+    return { messages: this.#messages, messagesPerSecond: this.#rate(), dropped: this.#dropped };
+  }
+
+  // ---- connection lifecycle ----------------------------------------------------------------
+
+  /** Validates the token first when asked to, then opens a socket. */
+  async #start(checkFirst) {
+    const gen = ++this.#gen;
+    this.#setState('connecting');
+    if (!this.#opts.token) return this.#refuse({ reason: 'no token', code: 'missing' });
+    if (checkFirst) {
+      const verdict = await this.#checkToken();
+      if (gen !== this.#gen) return;
+      if (verdict.refused) return this.#refuse(verdict);
+    }
+    this.#open();
+  }
+
+  #open() {
+    const gen = ++this.#gen;
+    const { url, token, clientId, WebSocket: WS } = this.#opts;
+    const full = new URL(url);
+    full.searchParams.set('token', token);
+    full.searchParams.set('client', clientId);
+    this.#gotHello = false;
+    this.#openedAt = this.#opts.now();
+    if (this.#state !== 'connecting') this.#setState('connecting');
+    let ws;
+    try {
+      ws = new WS(full.toString());
+    } catch (err) {
+      return this.#scheduleRetry({ code: null, reason: String(err?.message ?? err) });
+    }
+    this.#ws = ws;
+    ws.onmessage = (ev) => gen === this.#gen && this.#onFrame(ev.data);
+    ws.onclose = (ev) => gen === this.#gen && this.#onClose(ev);
+    ws.onerror = () => {}; // a close event always follows
+    this.#helloTimer = this.#opts.setTimeout(() => {
+      if (gen !== this.#gen) return;
+      try { ws.close(4000, 'hello timeout'); } catch { /* ignore */ }
+      this.#onClose({ code: 4000, reason: 'no hello from hub' });
+    }, HELLO_TIMEOUT_MS);
+  }
+
+  async #onClose({ code, reason }) {
+    const gen = ++this.#gen; // ignore anything else from the dead socket
+    this.#clearTimers();
+    const hadHello = this.#gotHello;
+    this.#gotHello = false;
+    this.#ws = null;
+    if (this.#stopped) return;
+    if (hadHello && this.#opts.now() - this.#openedAt >= BACKOFF.stableMs) this.#attempt = 0;
+    // Subscriptions die with the socket; positions stay for the resume.
+    for (const ch of this.#channels.values()) { ch.pending = null; ch.early = []; }
+
+    const why = { code, reason: reason || closeReason(code) };
+    if (code === 1012) return this.#scheduleRetry(why, true);
+    if (!hadHello || code === 4001) {
+      this.#setState('connecting', why);
+      const verdict = await this.#checkToken();
+      if (gen !== this.#gen || this.#stopped) return;
+      if (verdict.refused) return this.#refuse(verdict);
+      if (code === 4001 && verdict.status !== 426) {
+        return this.#refuse({ reason: 'token has expired', code: 'expired' });
+      }
+      if (verdict.error === 'draining') return this.#scheduleRetry({ code, reason: 'hub draining' }, true);
+      if (verdict.reason && !hadHello) why.reason = verdict.reason;
+    }
+    this.#scheduleRetry(why);
+  }
+
+  #scheduleRetry(why, fast = false) {
+    const { random, now } = this.#opts;
+    const delay = fast
+      ? Math.floor(random() * BACKOFF.restartJitterMs)
+      : backoffDelay(this.#attempt++, random);
+    const gen = this.#gen;
+    this.#setState('reconnecting', { ...why, retryInMs: delay, retryAt: now() + delay });
+    this.#retryTimer = this.#opts.setTimeout(() => {
+      this.#retryTimer = null;
+      if (gen === this.#gen && !this.#stopped) this.#open();
+    }, delay);
+  }
+
+  #refuse({ reason, code, status }) {
+    this.#stopped = true;
+    this.#gen++;
+    this.#clearTimers();
+    this.#setState('auth_refused', { reason, code, status });
+  }
+
+  /**
+   * Plain GET on the WebSocket URL: the hub answers 401/403 with JSON for a refused token and
+   * 426 for a good one. Network failures and other statuses are "not refused".
+   * @returns {Promise<{refused: boolean, status?: number, error?: string, reason?: string}>}
+   */
+  async #checkToken() {
+    const { fetch: doFetch, url, token } = this.#opts;
+    if (!doFetch) return { refused: false };
+    const http = new URL(url);
+    http.protocol = http.protocol === 'wss:' ? 'https:' : 'http:';
+    http.searchParams.set('token', token);
+    try {
+      const res = await doFetch(http.toString(), { cache: 'no-store', credentials: 'omit' });
+      let body = null;
+      try { body = await res.json(); } catch { /* not JSON */ }
+      const error = body?.error;
+      const reason = body?.message ?? error ?? `HTTP ${res.status}`;
+      return { refused: res.status === 401 || res.status === 403, status: res.status, error, reason, code: error };
+    } catch {
+      return { refused: false, reason: 'hub unreachable' };
+    }
+  }
+
+  #clearTimers() {
+    if (this.#retryTimer) this.#opts.clearTimeout(this.#retryTimer);
+    if (this.#helloTimer) this.#opts.clearTimeout(this.#helloTimer);
+    this.#retryTimer = this.#helloTimer = null;
+  }
+
+  // ---- frames -------------------------------------------------------------------------------
+
+  #onFrame(text) {
+    let frame;
+    try { frame = JSON.parse(text); } catch { return; }
+    if (!frame || typeof frame !== 'object') return;
+    switch (frame.type) {
+      case 'hello': return this.#onHello(frame);
+      case 'subscribed': return this.#onSubscribed(frame);
+      case 'message': return this.#onMessage(frame);
+      case 'error': return this.#onError(frame);
+      default: return undefined; // 'unsubscribed' and future frame types need nothing
+    }
+  }
+
+  #onHello(frame) {
+    if (this.#helloTimer) this.#opts.clearTimeout(this.#helloTimer);
+    this.#helloTimer = null;
+    this.#gotHello = true;
+    this.#openedAt = this.#opts.now(); // "lived 10 s" counts from a working connection
+    this.#hub = frame.hub ?? null;
+    this.#expiresAt = frame.expires_at ?? null;
+    this.#setState('connected');
+    for (const name of this.#channels.keys()) this.#sendSubscribe(name);
+  }
+
+  #sendSubscribe(name) {
+    const ch = this.#channels.get(name);
+    const frame = { type: 'subscribe', channel: name, ref: `sub:${name}` };
+    if (ch.pos) frame.since = { epoch: ch.pos.epoch, offset: ch.pos.offset };
+    ch.pending = { since: frame.since ?? null };
+    ch.early = [];
+    this.#send(frame);
+  }
+
+  #onSubscribed(frame) {
+    const name = frame.channel;
+    const ch = this.#channels.get(name);
+    if (!ch) return; // unsubscribed meanwhile
+    const pos = { epoch: String(frame.epoch), offset: Number(frame.offset) };
+    const { pending } = ch;
+    ch.pending = null;
+
+    if (pending && !pending.since) {
+      ch.pos = pos; // fresh subscription: live from offset + 1
+    } else if (pending && frame.recovered === true) {
+      // The replay follows: keep the position at `since` so replayed offsets are accepted.
+      this.#emit('recovered', name, { replayed: Math.max(0, pos.offset - pending.since.offset), ...pos });
+    } else {
+      const prev = pending ? pending.since : ch.pos;
+      const sameEpoch = prev && prev.epoch === pos.epoch;
+      ch.pos = sameEpoch ? { epoch: pos.epoch, offset: Math.max(prev.offset, pos.offset) } : pos;
+      this.#emit('gap', name, {
+        ...pos,
+        missedFrom: prev ? prev.offset + 1 : null,
+        previousEpoch: prev?.epoch ?? null,
+        unsolicited: !pending,
+      });
+    }
+    const early = ch.early;
+    ch.early = [];
+    for (const f of early) this.#onMessage(f);
+  }
+
+  #onMessage(frame) {
+    const name = frame.channel;
+    const ch = this.#channels.get(name);
+    if (!ch) return; // not (or no longer) subscribed
+    if (ch.pending) {
+      // Position unknown until the answer; hold it (bounded) and judge it then.
+      if (ch.early.length < EARLY_CAP) ch.early.push(frame);
+      return;
+    }
+    const epoch = String(frame.epoch);
+    const offset = Number(frame.offset);
+    const prev = ch.pos;
+    if (prev && prev.epoch === epoch && offset <= prev.offset) {
+      this.#dropped++;
+      return;
+    }
+    if (prev && prev.epoch !== epoch) {
+      // The hub announces epoch changes with `subscribed`; if one slipped by, it is still a hole.
+      this.#emit('gap', name, { epoch, offset, missedFrom: prev.offset + 1, previousEpoch: prev.epoch, unsolicited: true });
+    }
+    ch.pos = { epoch, offset };
+    this.#count();
+    this.#emit('message', name, frame.data, { epoch, offset, from: frame.from });
+  }
+
+  #onError(frame) {
+    const ref = typeof frame.ref === 'string' && frame.ref.startsWith('sub:') ? frame.ref.slice(4) : null;
+    const ch = ref !== null ? this.#channels.get(ref) : undefined;
+    if (ch?.pending) {
+      if (frame.code === 'already_subscribed') {
+        // The hub has it already: messages flow; take them as they come.
+        ch.pending = null;
+        const early = ch.early;
+        ch.early = [];
+        for (const f of early) this.#onMessage(f);
+      } else {
+        // forbidden / invalid_channel / too_many_subscriptions: retrying will not help.
+        this.#channels.delete(ref);
+      }
+    }
+    this.#emit('error', ref !== null ? { ...frame, channel: ref } : frame);
+  }
+
+  #send(frame) {
+    try { this.#ws?.send(JSON.stringify(frame)); } catch { /* socket closing; resent on reconnect */ }
+  }
+
+  // ---- events and stats ---------------------------------------------------------------------
+
+  #setState(state, extra = {}) {
+    this.#state = state;
+    if (state !== 'connected') this.#hub = null;
+    this.#emit('state', { state, hub: this.#hub, retryInMs: null, retryAt: null, reason: null, code: null, ...extra });
+  }
+
+  #emit(event, ...args) {
+    const set = this.#listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try { fn(...args); } catch (err) {
+        // A listener's bug must not break the protocol bookkeeping.
+        queueMicrotask(() => { throw err; });
+      }
+    }
+  }
+
+  #count() {
+    this.#messages++;
+    const id = Math.floor(this.#opts.now() / RATE_BUCKET_MS);
+    const i = id % RATE_BUCKETS;
+    if (this.#rateIds[i] !== id) { this.#rateIds[i] = id; this.#rateCounts[i] = 0; }
+    this.#rateCounts[i]++;
+  }
+
+  #rate() {
+    const now = this.#opts.now();
+    const id = Math.floor(now / RATE_BUCKET_MS);
+    let sum = 0;
+    for (let i = 0; i < RATE_BUCKETS; i++) {
+      const age = id - this.#rateIds[i];
+      if (age >= 0 && age < RATE_BUCKETS) sum += this.#rateCounts[i];
+    }
+    const spanMs = (RATE_BUCKETS - 1) * RATE_BUCKET_MS + (now % RATE_BUCKET_MS || RATE_BUCKET_MS);
+    return Math.round((sum * 1000) / spanMs);
+  }
+}
+
+/** Human text for the protocol's close codes. */
+export function closeReason(code) {
+  return ({
+    1000: 'closed normally',
+    1006: 'connection lost',
+    1009: 'message too big',
+    1012: 'hub restarting',
+    4000: 'no hello from hub',
+    4001: 'token expired',
+    4002: 'ping timeout',
+    4008: 'too slow to keep up (slow consumer)',
+    4029: 'rate limited',
+  })[code] ?? (code ? `closed (${code})` : 'connection failed');
+}
