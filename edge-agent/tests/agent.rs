@@ -5,10 +5,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Agent, AgentConfig, Hub, Redis, reading_key, target, wait_until, watch, watch_first};
+use common::{Agent, AgentConfig, Dashboard, Hub, Redis, reading_key, wait_until, watch_first};
 use serde_json::Value;
 
 const DEVICE: &str = "pi-test";
@@ -71,13 +70,7 @@ async fn readings_arrive_at_a_subscriber_in_order() {
 async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
     let redis = Redis::start();
     let mut hub = Hub::on_redis(&redis);
-    let expected = target(usize::MAX);
-    let watching = watch(
-        &hub,
-        &hub.token("dash", "viewer", "1h"),
-        &channel(),
-        expected.clone(),
-    );
+    let dashboard = Dashboard::follow(&hub, &channel());
     let token = hub.token(DEVICE, "agent", "1h");
     let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -93,8 +86,7 @@ async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     let stats = stop_drained(&mut agent);
-    expected.store(stats.last_seq as usize, Ordering::SeqCst);
-    let got = watching.await.unwrap();
+    let got = dashboard.readings(stats.last_seq).await;
 
     assert_eq!(stats.dropped_total, 0);
     assert_exactly_once(&got, stats.last_seq);
@@ -109,13 +101,7 @@ async fn a_hub_killed_and_restarted_mid_stream_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_that_hangs_is_noticed_by_the_agents_own_timeout() {
     let hub = Hub::start();
-    let expected = target(usize::MAX);
-    let watching = watch(
-        &hub,
-        &hub.token("dash", "viewer", "1h"),
-        &channel(),
-        expected.clone(),
-    );
+    let dashboard = Dashboard::follow(&hub, &channel());
     let token = hub.token(DEVICE, "agent", "1h");
     let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -128,15 +114,13 @@ async fn a_hub_that_hangs_is_noticed_by_the_agents_own_timeout() {
     );
     hub.freeze(false);
     let stats = stop_drained(&mut agent);
-    expected.store(stats.last_seq as usize, Ordering::SeqCst);
-    let got = watching.await.unwrap();
+    let got = dashboard.readings(stats.last_seq).await;
     assert_exactly_once(&got, stats.last_seq);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() {
     let mut hub = Hub::start();
-    let viewer = hub.token("dash", "viewer", "1h");
     let token = hub.token(DEVICE, "agent", "1h");
     // A backlog while the hub is away: the agent sends it in windows when it comes back.
     hub.kill();
@@ -145,8 +129,7 @@ async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() 
     let mut agent = Agent::start(&config);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     hub.spawn();
-    let expected = target(usize::MAX);
-    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    let dashboard = Dashboard::follow(&hub, &channel());
     // Killed while windows of readings are in flight, several times.
     for pause in [150, 60, 250] {
         tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -154,8 +137,7 @@ async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() 
         agent.spawn();
     }
     let stats = stop_drained(&mut agent);
-    expected.store(stats.last_seq as usize, Ordering::SeqCst);
-    let got = watching.await.unwrap();
+    let got = dashboard.readings(stats.last_seq).await;
 
     assert!(stats.last_seq > 200, "a real backlog: {}", stats.last_seq);
     assert_eq!(stats.dropped_total, 0);
@@ -166,7 +148,6 @@ async fn an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing() 
 async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_the_rest_delivered()
 {
     let mut hub = Hub::start();
-    let viewer = hub.token("dash", "viewer", "1h");
     let token = hub.token(DEVICE, "agent", "1h");
     hub.kill();
     let mut config = AgentConfig::new(&hub, &token);
@@ -182,15 +163,12 @@ async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_t
     assert!(offline.pending_records > 0);
 
     hub.spawn();
-    let expected = target(usize::MAX);
-    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    let dashboard = Dashboard::follow(&hub, &channel());
     agent.spawn();
     let stats = stop_drained(&mut agent);
-    expected.store(
-        (stats.last_seq - stats.dropped_total) as usize,
-        Ordering::SeqCst,
-    );
-    let got = watching.await.unwrap();
+    let got = dashboard
+        .readings(stats.last_seq - stats.dropped_total)
+        .await;
 
     assert_eq!(
         stats.dropped_total, offline.dropped_total,
@@ -221,13 +199,10 @@ async fn a_torn_log_tail_is_cut_off_and_the_agent_carries_on() {
     let before = agent.log_stats().last_seq;
 
     hub.spawn();
-    let viewer = hub.token("dash", "viewer", "1h");
-    let expected = target(usize::MAX);
-    let watching = watch(&hub, &viewer, &channel(), expected.clone());
+    let dashboard = Dashboard::follow(&hub, &channel());
     agent.spawn();
     let stats = stop_drained(&mut agent);
-    expected.store(stats.last_seq as usize, Ordering::SeqCst);
-    let got = watching.await.unwrap();
+    let got = dashboard.readings(stats.last_seq).await;
     assert!(stats.last_seq > before);
     assert_exactly_once(&got, stats.last_seq);
 }
@@ -313,13 +288,7 @@ fn check_config_prints_the_effective_settings_with_the_token_masked() {
 async fn an_agent_whose_disk_was_wiped_renumbers_its_readings_above_what_the_hub_knows() {
     let redis = Redis::start();
     let mut hub = Hub::on_redis(&redis);
-    let expected = target(usize::MAX);
-    let watching = watch(
-        &hub,
-        &hub.token("dash", "viewer", "1h"),
-        &channel(),
-        expected.clone(),
-    );
+    let dashboard = Dashboard::follow(&hub, &channel());
     let token = hub.token(DEVICE, "agent", "1h");
     let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -333,8 +302,7 @@ async fn an_agent_whose_disk_was_wiped_renumbers_its_readings_above_what_the_hub
     tokio::time::sleep(Duration::from_millis(300)).await;
     hub.spawn();
     let after = stop_drained(&mut agent);
-    expected.store(after.last_seq as usize, Ordering::SeqCst);
-    let got = watching.await.unwrap();
+    let got = dashboard.readings(after.last_seq).await;
 
     assert!(after.last_seq > before, "numbered above the hub's last_seq");
     assert_exactly_once(&got, after.last_seq);

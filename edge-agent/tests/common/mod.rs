@@ -391,6 +391,32 @@ pub fn watch(
     tokio::spawn(async move { follow(url, token, channel, target, true).await })
 }
 
+/// A dashboard following a channel from now on, told at the end how many readings to expect.
+pub struct Dashboard {
+    expected: Target,
+    task: tokio::task::JoinHandle<Vec<Value>>,
+}
+
+impl Dashboard {
+    pub fn follow(hub: &Hub, channel: &str) -> Dashboard {
+        let expected = target(usize::MAX);
+        let task = watch(
+            hub,
+            &hub.token("dash", "viewer", "1h"),
+            channel,
+            expected.clone(),
+        );
+        Dashboard { expected, task }
+    }
+
+    /// Waits for `n` readings and a quiet moment after them; returns all it received.
+    pub async fn readings(self, n: u64) -> Vec<Value> {
+        self.expected
+            .store(n as usize, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("the dashboard task")
+    }
+}
+
 /// Like [`watch`], but returns as soon as `count` messages arrived (the stream goes on).
 pub fn watch_first(
     hub: &Hub,
