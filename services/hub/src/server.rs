@@ -78,9 +78,8 @@ impl Server {
             Some(url) => Arc::new(RedisBroker::new(&settings, url, metrics.clone())?),
             None => Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone())),
         };
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| ServerError::Bind(settings.listen, e))?;
+        let listener =
+            listen(settings.listen).map_err(|e| ServerError::Bind(settings.listen, e))?;
         let limits = &settings.limits;
         let gate = ConnectionGate::new(
             limits.max_connections,
@@ -149,6 +148,19 @@ impl Server {
         }
         info!("hub stopped");
     }
+}
+
+/// A reconnect storm arrives all at once: a deep accept queue (the kernel caps it at
+/// `net.core.somaxconn`) holds it instead of dropping SYNs, which clients would only retry
+/// after a second. tokio's `bind` uses 1024.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }
 
 async fn accept(accepted: std::io::Result<(TcpStream, SocketAddr)>, state: &Arc<AppState>) {
