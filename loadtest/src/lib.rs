@@ -4,7 +4,9 @@
 //! - [`pool`]: a private pool (redis-server and hub processes) in a temp dir.
 //! - [`ws`]: a minimal WebSocket client for the hub's protocol.
 //! - [`procstat`]: CPU time and RSS of a process, from `/proc`.
+//! - [`raw`]: the fan-out ceiling server (pre-encoded frames, no other logic).
 
 pub mod pool;
 pub mod procstat;
+pub mod raw;
 pub mod ws;

@@ -90,7 +90,7 @@ impl Pool {
 }
 
 /// Reads the hub's stderr until it logs its address, then drains the rest in the background.
-fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
+pub fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
     let stderr = child.stderr.take().context("hub stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     for line in lines.by_ref() {

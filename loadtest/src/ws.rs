@@ -23,7 +23,24 @@ pub enum Incoming {
 impl Client {
     /// Connects to `ws://addr/ws?token=…` and consumes `hello`.
     pub async fn connect(addr: SocketAddr, token: &str) -> anyhow::Result<Client> {
-        let stream = TcpStream::connect(addr).await?;
+        Client::connect_from(addr, None, token).await
+    }
+
+    /// Like [`Client::connect`], from the loopback address `from` (one of 127.0.0.0/8): each
+    /// source address has its own 28k ephemeral ports, so many sources allow many connections.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        from: Option<std::net::IpAddr>,
+        token: &str,
+    ) -> anyhow::Result<Client> {
+        let stream = match from {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         stream.set_nodelay(true)?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -52,6 +69,11 @@ impl Client {
             Incoming::Text(hello) if hello.starts_with(br#"{"type":"hello""#) => Ok(client),
             _ => bail!("no hello"),
         }
+    }
+
+    /// The WebSocket, for callers that read frames themselves (no copy per frame).
+    pub fn into_inner(self) -> WebSocket<TokioIo<Upgraded>> {
+        self.ws
     }
 
     pub async fn send(&mut self, json: &str) -> anyhow::Result<()> {
