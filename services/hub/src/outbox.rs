@@ -11,7 +11,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use hub_protocol::CloseCode;
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 
 /// One queue item: one or more complete WebSocket frames.
 #[derive(Debug)]
@@ -110,7 +112,9 @@ impl Outbox {
 
     /// Queues `item` without waiting. A full queue closes the connection as a slow consumer.
     pub fn push(&self, item: Outbound) -> Result<(), SendError> {
-        if self.closer.token.is_cancelled() {
+        // The reason is set before the token is cancelled, and reading it is one atomic load;
+        // `CancellationToken::is_cancelled` takes a mutex, once per delivery per subscriber.
+        if self.is_closed() {
             return Err(SendError::Closed);
         }
         match self.tx.try_send(item) {
@@ -135,12 +139,18 @@ impl Outbox {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closer.token.is_cancelled()
+        self.closer.reason.get().is_some()
     }
 
     /// Resolves once [`Outbox::close`] has been called.
     pub fn closed(&self) -> WaitForCancellationFuture<'_> {
         self.closer.token.cancelled()
+    }
+
+    /// [`Outbox::closed`] not borrowing the outbox: made once and polled on every wake-up, it
+    /// registers its waiter once instead of per wake-up.
+    pub fn closed_owned(&self) -> WaitForCancellationFutureOwned {
+        self.closer.token.clone().cancelled_owned()
     }
 }
 

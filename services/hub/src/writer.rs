@@ -137,13 +137,19 @@ pub async fn run<W: AsyncWrite + Unpin>(
     let idle_limit = settings.ping_interval + settings.pong_timeout;
     let mut pending = Pending::default();
     let mut broken = false;
+    // Made once: a fresh `cancelled()` per wake-up would lock the token and register a waiter
+    // every time (visible in profiles of the fan-out).
+    let closed = outbox.closed_owned();
+    tokio::pin!(closed);
+    let restart = shutdown.cancelled_owned();
+    tokio::pin!(restart);
 
     loop {
         let mut batch = Batch::default();
         tokio::select! {
             biased;
-            _ = outbox.closed() => break,
-            _ = shutdown.cancelled() => {
+            _ = &mut closed => break,
+            _ = &mut restart => {
                 outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
                 continue;
             }
@@ -182,7 +188,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 Err(_) => outbox.close(CloseReason::Hub(CloseCode::PingTimeout)),
             },
             // A slow consumer or a shutdown: what is left is flushed below, within CLOSE_GRACE.
-            _ = outbox.closed() => {}
+            _ = &mut closed => {}
         }
     }
 
