@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Fsync, Settings};
+use crate::health::{self, Health};
 use crate::reading;
 use crate::sensors::{self, Metric, Sensor, SensorSettings};
 use crate::store::{Log, StoreError};
@@ -24,6 +25,7 @@ struct Recorder {
     boot_id: Arc<str>,
     log: Arc<Mutex<Log>>,
     appended: Arc<Notify>,
+    link: Arc<LinkStats>,
 }
 
 impl Recorder {
@@ -32,9 +34,10 @@ impl Recorder {
         let stamp = reading::stamp(&self.boot_id);
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         let seq = log.last_seq() + 1;
+        let health = Health::of(&log, &self.link);
         let payload = match result {
-            Ok(metrics) => reading::encode(&self.device, sensor, &stamp, metrics),
-            Err(e) => reading::encode_error(&self.device, sensor, &stamp, e),
+            Ok(metrics) => reading::encode(&self.device, sensor, &stamp, metrics, &health),
+            Err(e) => reading::encode_error(&self.device, sensor, &stamp, e, &health),
         };
         let appended = log.append(seq, &payload)?;
         drop(log);
@@ -67,11 +70,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     );
     let log = Arc::new(Mutex::new(log));
     let appended = Arc::new(Notify::new());
+    let link = Arc::new(LinkStats::default());
     let recorder = Recorder {
         device: device.into(),
         boot_id: reading::boot_id().into(),
         log: log.clone(),
         appended: appended.clone(),
+        link: link.clone(),
     };
 
     let mut tasks = JoinSet::new();
@@ -97,9 +102,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         log.clone(),
         appended,
         settings.storage.dir.clone(),
-        Arc::new(LinkStats::default()),
+        link.clone(),
     )?;
     tasks.spawn(uplink.run(shutdown.clone()));
+    if let Some(addr) = settings.metrics.listen {
+        tasks.spawn(health::serve(addr, log.clone(), link, shutdown.clone()));
+    }
 
     shutdown.cancelled().await;
     while tasks.join_next().await.is_some() {}

@@ -22,6 +22,14 @@ pub struct Settings {
     pub sensors: Vec<SensorSettings>,
     /// Read only the simulated source (any Linux box; demos, tests, load tests).
     pub simulate: bool,
+    pub metrics: MetricsSettings,
+}
+
+/// The agent's own Prometheus endpoint, off unless `listen` is set (e.g. "127.0.0.1:9464").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -16,6 +16,7 @@
 //! - [`uplink`]: connection, reconnect with backoff and full jitter, the publish window, acks.
 //! - [`reading`]: the JSON of a reading and the clocks it is stamped with.
 //! - [`config`]: settings from `agent.toml` and `AGENT_*` variables.
+//! - [`health`]: the agent's own counters, in every reading and on an optional `/metrics`.
 //! - [`agent`]: wires them together under one shutdown token.
 //!
 //! The guarantees: a reading is deleted only after the hub acknowledged it (stored in the
@@ -25,6 +26,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod health;
 pub mod reading;
 pub mod sensors;
 pub mod store;

@@ -3,7 +3,8 @@
 //! ```json
 //! {"device":"pi-01","sensor":"bme280@0x76","ts":1764100000123,"mono_ms":81234567,
 //!  "boot_id":"6f1c…","clock_synced":true,
-//!  "metrics":{"temperature":{"value":21.4,"unit":"C"},"humidity":{"value":40.2,"unit":"%"}}}
+//!  "metrics":{"temperature":{"value":21.4,"unit":"C"},"humidity":{"value":40.2,"unit":"%"}},
+//!  "agent":{"buffered":0,"dropped":0,"connects":1,"last_ack_age_s":0}}
 //! ```
 //!
 //! A Pi has no real-time clock: until NTP syncs, `ts` may be far off or jump. `clock_synced`
@@ -11,12 +12,14 @@
 //! `(boot_id, mono_ms)` orders readings of one boot whatever the wall clock did.
 //! The reading's `seq` travels beside it, in the `publish` frame and the log record, not inside:
 //! a reading that must be renumbered (see `uplink`) keeps its bytes.
+//! `agent` carries the agent's own health at that moment (see `health`).
 //! A failed sensor produces `"status":"error","error":"…"` and no `metrics`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::health::Health;
 use crate::sensors::Metric;
 
 /// When a reading was taken, by each of the clocks that matter on a device without an RTC.
@@ -93,10 +96,17 @@ struct Reading<'a> {
     status: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    agent: &'a Health,
 }
 
 /// The JSON of a successful reading.
-pub fn encode(device: &str, sensor: &str, stamp: &Stamp, metrics: &[Metric]) -> Vec<u8> {
+pub fn encode(
+    device: &str,
+    sensor: &str,
+    stamp: &Stamp,
+    metrics: &[Metric],
+    agent: &Health,
+) -> Vec<u8> {
     let metrics = metrics
         .iter()
         .filter(|m| m.value.is_finite())
@@ -118,11 +128,18 @@ pub fn encode(device: &str, sensor: &str, stamp: &Stamp, metrics: &[Metric]) -> 
         metrics: Some(metrics),
         status: None,
         error: None,
+        agent,
     })
 }
 
 /// The JSON of a failed read: the sensor reports its error instead of going quiet.
-pub fn encode_error(device: &str, sensor: &str, stamp: &Stamp, error: &str) -> Vec<u8> {
+pub fn encode_error(
+    device: &str,
+    sensor: &str,
+    stamp: &Stamp,
+    error: &str,
+    agent: &Health,
+) -> Vec<u8> {
     to_vec(&Reading {
         device,
         sensor,
@@ -130,6 +147,7 @@ pub fn encode_error(device: &str, sensor: &str, stamp: &Stamp, error: &str) -> V
         metrics: None,
         status: Some("error"),
         error: Some(error),
+        agent,
     })
 }
 
@@ -141,6 +159,13 @@ fn to_vec(reading: &Reading<'_>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HEALTH: Health = Health {
+        buffered: 3,
+        dropped: 0,
+        connects: 1,
+        last_ack_age_s: Some(2),
+    };
 
     fn stamp_for_test() -> Stamp {
         Stamp {
@@ -165,15 +190,21 @@ mod tests {
                 unit: "C",
             },
         ];
-        let json: serde_json::Value =
-            serde_json::from_slice(&encode("pi-01", "bme280@0x76", &stamp_for_test(), &metrics))
-                .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&encode(
+            "pi-01",
+            "bme280@0x76",
+            &stamp_for_test(),
+            &metrics,
+            &HEALTH,
+        ))
+        .unwrap();
         assert_eq!(
             json,
             serde_json::json!({"device": "pi-01", "sensor": "bme280@0x76",
                 "ts": 1_764_100_000_123u64, "mono_ms": 81_234_567, "boot_id": "b00t",
                 "clock_synced": false,
-                "metrics": {"temperature": {"value": 21.5, "unit": "C"}}})
+                "metrics": {"temperature": {"value": 21.5, "unit": "C"}},
+                "agent": {"buffered": 3, "dropped": 0, "connects": 1, "last_ack_age_s": 2}})
         );
     }
 
@@ -184,6 +215,7 @@ mod tests {
             "ds18b20",
             &stamp_for_test(),
             "crc mismatch",
+            &HEALTH,
         ))
         .unwrap();
         assert_eq!(json["status"], "error");

@@ -64,6 +64,78 @@ async fn readings_arrive_at_a_subscriber_in_order() {
     assert_eq!(first["metrics"]["cpu_temp"]["unit"], "C", "{first}");
     assert!(first["clock_synced"].is_boolean());
     assert!(first["ts"].as_u64() > Some(1_700_000_000_000));
+    let health = &got.last().unwrap()["agent"];
+    assert!(
+        health["buffered"].is_u64() && health["dropped"] == 0 && health["connects"] == 1,
+        "the agent's health rides along: {health}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_metrics_when_asked() {
+    let hub = Hub::start();
+    let token = hub.token(DEVICE, "agent", "1h");
+    let port = common::free_port();
+    let tail = format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut config = AgentConfig::new(&hub, &token);
+    config.tail = &tail;
+    let mut agent = Agent::start(&config);
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text.split_once("\r\n\r\n")?.1.to_owned())
+    };
+    let mut body = String::new();
+    wait_until(
+        "acked readings in /metrics",
+        Duration::from_secs(15),
+        || {
+            body = scrape().unwrap_or_default();
+            body.lines().any(|l| {
+                l.strip_prefix("edge_agent_acked_readings_total ")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v > 0)
+            })
+        },
+    );
+    agent.stop();
+    for series in [
+        "edge_agent_buffered_readings",
+        "edge_agent_dropped_readings_total 0",
+        "edge_agent_connects_total 1",
+        "edge_agent_last_ack_age_seconds",
+    ] {
+        assert!(body.contains(series), "{series} in {body}");
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus)");
+    {
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+    }
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,7 @@ fn signal(pid: u32, name: &str) {
     assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid}");
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -236,6 +236,8 @@ pub struct AgentConfig<'a> {
     pub segment_bytes: u64,
     /// More lines for the `[hub]` table.
     pub hub_extra: &'a str,
+    /// More tables at the end of the file.
+    pub tail: &'a str,
 }
 
 impl<'a> AgentConfig<'a> {
@@ -247,6 +249,7 @@ impl<'a> AgentConfig<'a> {
             max_bytes: 8 * 1024 * 1024,
             segment_bytes: 64 * 1024,
             hub_extra: "",
+            tail: "",
         }
     }
 }
@@ -278,6 +281,7 @@ fsync_interval = "100ms"
 [[sensors]]
 kind = "simulated"
 interval = "{interval}"
+{tail}
 "#,
             url = config.url,
             dir = dir.path().display(),
@@ -285,6 +289,7 @@ interval = "{interval}"
             segment_bytes = config.segment_bytes,
             interval = config.interval,
             hub_extra = config.hub_extra,
+            tail = config.tail,
         );
         std::fs::write(dir.path().join("agent.toml"), toml).unwrap();
         let log = dir.path().join("agent.log");
