@@ -23,6 +23,23 @@ pub struct Settings {
     /// Read only the simulated source (any Linux box; demos, tests, load tests).
     pub simulate: bool,
     pub metrics: MetricsSettings,
+    pub log: LogSettings,
+}
+
+/// How the agent logs to stderr (journald keeps it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (default) or `json` (one object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The agent's own Prometheus endpoint, off unless `listen` is set (e.g. "127.0.0.1:9464").

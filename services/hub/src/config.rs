@@ -38,6 +38,23 @@ pub struct Settings {
     pub ws: WsSettings,
     pub shutdown: ShutdownSettings,
     pub demo: DemoSettings,
+    pub log: LogSettings,
+}
+
+/// How the hub logs to stderr.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    /// `text` (default) or `json` (one object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Settings {
@@ -52,6 +69,7 @@ impl Default for Settings {
             ws: WsSettings::default(),
             shutdown: ShutdownSettings::default(),
             demo: DemoSettings::default(),
+            log: LogSettings::default(),
         }
     }
 }

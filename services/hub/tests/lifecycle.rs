@@ -297,3 +297,28 @@ async fn metrics_pass_promtool_after_traffic() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut child = hub_command(ENV)
+        .env("HUB_LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let listening = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .take(20)
+        .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("a JSON line"))
+        .find(|v| v["message"] == "hub listening");
+    let _ = child.kill();
+    let _ = child.wait();
+    let listening = listening.expect("the listening line");
+    assert_eq!(listening["level"], "INFO");
+    assert!(
+        listening["addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    );
+}
