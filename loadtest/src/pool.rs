@@ -89,6 +89,18 @@ impl Pool {
     }
 }
 
+/// A binary of this workspace built beside the running one (`target/release/<name>`).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p {name}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Reads the hub's stderr until it logs its address, then drains the rest in the background.
 pub fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
     let stderr = child.stderr.take().context("hub stderr")?;

@@ -9,7 +9,6 @@
 //! Prints a table and one JSON line. Bounded: runs `--seconds` after a warm-up, then stops both.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,20 +35,12 @@ impl Drop for Killed {
     }
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: cargo build --release -p {name}",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (hub_bin, agent_bin) = (sibling("hub")?, sibling("edge-agent")?);
+    let (hub_bin, agent_bin) = (
+        loadtest::pool::sibling_binary("hub")?,
+        loadtest::pool::sibling_binary("edge-agent")?,
+    );
     let dir = tempfile::tempdir()?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let secret = "agent-footprint-secret-of-32-bytes!!";

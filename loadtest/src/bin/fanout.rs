@@ -77,20 +77,9 @@ impl Drop for Server {
     }
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: cargo build --release -p {name}",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 fn start_server(args: &Args) -> anyhow::Result<Server> {
     let (program, extra): (PathBuf, Vec<&str>) = match args.target {
-        Target::Hub => (sibling("hub")?, vec!["serve"]),
+        Target::Hub => (loadtest::pool::sibling_binary("hub")?, vec!["serve"]),
         Target::Raw => (std::env::current_exe()?, vec!["--raw-server"]),
     };
     let mut cmd = match args.server_cpu {
@@ -158,7 +147,8 @@ fn start_servers(args: &Args) -> anyhow::Result<Servers> {
         ("HUB_LIMITS__PUBLISH_RATE", big),
         ("HUB_LIMITS__PUBLISH_BURST", big),
     ];
-    let pool = loadtest::pool::Pool::start(&sibling("hub")?, args.hubs, &env)?;
+    let pool =
+        loadtest::pool::Pool::start(&loadtest::pool::sibling_binary("hub")?, args.hubs, &env)?;
     let mut pids: Vec<u32> = pool.hubs.iter().map(|h| h.child.id()).collect();
     pids.push(pool.redis.id());
     for &pid in &pids {
@@ -185,7 +175,7 @@ fn rss_of(pids: &[u32]) -> anyhow::Result<u64> {
 }
 
 fn token(sub: &str, role: &str) -> anyhow::Result<String> {
-    let out = Command::new(sibling("hub")?)
+    let out = Command::new(loadtest::pool::sibling_binary("hub")?)
         .args(["token", "--sub", sub, "--role", role, "--ttl", "2h"])
         .env("HUB_AUTH__HS256_SECRET", SECRET)
         .output()?;
