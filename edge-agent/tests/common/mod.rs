@@ -515,12 +515,9 @@ async fn follow(
     }
 }
 
-/// Readings are told apart by the clocks they were stamped with (one simulated sensor, one
-/// reading per tick).
-pub fn reading_key(data: &Value) -> (String, u64, String) {
-    (
-        data["boot_id"].as_str().unwrap_or_default().to_owned(),
-        data["mono_ms"].as_u64().unwrap_or_default(),
-        data["sensor"].as_str().unwrap_or_default().to_owned(),
-    )
+/// A reading's identity: its whole JSON. Two readings of a busy agent can share a millisecond,
+/// but not also every random-walk value and the agent's counters; a reading published twice is
+/// the same bytes.
+pub fn reading_key(data: &Value) -> String {
+    data.to_string()
 }
