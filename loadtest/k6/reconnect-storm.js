@@ -22,6 +22,7 @@ import exec from 'k6/execution';
 import {
   commonConfig, env, envInt, envFloat, envDurationMs, msToK6, readingsPerAgent, spread,
   publishFor, touchMetrics, Tracker, Viewer, setTimeout, clearTimeout,
+  viewerAndAgentScenarios,
 } from './lib/hub.js';
 
 const cfg = commonConfig({ viewers: 50, agents: 2, rate: 10, duration: '20s', warmup: '2s', drain: '5s' });
@@ -37,16 +38,9 @@ const OFFLINE_MS = envDurationMs('OFFLINE', '1s');
 const JITTER_MS = envDurationMs('RECONNECT_JITTER', '0ms');
 
 export const options = {
-  scenarios: {
-    viewers: {
-      executor: 'per-vu-iterations', exec: 'viewer', vus: cfg.viewers, iterations: 1,
-      maxDuration: msToK6(VIEWER_END_MS + 10000),
-    },
-    agents: {
-      executor: 'per-vu-iterations', exec: 'agent', vus: cfg.agents, iterations: 1,
-      startTime: msToK6(AGENT_START_MS), maxDuration: msToK6(SEND_WINDOW_MS + cfg.drainMs + 10000),
-    },
-  },
+  scenarios: viewerAndAgentScenarios(cfg, {
+    viewerEndMs: VIEWER_END_MS, agentStartMs: AGENT_START_MS, sendWindowMs: SEND_WINDOW_MS,
+  }),
   thresholds: {
     resumed_with_gap: ['count==0'],
     resumed_ok: [`count>=${cfg.viewers * STORMS}`],

@@ -21,6 +21,7 @@ import { Trend } from 'k6/metrics';
 import {
   commonConfig, envInt, envFloat, envDurationMs, msToK6, readingsPerAgent, viewerChannels,
   expectedMessages, followUntil, publishFor, spread,
+  viewerAndAgentScenarios, exactlyOnceThresholds,
 } from './lib/hub.js';
 
 const cfg = commonConfig({ viewers: 20, agents: 2, rate: 1, duration: '30m', warmup: '2s', drain: '10s' });
@@ -38,26 +39,11 @@ const early = new Trend('latency_early_ms', true);
 const late = new Trend('latency_late_ms', true);
 
 export const options = {
-  scenarios: {
-    viewers: {
-      executor: 'per-vu-iterations', exec: 'viewer', vus: cfg.viewers, iterations: 1,
-      maxDuration: msToK6(VIEWER_END_MS + 10000),
-    },
-    agents: {
-      executor: 'per-vu-iterations', exec: 'agent', vus: cfg.agents, iterations: 1,
-      startTime: msToK6(AGENT_START_MS), maxDuration: msToK6(SEND_WINDOW_MS + cfg.drainMs + 10000),
-    },
-  },
+  scenarios: viewerAndAgentScenarios(cfg, {
+    viewerEndMs: VIEWER_END_MS, agentStartMs: AGENT_START_MS, sendWindowMs: SEND_WINDOW_MS,
+  }),
   thresholds: {
-    gaps: ['count==0'],
-    duplicates: ['count==0'],
-    holes: ['count==0'],
-    publish_errors: ['count==0'],
-    acks: [`count>=${cfg.agents * PER_AGENT}`],
-    messages_received: [`count>=${EXPECTED}`],
-    unexpected_closes: ['count==0'],
-    ws_errors: ['count==0'],
-    protocol_errors: ['count==0'],
+    ...exactlyOnceThresholds({ acks: cfg.agents * PER_AGENT, messages: EXPECTED }),
     publish_to_deliver_ms: [`p(99)<${envFloat('LATENCY_P99_MS', 100)}`],
     latency_drift_p95_ms: [`max<${envFloat('DRIFT_P95_MS', 20)}`],
     ws_connecting: [`p(95)<${envFloat('CONNECT_P95_MS', 1000)}`],

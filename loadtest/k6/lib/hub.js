@@ -556,6 +556,37 @@ export function expectedMessages(cfg, every, perAgent) {
 }
 
 // Deterministic jitter in [0, maxMs) per VU (a k6 VU has no seeded RNG).
+/** The viewers and agents scenarios every multi-VU script runs: one iteration per VU; agents
+ * start at `agentStartMs`, viewers stay until `viewerEndMs`. */
+export function viewerAndAgentScenarios(cfg, { viewerEndMs, agentStartMs, sendWindowMs }) {
+  return {
+    viewers: {
+      executor: 'per-vu-iterations', exec: 'viewer', vus: cfg.viewers, iterations: 1,
+      maxDuration: msToK6(viewerEndMs + 10000),
+    },
+    agents: {
+      executor: 'per-vu-iterations', exec: 'agent', vus: cfg.agents, iterations: 1,
+      startTime: msToK6(agentStartMs), maxDuration: msToK6(sendWindowMs + cfg.drainMs + 10000),
+    },
+  };
+}
+
+/** Thresholds of exactly-once delivery: no gap, duplicate, hole, refused publish or broken
+ * socket, every publish acked and every expected message received. */
+export function exactlyOnceThresholds({ acks, messages }) {
+  return {
+    gaps: ['count==0'],
+    duplicates: ['count==0'],
+    holes: ['count==0'],
+    publish_errors: ['count==0'],
+    acks: [`count>=${acks}`],
+    messages_received: [`count>=${messages}`],
+    ws_errors: ['count==0'],
+    unexpected_closes: ['count==0'],
+    protocol_errors: ['count==0'],
+  };
+}
+
 export function spread(i, maxMs) {
   if (!(maxMs > 0)) return 0;
   return Math.floor(((i * 2654435761) % 4294967296) / 4294967296 * maxMs);
