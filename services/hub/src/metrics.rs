@@ -146,6 +146,8 @@ pub struct Metrics {
     pub broker_unwanted: Counter,
     pub gap_fills: Counter,
     pub history_misses: Counter,
+    pub redis_commands: Histogram,
+    pub redis_errors: Counter,
 }
 
 impl Metrics {
@@ -176,6 +178,8 @@ impl Metrics {
             broker_unwanted: Counter::default(),
             gap_fills: Counter::default(),
             history_misses: Counter::default(),
+            redis_commands: Histogram::latency(),
+            redis_errors: Counter::default(),
         }
     }
 
@@ -268,33 +272,24 @@ impl Metrics {
             "Subscribes with `since`, by outcome.",
             &self.recoveries,
         );
-        let h = &self.publish_to_deliver;
-        header(
+        histogram(
             o,
             "hub_publish_to_deliver_seconds",
-            "histogram",
             "From receiving a publish to writing it to a subscriber's socket (oldest frame per write).",
+            &self.publish_to_deliver,
         );
-        let mut cumulative = 0;
-        for (i, bound) in h.bounds_us.iter().enumerate() {
-            cumulative += h.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                o,
-                "hub_publish_to_deliver_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
-            );
-        }
-        cumulative += h.buckets[h.bounds_us.len()].load(Relaxed);
-        let _ = writeln!(
+        histogram(
             o,
-            "hub_publish_to_deliver_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+            "hub_redis_command_seconds",
+            "Redis commands and scripts, from taking a pooled connection to the reply.",
+            &self.redis_commands,
         );
-        let _ = writeln!(
+        counter(
             o,
-            "hub_publish_to_deliver_seconds_sum {}",
-            h.sum_us.load(Relaxed) as f64 / 1e6
+            "hub_redis_errors_total",
+            "Redis commands that failed or timed out (the caller answered unavailable).",
+            &self.redis_errors,
         );
-        let _ = writeln!(o, "hub_publish_to_deliver_seconds_count {cumulative}");
         counter(
             o,
             "hub_broker_messages_total",
@@ -350,6 +345,23 @@ fn vec(o: &mut String, name: &str, help: &str, v: &CounterVec) {
     for (value, c) in v.values.iter().zip(v.counters.iter()) {
         let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, c.get());
     }
+}
+
+fn histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
+    header(o, name, "histogram", help);
+    let mut cumulative = 0;
+    for (i, bound) in h.bounds_us.iter().enumerate() {
+        cumulative += h.buckets[i].load(Relaxed);
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / 1e6
+        );
+    }
+    cumulative += h.buckets[h.bounds_us.len()].load(Relaxed);
+    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(o, "{name}_sum {}", h.sum_us.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(o, "{name}_count {cumulative}");
 }
 
 #[cfg(test)]

@@ -367,8 +367,19 @@ async fn a_hub_starts_without_redis_and_becomes_ready_when_it_appears() {
     hub.wait_ready(true).await;
     viewer.subscribe("fleet", None).await;
     let mut agent = hub.agent("pi-1", &[]).await;
+    // An agent's connect asks Redis for its last seq, as early as Redis is back.
+    let errors_before_publish = hub.metric("hub_redis_errors_total").await;
     assert_eq!(agent.publish(1, json!({})).await["type"], "ack");
     assert_eq!(offsets(&viewer.messages(1).await), [1]);
+    assert!(
+        hub.metric("hub_redis_command_seconds_count").await >= 2.0,
+        "Redis commands are timed"
+    );
+    assert_eq!(
+        hub.metric("hub_redis_errors_total").await,
+        errors_before_publish,
+        "the publish went through"
+    );
 }
 
 #[tokio::test]

@@ -59,7 +59,12 @@ impl RedisBroker {
         let pool = pool_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| invalid(e.to_string()))?;
-        let store = Arc::new(Store::new(pool, settings.history.clone(), broker.timeout));
+        let store = Arc::new(Store::new(
+            pool,
+            settings.history.clone(),
+            broker.timeout,
+            metrics.clone(),
+        ));
         let local = Arc::new(Local::new(metrics.clone()));
         let (commands, receiver) = mpsc::channel(4096);
         let connected = Arc::new(AtomicBool::new(false));

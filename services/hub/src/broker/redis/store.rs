@@ -13,6 +13,7 @@
 //! Deduplication is per channel: a publication interrupted half-way is retried by its agent and
 //! completes the channels it missed, without duplicating the others.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::Pool;
@@ -21,6 +22,7 @@ use serde_json::value::RawValue;
 
 use crate::broker::BrokerError;
 use crate::config::HistorySettings;
+use crate::metrics::Metrics;
 
 /// One publication into every target channel, in one round trip. Per channel: skip if the
 /// device's `seq` is not above the last one seen there, else take the next offset, build the
@@ -167,6 +169,7 @@ pub struct Store {
     rewound: Script,
     history: HistorySettings,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -174,7 +177,12 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl Store {
-    pub fn new(pool: Pool, history: HistorySettings, timeout: Duration) -> Self {
+    pub fn new(
+        pool: Pool,
+        history: HistorySettings,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Store {
             pool,
             publish: Script::new(PUBLISH),
@@ -182,6 +190,7 @@ impl Store {
             rewound: Script::new(REWOUND),
             history,
             timeout,
+            metrics,
         }
     }
 
@@ -193,9 +202,15 @@ impl Store {
             let mut conn = self.pool.get().await.map_err(unavailable)?;
             f(&mut conn).await.map_err(unavailable)
         };
-        tokio::time::timeout(self.timeout, work)
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, work)
             .await
-            .unwrap_or_else(|_| Err(unavailable("timed out")))
+            .unwrap_or_else(|_| Err(unavailable("timed out")));
+        self.metrics.redis_commands.observe(started.elapsed());
+        if result.is_err() {
+            self.metrics.redis_errors.inc();
+        }
+        result
     }
 
     /// Appends one publication to `channels`; returns the new offsets (0: duplicate there).
