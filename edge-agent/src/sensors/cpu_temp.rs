@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::{Metric, Sensor, SensorError, read_text, require_file};
+use super::{FileSensor, Metric, SensorError};
 
 pub const DEFAULT_PATH: &str = "/sys/class/thermal/thermal_zone0/temp";
 
@@ -38,41 +38,26 @@ pub fn parse_millidegrees(text: &str) -> Result<f64, SensorError> {
     Ok(milli as f64 / 1000.0)
 }
 
-pub struct CpuTemp {
-    name: String,
-    path: PathBuf,
-}
-
-impl CpuTemp {
-    pub fn open(settings: &CpuTempSettings, name: String) -> Result<Self, SensorError> {
-        require_file(&settings.path, "no thermal zone 0 on this kernel")?;
-        Ok(Self {
-            name,
-            path: settings.path.clone(),
-        })
-    }
-}
-
-impl Sensor for CpuTemp {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn read(&mut self) -> Result<Vec<Metric>, SensorError> {
-        let celsius = parse_millidegrees(&read_text(&self.path)?).map_err(|e| match e {
-            SensorError::Parse { detail, .. } => SensorError::Parse {
-                what: self.path.display().to_string(),
-                detail,
-            },
-            other => other,
-        })?;
-        Ok(vec![Metric::new("cpu_temp", celsius, "C")])
-    }
+/// The `cpu_temp` sensor: one metric, `cpu_temp` in °C.
+pub fn open(settings: &CpuTempSettings, name: String) -> Result<FileSensor, SensorError> {
+    FileSensor::open(
+        name,
+        &settings.path,
+        "no thermal zone 0 on this kernel",
+        |text| {
+            Ok(vec![Metric::new(
+                "cpu_temp",
+                parse_millidegrees(text)?,
+                "C",
+            )])
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sensors::Sensor;
     use crate::sensors::test_support::{fixture, fixture_text};
 
     #[test]
@@ -100,7 +85,7 @@ mod tests {
         let settings = CpuTempSettings {
             path: fixture("thermal_zone0_temp"),
         };
-        let mut sensor = CpuTemp::open(&settings, "cpu_temp".into()).unwrap();
+        let mut sensor = open(&settings, "cpu_temp".into()).unwrap();
         assert_eq!(
             sensor.read().unwrap(),
             vec![Metric::new("cpu_temp", 48.686, "C")]
@@ -112,7 +97,7 @@ mod tests {
         let settings = CpuTempSettings {
             path: fixture("thermal_zone0_temp_garbage"),
         };
-        let err = CpuTemp::open(&settings, "cpu_temp".into())
+        let err = open(&settings, "cpu_temp".into())
             .unwrap()
             .read()
             .unwrap_err();

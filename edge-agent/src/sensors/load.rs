@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::{Metric, Sensor, SensorError, read_text, require_file};
+use super::{FileSensor, Metric, SensorError};
 
 pub const DEFAULT_PATH: &str = "/proc/loadavg";
 
@@ -66,29 +66,11 @@ pub fn parse_loadavg(text: &str) -> Result<LoadAvg, SensorError> {
     })
 }
 
-pub struct Load {
-    name: String,
-    path: PathBuf,
-}
-
-impl Load {
-    pub fn open(settings: &LoadSettings, name: String) -> Result<Self, SensorError> {
-        require_file(&settings.path, "is /proc mounted?")?;
-        Ok(Self {
-            name,
-            path: settings.path.clone(),
-        })
-    }
-}
-
-impl Sensor for Load {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn read(&mut self) -> Result<Vec<Metric>, SensorError> {
-        Ok(parse_loadavg(&read_text(&self.path)?)?.metrics())
-    }
+/// The `load` sensor: `load1`, `load5`, `load15`.
+pub fn open(settings: &LoadSettings, name: String) -> Result<FileSensor, SensorError> {
+    FileSensor::open(name, &settings.path, "is /proc mounted?", |text| {
+        Ok(parse_loadavg(text)?.metrics())
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::{Metric, Sensor, SensorError, read_text, require_file};
+use super::{FileSensor, Metric, SensorError};
 
 pub const DEFAULT_PATH: &str = "/proc/meminfo";
 
@@ -133,29 +133,11 @@ pub fn parse_meminfo(text: &str) -> Result<MemInfo, SensorError> {
     })
 }
 
-pub struct Memory {
-    name: String,
-    path: PathBuf,
-}
-
-impl Memory {
-    pub fn open(settings: &MemorySettings, name: String) -> Result<Self, SensorError> {
-        require_file(&settings.path, "is /proc mounted?")?;
-        Ok(Self {
-            name,
-            path: settings.path.clone(),
-        })
-    }
-}
-
-impl Sensor for Memory {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn read(&mut self) -> Result<Vec<Metric>, SensorError> {
-        Ok(parse_meminfo(&read_text(&self.path)?)?.metrics())
-    }
+/// The `memory` sensor: totals, available and used ratio, swap when present.
+pub fn open(settings: &MemorySettings, name: String) -> Result<FileSensor, SensorError> {
+    FileSensor::open(name, &settings.path, "is /proc mounted?", |text| {
+        Ok(parse_meminfo(text)?.metrics())
+    })
 }
 
 #[cfg(test)]

@@ -221,10 +221,10 @@ impl SensorSettings {
 pub fn build(settings: &SensorSettings) -> Result<Box<dyn Sensor>, SensorError> {
     let name = settings.label();
     Ok(match &settings.kind {
-        SensorKind::CpuTemp(s) => Box::new(cpu_temp::CpuTemp::open(s, name)?),
-        SensorKind::Throttled(s) => Box::new(throttled::Throttled::open(s, name)?),
-        SensorKind::Load(s) => Box::new(load::Load::open(s, name)?),
-        SensorKind::Memory(s) => Box::new(memory::Memory::open(s, name)?),
+        SensorKind::CpuTemp(s) => Box::new(cpu_temp::open(s, name)?),
+        SensorKind::Throttled(s) => Box::new(throttled::open(s, name)?),
+        SensorKind::Load(s) => Box::new(load::open(s, name)?),
+        SensorKind::Memory(s) => Box::new(memory::open(s, name)?),
         SensorKind::Bme280(s) => Box::new(bme280::open_rppal(s, name)?),
         SensorKind::Ds18b20(s) => Box::new(ds18b20::Ds18b20::open(s, name)?),
         SensorKind::Gpio(s) => Box::new(gpio::open_rppal(s, name)?),
@@ -241,7 +241,7 @@ pub(crate) fn read_text(path: &Path) -> Result<String, SensorError> {
 }
 
 /// Fails early with a clear message when a kernel interface file does not exist.
-pub(crate) fn require_file(path: &Path, hint: &str) -> Result<(), SensorError> {
+fn require_file(path: &Path, hint: &str) -> Result<(), SensorError> {
     if path.exists() {
         Ok(())
     } else {
@@ -249,6 +249,48 @@ pub(crate) fn require_file(path: &Path, hint: &str) -> Result<(), SensorError> {
             "{} does not exist ({hint})",
             path.display()
         )))
+    }
+}
+
+/// A sensor that reads one kernel interface file (sysfs, procfs) and parses its text: what
+/// `cpu_temp`, `throttled`, `load` and `memory` are, differing only in file and parser.
+pub struct FileSensor {
+    name: String,
+    path: PathBuf,
+    parse: fn(&str) -> Result<Vec<Metric>, SensorError>,
+}
+
+impl FileSensor {
+    /// Fails at once, with `hint`, when `path` does not exist on this machine.
+    pub fn open(
+        name: String,
+        path: &Path,
+        hint: &str,
+        parse: fn(&str) -> Result<Vec<Metric>, SensorError>,
+    ) -> Result<Self, SensorError> {
+        require_file(path, hint)?;
+        Ok(FileSensor {
+            name,
+            path: path.to_path_buf(),
+            parse,
+        })
+    }
+}
+
+impl Sensor for FileSensor {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A parse error names the file it came from.
+    fn read(&mut self) -> Result<Vec<Metric>, SensorError> {
+        (self.parse)(&read_text(&self.path)?).map_err(|e| match e {
+            SensorError::Parse { detail, .. } => SensorError::Parse {
+                what: self.path.display().to_string(),
+                detail,
+            },
+            other => other,
+        })
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 
-use super::{Metric, Sensor, SensorError, read_text, require_file};
+use super::{FileSensor, Metric, SensorError};
 
 pub const DEFAULT_PATH: &str = "/sys/devices/platform/soc/soc:firmware/get_throttled";
 
@@ -107,33 +107,14 @@ impl ThrottleState {
     }
 }
 
-pub struct Throttled {
-    name: String,
-    path: PathBuf,
-}
-
-impl Throttled {
-    pub fn open(settings: &ThrottledSettings, name: String) -> Result<Self, SensorError> {
-        require_file(
-            &settings.path,
-            "not a Raspberry Pi OS kernel, or its firmware driver no longer provides get_throttled",
-        )?;
-        Ok(Self {
-            name,
-            path: settings.path.clone(),
-        })
-    }
-}
-
-impl Sensor for Throttled {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn read(&mut self) -> Result<Vec<Metric>, SensorError> {
-        let bits = parse_throttled(&read_text(&self.path)?)?;
-        Ok(ThrottleState::from_bits(bits).metrics())
-    }
+/// The `throttled` sensor: the firmware's throttling bits, now and since boot.
+pub fn open(settings: &ThrottledSettings, name: String) -> Result<FileSensor, SensorError> {
+    FileSensor::open(
+        name,
+        &settings.path,
+        "not a Raspberry Pi OS kernel, or its firmware driver no longer provides get_throttled",
+        |text| Ok(ThrottleState::from_bits(parse_throttled(text)?).metrics()),
+    )
 }
 
 #[cfg(test)]
