@@ -1,0 +1,198 @@
+//! Logs, traces and metrics export shared by the hub and the edge agent.
+//!
+//! [`init`] installs one `tracing` subscriber per process: a stderr log layer (text, or JSON
+//! with trace ids) and, when OTLP export is configured, a `tracing-opentelemetry` layer that
+//! turns spans into OpenTelemetry spans sent through a batch processor. Export is off by
+//! default; with it off no OpenTelemetry layer exists and spans cost what `tracing` spans cost.
+//!
+//! - [`settings`]: the `[log]` and `[telemetry]` settings and the `OTEL_*` variables.
+//! - [`export`]: OTLP exporters over gRPC or HTTP/protobuf.
+//! - [`logs`]: the JSON log format with `trace_id`/`span_id`.
+//! - [`propagation`]: W3C `traceparent` in and out of spans.
+//!
+//! The returned [`Telemetry`] flushes what is buffered at [`Telemetry::shutdown`]: keep it
+//! alive until the runtime's work is done.
+
+pub mod export;
+pub mod logs;
+pub mod propagation;
+pub mod settings;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Meter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+pub use settings::{LogFormat, Protocol, TelemetrySettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error("a tracing subscriber is already installed: {0}")]
+    Installed(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Who is reporting: `service.name` defaults to `service`, `service.instance.id` is `instance`.
+pub struct Identity<'a> {
+    pub service: &'a str,
+    pub instance: &'a str,
+    pub version: &'a str,
+}
+
+/// The installed providers; dropping it flushes and stops export.
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported; callers skip building spans on hot paths when not.
+    pub fn traces_enabled(&self) -> bool {
+        self.tracer.is_some()
+    }
+
+    /// A meter whose instruments are exported over OTLP, when metrics export is on.
+    pub fn meter(&self, scope: &'static str) -> Option<Meter> {
+        use opentelemetry::metrics::MeterProvider as _;
+        self.meter.as_ref().map(|m| m.meter(scope))
+    }
+}
+
+impl Telemetry {
+    /// Flushes and stops export, driving `runtime` meanwhile: exports run on it, and a
+    /// current-thread runtime only runs while someone blocks on it.
+    pub fn shutdown(self, runtime: &tokio::runtime::Runtime) {
+        runtime.block_on(async {
+            let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        });
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        // Errors here are the collector being unreachable at exit: nothing left to tell it.
+        if let Some(tracer) = self.tracer.take() {
+            let _ = tracer.shutdown();
+        }
+        if let Some(meter) = self.meter.take() {
+            let _ = meter.shutdown();
+        }
+    }
+}
+
+/// Installs logging and, when configured, OTLP export. Call inside `runtime`, once.
+pub fn init(
+    identity: &Identity<'_>,
+    log: LogFormat,
+    settings: &TelemetrySettings,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Telemetry, InitError> {
+    settings.validate()?;
+    let env = settings::ProcessEnv;
+    let (logs, binding) = log_layer(log);
+    let logs = logs
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
+    if !settings.enabled(&env) {
+        tracing_subscriber::registry().with(logs).try_init()?;
+        return Ok(Telemetry {
+            tracer: None,
+            meter: None,
+        });
+    }
+    let protocol = settings.resolved_protocol(&env)?;
+    let exporters = export::build(settings, protocol, runtime)?;
+    let resource = Resource::builder()
+        .with_service_name(settings.resolved_service_name(&env, identity.service))
+        .with_attributes([
+            KeyValue::new("service.instance.id", identity.instance.to_owned()),
+            KeyValue::new("service.version", identity.version.to_owned()),
+        ])
+        .build();
+    let mut tracer = SdkTracerProvider::builder()
+        .with_resource(resource.clone())
+        .with_batch_exporter(exporters.spans);
+    if let Some(ratio) = settings.resolved_sample_ratio(&env) {
+        tracer = tracer.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))));
+    }
+    let tracer = tracer.build();
+    let meter = exporters.metrics.map(|exporter| {
+        let reader = PeriodicReader::builder(exporter)
+            .with_interval(settings.metrics_interval)
+            .build();
+        SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(reader)
+            .build()
+    });
+    // The exporter's own HTTP/2 and gRPC machinery must not trace itself.
+    let spans = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("h2", LevelFilter::OFF)
+        .with_target("hyper", LevelFilter::OFF)
+        .with_target("hyper_util", LevelFilter::OFF)
+        .with_target("tonic", LevelFilter::OFF)
+        .with_target("tower", LevelFilter::OFF)
+        .with_target("opentelemetry", LevelFilter::OFF)
+        .with_target("opentelemetry_sdk", LevelFilter::OFF)
+        .with_target("opentelemetry_otlp", LevelFilter::OFF);
+    // Long-lived spans (a connection) are entered on every poll: no busy/idle timing, no
+    // thread or source-location attributes per span.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer.tracer(identity.service.to_owned()))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_filter(spans);
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init()?;
+    if let Some(binding) = binding {
+        binding.bind_current();
+    }
+    tracing::info!(
+        ?protocol,
+        endpoint = settings
+            .endpoint
+            .as_deref()
+            .unwrap_or("(from OTEL_* variables)"),
+        metrics = meter.is_some(),
+        "OpenTelemetry export on"
+    );
+    Ok(Telemetry {
+        tracer: Some(tracer),
+        meter,
+    })
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The stderr layer, and for JSON the binding that lets it find trace ids.
+fn log_layer(format: LogFormat) -> (BoxedLayer, Option<logs::DispatchBinding>) {
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => {
+            let json = logs::JsonWithTraceIds::new();
+            let binding = json.binding();
+            (layer.json().event_format(json).boxed(), Some(binding))
+        }
+        LogFormat::Text => (
+            layer
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .boxed(),
+            None,
+        ),
+    }
+}
