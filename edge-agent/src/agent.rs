@@ -53,7 +53,13 @@ impl Recorder {
 }
 
 /// Runs the agent until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the agent until `shutdown`. With `traces`, each batch of readings sent is a trace that
+/// the hubs continue.
+pub async fn run(
+    settings: Settings,
+    traces: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let device = device_id(&settings.token()?)?;
     let store = settings.store_config();
     let dir = store.dir.clone();
@@ -103,6 +109,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         appended,
         settings.storage.dir.clone(),
         link.clone(),
+        traces,
     )?;
     tasks.spawn(uplink.run(shutdown.clone()));
     if let Some(addr) = settings.metrics.listen {

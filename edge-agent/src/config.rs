@@ -24,6 +24,9 @@ pub struct Settings {
     pub simulate: bool,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
+    /// OpenTelemetry export: a trace per batch of readings, continued by the hubs. Off unless an
+    /// endpoint is set here or in `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub telemetry: TelemetrySettings,
 }
 
 /// How the agent logs to stderr (journald keeps it).
@@ -34,13 +37,7 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use observability::{LogFormat, TelemetrySettings};
 
 /// The agent's own Prometheus endpoint, off unless `listen` is set (e.g. "127.0.0.1:9464").
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -190,6 +187,9 @@ impl Settings {
         if !self.simulate && self.sensors.is_empty() {
             return invalid("no [[sensors]] configured (or run with --simulate)");
         }
+        self.telemetry
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 
@@ -222,6 +222,10 @@ impl Settings {
         let mut shown = self.clone();
         if let Some(token) = &mut shown.auth.token {
             *token = mask(token);
+        }
+        // Collector headers usually hold API keys.
+        for value in shown.telemetry.headers.values_mut() {
+            *value = mask(value);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }

@@ -4,9 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use edge_agent::config::{LogFormat, Settings};
+use edge_agent::config::Settings;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -38,24 +37,33 @@ fn main() -> anyhow::Result<()> {
             .context("the token does not name a device")?;
         return Ok(());
     }
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        );
-    match settings.log.format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
     // One thread: a Pi Zero has one core, and the agent's work is small. Sensor reads and log
     // writes run on a few blocking threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(4)
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let device = settings
+        .token()
+        .ok()
+        .and_then(|t| edge_agent::agent::device_id(&t).ok())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let telemetry = {
+        let _entered = runtime.enter();
+        observability::init(
+            &observability::Identity {
+                service: "edge-agent",
+                instance: &device,
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            settings.log.format,
+            &settings.telemetry,
+            runtime.handle(),
+        )
+        .context("cannot set up logs and telemetry")?
+    };
+    let traces = telemetry.traces_enabled();
+    let result = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         // Installed before anything else: a SIGTERM during start-up still stops cleanly.
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -69,6 +77,8 @@ fn main() -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        edge_agent::agent::run(settings, shutdown).await
-    })
+        edge_agent::agent::run(settings, traces, shutdown).await
+    });
+    telemetry.shutdown(&runtime);
+    result
 }

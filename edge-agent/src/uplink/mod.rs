@@ -24,7 +24,7 @@ use hub_protocol::{CloseCode, ErrorCode, ServerFrame};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 
 pub use backoff::Backoff;
 pub use connect::{ConnectError, Dialer};
@@ -54,6 +54,8 @@ pub struct Uplink {
     appended: Arc<Notify>,
     storage_dir: std::path::PathBuf,
     stats: Arc<LinkStats>,
+    /// Send a `traceparent` with each batch (OpenTelemetry export is on).
+    traces: bool,
 }
 
 /// How a connection ended, which decides how long to wait before the next.
@@ -86,6 +88,7 @@ impl Uplink {
         appended: Arc<Notify>,
         storage_dir: std::path::PathBuf,
         stats: Arc<LinkStats>,
+        traces: bool,
     ) -> anyhow::Result<Uplink> {
         let dialer = Dialer::new(
             &settings.url,
@@ -100,6 +103,7 @@ impl Uplink {
             appended,
             storage_dir,
             stats,
+            traces,
         })
     }
 
@@ -438,23 +442,56 @@ impl<'a> Session<'a> {
             log.read_after(self.cursor.max(log.acked_seq()), allowed, 256 * 1024)
                 .map_err(|e| format!("cannot read the log: {e}"))?
         };
-        for record in records {
-            let mut frame = Vec::with_capacity(record.payload.len() + 48);
-            frame.extend_from_slice(b"{\"type\":\"publish\",\"seq\":");
-            frame.extend_from_slice(record.seq.to_string().as_bytes());
-            frame.extend_from_slice(b",\"data\":");
-            frame.extend_from_slice(&record.payload);
-            frame.push(b'}');
-            self.writer
-                .write_frame(Frame::text(Payload::Owned(frame)))
-                .await
-                .map_err(|e| e.to_string())?;
-            self.bucket.take();
-            self.cursor = record.seq;
-            self.in_flight.push_back(record.seq);
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        // One trace per batch: the hubs' publish spans for these readings join it.
+        let span = if self.uplink.traces {
+            info_span!(
+                parent: None,
+                "send_batch",
+                readings = records.len(),
+                first_seq = first.seq,
+                last_seq = last.seq,
+            )
+        } else {
+            Span::none()
+        };
+        let traceparent = observability::propagation::traceparent(&span);
+        async {
+            for record in records {
+                let frame = publish_frame(record.seq, &record.payload, traceparent.as_deref());
+                self.writer
+                    .write_frame(Frame::text(Payload::Owned(frame)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.bucket.take();
+                self.cursor = record.seq;
+                self.in_flight.push_back(record.seq);
+            }
+            Ok(())
         }
-        Ok(())
+        .instrument(span)
+        .await
     }
+}
+
+/// A `publish` frame around a stored reading, which is already JSON.
+fn publish_frame(seq: u64, payload: &[u8], traceparent: Option<&str>) -> Vec<u8> {
+    let mut frame =
+        Vec::with_capacity(payload.len() + 48 + traceparent.map_or(0, |t| t.len() + 16));
+    frame.extend_from_slice(b"{\"type\":\"publish\",\"seq\":");
+    frame.extend_from_slice(seq.to_string().as_bytes());
+    if let Some(tp) = traceparent {
+        // Made by our own formatter: hex digits and dashes, nothing to escape.
+        frame.extend_from_slice(b",\"traceparent\":\"");
+        frame.extend_from_slice(tp.as_bytes());
+        frame.push(b'"');
+    }
+    frame.extend_from_slice(b",\"data\":");
+    frame.extend_from_slice(payload);
+    frame.push(b'}');
+    frame
 }
 
 /// Client-side pacing below the hub's publish rate limit.

@@ -36,6 +36,9 @@ pub enum ClientFrame<'a> {
         /// Optional; when present it must be the token's own `sub`.
         #[serde(skip_serializing_if = "Option::is_none")]
         device: Option<Cow<'a, str>>,
+        /// Optional W3C trace context: the hub's spans for this reading join the agent's trace.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        traceparent: Option<Cow<'a, str>>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
@@ -55,6 +58,8 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     device: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    traceparent: Option<Cow<'a, str>>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
 }
@@ -85,6 +90,7 @@ impl<'a> ClientFrame<'a> {
                     seq: wire.seq.ok_or(FrameError::MissingField("seq"))?,
                     data,
                     device: wire.device,
+                    traceparent: wire.traceparent,
                     reference,
                 })
             }
@@ -120,6 +126,18 @@ mod tests {
                 assert_eq!(seq, 7);
                 assert_eq!(data.get(), r#"{"t": 21.5,"u":"C"}"#);
                 assert!(device.is_none());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn publish_may_carry_a_traceparent() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let text = format!(r#"{{"type":"publish","seq":1,"data":{{}},"traceparent":"{tp}"}}"#);
+        match ClientFrame::parse(text.as_bytes()).unwrap() {
+            ClientFrame::Publish { traceparent, .. } => {
+                assert_eq!(traceparent.as_deref(), Some(tp))
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -181,6 +199,7 @@ mod tests {
             seq: 9,
             data: &data,
             device: None,
+            traceparent: None,
             reference: None,
         };
         let json = frame.to_json();

@@ -39,6 +39,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub demo: DemoSettings,
     pub log: LogSettings,
+    /// OpenTelemetry export (traces and metrics over OTLP); off unless an endpoint is set.
+    pub telemetry: TelemetrySettings,
 }
 
 /// How the hub logs to stderr.
@@ -49,13 +51,7 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use observability::{LogFormat, TelemetrySettings};
 
 impl Default for Settings {
     fn default() -> Self {
@@ -70,6 +66,7 @@ impl Default for Settings {
             shutdown: ShutdownSettings::default(),
             demo: DemoSettings::default(),
             log: LogSettings::default(),
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -293,6 +290,9 @@ impl Settings {
 
     /// Checks what serde cannot: the key material, patterns and limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry
+            .validate()
+            .map_err(|e| invalid("telemetry", e.to_string()))?;
         let auth = &self.auth;
         match (&auth.hs256_secret, &auth.public_key_file) {
             (None, None) => {

@@ -87,6 +87,13 @@ pub async fn serve(
     }
     gauge.dec();
     debug!(id = outbox.id(), reason = reason.label(), "disconnected");
+    let span = tracing::Span::current();
+    span.record("close.reason", reason.label());
+    if let CloseReason::Hub(code) = reason {
+        span.record("close.code", code.as_u16());
+    } else if let CloseReason::Peer(code) = reason {
+        span.record("close.code", code);
+    }
     linger(&mut reader).await;
     drop(permit);
 }

@@ -4,10 +4,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hub::Settings;
-use hub::config::LogFormat;
 use hub::token::{TokenRequest, mint};
 use hub_protocol::Role;
-use tracing_subscriber::EnvFilter;
 
 /// Telemetry hub: authenticates WebSocket clients and fans readings out to dashboards.
 #[derive(Parser)]
@@ -108,27 +106,39 @@ fn probe(url: &hyper::Uri) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(settings: Settings) -> anyhow::Result<()> {
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        );
-    match settings.log.format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
-    raise_fd_limit(settings.limits.max_connections);
+fn serve(mut settings: Settings) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let server = hub::Server::bind(settings).await?;
+    // Resolved once: logs, traces and `hello` frames must name the same node.
+    let node_id = settings.resolved_node_id();
+    settings.node_id = Some(node_id.clone());
+    let telemetry = {
+        let _entered = runtime.enter();
+        observability::init(
+            &observability::Identity {
+                service: "hub",
+                instance: &node_id,
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            settings.log.format,
+            &settings.telemetry,
+            runtime.handle(),
+        )
+        .context("cannot set up logs and telemetry")?
+    };
+    raise_fd_limit(settings.limits.max_connections);
+    let export = hub::server::OtelExport {
+        traces: telemetry.traces_enabled(),
+        meter: telemetry.meter("hub"),
+    };
+    let result = runtime.block_on(async {
+        let server = hub::Server::bind_with(settings, export).await?;
         server.run(hub::shutdown::signal()).await;
         anyhow::Ok(())
-    })
+    });
+    telemetry.shutdown(&runtime);
+    result
 }
 
 /// Each connection holds a socket: lift the soft open-file limit to the hard one (containers and

@@ -5,8 +5,12 @@
 //! writes the text exposition format 0.0.4.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Meter;
 
 #[derive(Default)]
 pub struct Counter(AtomicU64);
@@ -78,11 +82,13 @@ impl CounterVec {
     }
 }
 
-/// Latency histogram with fixed buckets and lock-free observation.
+/// Histogram with fixed buckets and lock-free observation.
 pub struct Histogram {
-    bounds_us: &'static [u64],
+    bounds: &'static [u64],
+    /// Rendered value of one unit: 1e-6 for microseconds shown as seconds.
+    unit: f64,
     buckets: Box<[AtomicU64]>,
-    sum_us: AtomicU64,
+    sum: AtomicU64,
 }
 
 const LATENCY_BOUNDS_US: &[u64] = &[
@@ -90,30 +96,49 @@ const LATENCY_BOUNDS_US: &[u64] = &[
     2_500_000,
 ];
 
+/// Queue depths: powers of two up to the largest `limits.outbound_queue` worth telling apart.
+const DEPTH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+
 impl Histogram {
-    pub fn latency() -> Self {
+    fn with_bounds(bounds: &'static [u64], unit: f64) -> Self {
         Histogram {
-            bounds_us: LATENCY_BOUNDS_US,
-            buckets: (0..=LATENCY_BOUNDS_US.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            sum_us: AtomicU64::new(0),
+            bounds,
+            unit,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
         }
     }
 
+    /// Durations, observed in microseconds and shown in seconds.
+    pub fn latency() -> Self {
+        Self::with_bounds(LATENCY_BOUNDS_US, 1e-6)
+    }
+
+    /// Item counts.
+    pub fn depth() -> Self {
+        Self::with_bounds(DEPTH_BOUNDS, 1.0)
+    }
+
     pub fn observe(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.observe_value(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn observe_value(&self, v: u64) {
         let i = self
-            .bounds_us
+            .bounds
             .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(self.bounds_us.len());
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(us, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum.load(Relaxed) as f64 * self.unit
     }
 }
 
@@ -140,6 +165,8 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     pub recoveries: CounterVec,
     pub publish_to_deliver: Histogram,
+    /// Items waiting in a connection's outbound queue when its writer wakes.
+    pub outbound_queue_depth: Histogram,
     pub ready: Gauge,
     pub broker_reconnects: Counter,
     pub broker_messages: Counter,
@@ -172,6 +199,7 @@ impl Metrics {
             subscriptions: Gauge::default(),
             recoveries: CounterVec::new("result", RECOVERY_RESULTS),
             publish_to_deliver: Histogram::latency(),
+            outbound_queue_depth: Histogram::depth(),
             ready: Gauge::default(),
             broker_reconnects: Counter::default(),
             broker_messages: Counter::default(),
@@ -183,185 +211,292 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
+    /// Every metric family with its current values, in exposition order.
+    pub fn families(&self) -> Vec<Family<'_>> {
+        use Values::*;
+        let f = |name, help, values| Family { name, help, values };
+        vec![
+            f(
+                "hub_connections",
+                "Open WebSocket connections.",
+                Gauges(
+                    "role",
+                    vec![
+                        ("agent", self.connections_agent.get()),
+                        ("viewer", self.connections_viewer.get()),
+                    ],
+                ),
+            ),
+            f(
+                "hub_connections_opened_total",
+                "WebSocket connections accepted.",
+                Labelled(&self.connections_opened),
+            ),
+            f(
+                "hub_disconnects_total",
+                "WebSocket connections closed, by reason.",
+                Labelled(&self.disconnects),
+            ),
+            f(
+                "hub_connections_refused_total",
+                "Upgrades refused before authentication.",
+                Labelled(&self.refused),
+            ),
+            f(
+                "hub_auth_failures_total",
+                "Upgrades refused by authentication.",
+                Labelled(&self.auth_failures),
+            ),
+            f(
+                "hub_frames_received_total",
+                "WebSocket frames received.",
+                Count(&self.frames_received),
+            ),
+            f(
+                "hub_frames_sent_total",
+                "WebSocket frames sent.",
+                Count(&self.frames_sent),
+            ),
+            f(
+                "hub_sent_bytes_total",
+                "Bytes written to WebSocket connections.",
+                Count(&self.bytes_sent),
+            ),
+            f(
+                "hub_publications_total",
+                "Publish frames handled, by result.",
+                Labelled(&self.publications),
+            ),
+            f(
+                "hub_deliveries_total",
+                "Messages queued to subscribers.",
+                Count(&self.deliveries),
+            ),
+            f(
+                "hub_delivery_drops_total",
+                "Messages not queued because the subscriber was too slow.",
+                Count(&self.delivery_drops),
+            ),
+            f(
+                "hub_slow_consumer_disconnects_total",
+                "Subscribers closed with 4008.",
+                Count(&self.slow_consumer_disconnects),
+            ),
+            f(
+                "hub_subscriptions",
+                "Active subscriptions.",
+                Level(self.subscriptions.get()),
+            ),
+            f(
+                "hub_recoveries_total",
+                "Subscribes with `since`, by outcome.",
+                Labelled(&self.recoveries),
+            ),
+            f(
+                "hub_publish_to_deliver_seconds",
+                "From receiving a publish to writing it to a subscriber's socket (oldest frame per write).",
+                Distribution(&self.publish_to_deliver),
+            ),
+            f(
+                "hub_outbound_queue_depth",
+                "Items waiting in a connection's outbound queue when its writer wakes (limits.outbound_queue is the most).",
+                Distribution(&self.outbound_queue_depth),
+            ),
+            f(
+                "hub_redis_command_seconds",
+                "Redis commands and scripts, from taking a pooled connection to the reply.",
+                Distribution(&self.redis_commands),
+            ),
+            f(
+                "hub_redis_errors_total",
+                "Redis commands that failed or timed out (the caller answered unavailable).",
+                Count(&self.redis_errors),
+            ),
+            f(
+                "hub_broker_messages_total",
+                "Publications received from Redis pub/sub.",
+                Count(&self.broker_messages),
+            ),
+            f(
+                "hub_broker_unwanted_messages_total",
+                "Publications received from Redis for channels no client of this hub watches.",
+                Count(&self.broker_unwanted),
+            ),
+            f(
+                "hub_broker_reconnects_total",
+                "Reconnects of the Redis pub/sub connection.",
+                Count(&self.broker_reconnects),
+            ),
+            f(
+                "hub_gap_fills_total",
+                "Offset gaps in pub/sub repaired from history.",
+                Count(&self.gap_fills),
+            ),
+            f(
+                "hub_history_misses_total",
+                "Live channels whose missed messages were gone from history (subscribers told recovered=false).",
+                Count(&self.history_misses),
+            ),
+            f(
+                "hub_ready",
+                "1 when the hub accepts new connections.",
+                Level(self.ready.get()),
+            ),
+        ]
+    }
+
+    /// The text exposition format 0.0.4 of every metric.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8 * 1024);
-        let o = &mut out;
-        header(o, "hub_connections", "gauge", "Open WebSocket connections.");
-        let _ = writeln!(
-            o,
-            "hub_connections{{role=\"agent\"}} {}",
-            self.connections_agent.get()
-        );
-        let _ = writeln!(
-            o,
-            "hub_connections{{role=\"viewer\"}} {}",
-            self.connections_viewer.get()
-        );
-        vec(
-            o,
-            "hub_connections_opened_total",
-            "WebSocket connections accepted.",
-            &self.connections_opened,
-        );
-        vec(
-            o,
-            "hub_disconnects_total",
-            "WebSocket connections closed, by reason.",
-            &self.disconnects,
-        );
-        vec(
-            o,
-            "hub_connections_refused_total",
-            "Upgrades refused before authentication.",
-            &self.refused,
-        );
-        vec(
-            o,
-            "hub_auth_failures_total",
-            "Upgrades refused by authentication.",
-            &self.auth_failures,
-        );
-        counter(
-            o,
-            "hub_frames_received_total",
-            "WebSocket frames received.",
-            &self.frames_received,
-        );
-        counter(
-            o,
-            "hub_frames_sent_total",
-            "WebSocket frames sent.",
-            &self.frames_sent,
-        );
-        counter(
-            o,
-            "hub_sent_bytes_total",
-            "Bytes written to WebSocket connections.",
-            &self.bytes_sent,
-        );
-        vec(
-            o,
-            "hub_publications_total",
-            "Publish frames handled, by result.",
-            &self.publications,
-        );
-        counter(
-            o,
-            "hub_deliveries_total",
-            "Messages queued to subscribers.",
-            &self.deliveries,
-        );
-        counter(
-            o,
-            "hub_delivery_drops_total",
-            "Messages not queued because the subscriber was too slow.",
-            &self.delivery_drops,
-        );
-        counter(
-            o,
-            "hub_slow_consumer_disconnects_total",
-            "Subscribers closed with 4008.",
-            &self.slow_consumer_disconnects,
-        );
-        header(o, "hub_subscriptions", "gauge", "Active subscriptions.");
-        let _ = writeln!(o, "hub_subscriptions {}", self.subscriptions.get());
-        vec(
-            o,
-            "hub_recoveries_total",
-            "Subscribes with `since`, by outcome.",
-            &self.recoveries,
-        );
-        histogram(
-            o,
-            "hub_publish_to_deliver_seconds",
-            "From receiving a publish to writing it to a subscriber's socket (oldest frame per write).",
-            &self.publish_to_deliver,
-        );
-        histogram(
-            o,
-            "hub_redis_command_seconds",
-            "Redis commands and scripts, from taking a pooled connection to the reply.",
-            &self.redis_commands,
-        );
-        counter(
-            o,
-            "hub_redis_errors_total",
-            "Redis commands that failed or timed out (the caller answered unavailable).",
-            &self.redis_errors,
-        );
-        counter(
-            o,
-            "hub_broker_messages_total",
-            "Publications received from Redis pub/sub.",
-            &self.broker_messages,
-        );
-        counter(
-            o,
-            "hub_broker_unwanted_messages_total",
-            "Publications received from Redis for channels no client of this hub watches.",
-            &self.broker_unwanted,
-        );
-        counter(
-            o,
-            "hub_broker_reconnects_total",
-            "Reconnects of the Redis pub/sub connection.",
-            &self.broker_reconnects,
-        );
-        counter(
-            o,
-            "hub_gap_fills_total",
-            "Offset gaps in pub/sub repaired from history.",
-            &self.gap_fills,
-        );
-        counter(
-            o,
-            "hub_history_misses_total",
-            "Live channels whose missed messages were gone from history (subscribers told recovered=false).",
-            &self.history_misses,
-        );
-        header(
-            o,
-            "hub_ready",
-            "gauge",
-            "1 when the hub accepts new connections.",
-        );
-        let _ = writeln!(o, "hub_ready {}", self.ready.get());
-        out
+        let mut o = String::with_capacity(8 * 1024);
+        for family in self.families() {
+            let name = family.name;
+            let _ = writeln!(
+                o,
+                "# HELP {name} {}\n# TYPE {name} {}",
+                family.help,
+                family.values.kind()
+            );
+            match family.values {
+                Values::Count(c) => {
+                    let _ = writeln!(o, "{name} {}", c.get());
+                }
+                Values::Level(v) => {
+                    let _ = writeln!(o, "{name} {v}");
+                }
+                Values::Labelled(v) => {
+                    for (value, c) in v.values.iter().zip(v.counters.iter()) {
+                        let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, c.get());
+                    }
+                }
+                Values::Gauges(label, series) => {
+                    for (value, v) in series {
+                        let _ = writeln!(o, "{name}{{{label}=\"{value}\"}} {v}");
+                    }
+                }
+                Values::Distribution(h) => histogram(&mut o, name, h),
+            }
+        }
+        o
     }
 }
 
-fn header(o: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// One metric family and where its values are read from.
+pub struct Family<'a> {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub values: Values<'a>,
 }
 
-fn counter(o: &mut String, name: &str, help: &str, c: &Counter) {
-    header(o, name, "counter", help);
-    let _ = writeln!(o, "{name} {}", c.get());
+pub enum Values<'a> {
+    Count(&'a Counter),
+    Labelled(&'a CounterVec),
+    Level(i64),
+    Gauges(&'static str, Vec<(&'static str, i64)>),
+    Distribution(&'a Histogram),
 }
 
-fn vec(o: &mut String, name: &str, help: &str, v: &CounterVec) {
-    header(o, name, "counter", help);
-    for (value, c) in v.values.iter().zip(v.counters.iter()) {
-        let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, c.get());
+impl Values<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Values::Count(_) | Values::Labelled(_) => "counter",
+            Values::Level(_) | Values::Gauges(..) => "gauge",
+            Values::Distribution(_) => "histogram",
+        }
     }
 }
 
-fn histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
-    header(o, name, "histogram", help);
+fn histogram(o: &mut String, name: &str, h: &Histogram) {
     let mut cumulative = 0;
-    for (i, bound) in h.bounds_us.iter().enumerate() {
+    for (i, bound) in h.bounds.iter().enumerate() {
         cumulative += h.buckets[i].load(Relaxed);
         let _ = writeln!(
             o,
             "{name}_bucket{{le=\"{}\"}} {cumulative}",
-            *bound as f64 / 1e6
+            *bound as f64 * h.unit
         );
     }
-    cumulative += h.buckets[h.bounds_us.len()].load(Relaxed);
+    cumulative += h.buckets[h.bounds.len()].load(Relaxed);
     let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(o, "{name}_sum {}", h.sum_us.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(o, "{name}_sum {}", h.sum());
     let _ = writeln!(o, "{name}_count {cumulative}");
+}
+
+/// Publishes every family through OpenTelemetry observable instruments, read at each export:
+/// nothing more on the hot path. Names drop `_total` (OTLP counters are monotonic by type); a
+/// histogram goes as its `_count` and `_sum`, its buckets stay on `/metrics`.
+pub fn observe_with(meter: &Meter, metrics: Arc<Metrics>) {
+    for family in metrics.families() {
+        let name = family.name;
+        let help = family.help;
+        let m = metrics.clone();
+        match family.values {
+            Values::Count(_) | Values::Labelled(_) => {
+                meter
+                    .u64_observable_counter(name.strip_suffix("_total").unwrap_or(name))
+                    .with_description(help)
+                    .with_callback(move |o| {
+                        read(&m, name, |values| match values {
+                            Values::Count(c) => o.observe(c.get(), &[]),
+                            Values::Labelled(v) => {
+                                for (value, c) in v.values.iter().zip(v.counters.iter()) {
+                                    o.observe(c.get(), &[KeyValue::new(v.label, *value)]);
+                                }
+                            }
+                            _ => {}
+                        })
+                    })
+                    .build();
+            }
+            Values::Level(_) | Values::Gauges(..) => {
+                meter
+                    .i64_observable_gauge(name)
+                    .with_description(help)
+                    .with_callback(move |o| {
+                        read(&m, name, |values| match values {
+                            Values::Level(v) => o.observe(v, &[]),
+                            Values::Gauges(label, series) => {
+                                for (value, v) in series {
+                                    o.observe(v, &[KeyValue::new(label, value)]);
+                                }
+                            }
+                            _ => {}
+                        })
+                    })
+                    .build();
+            }
+            Values::Distribution(_) => {
+                let m2 = m.clone();
+                meter
+                    .u64_observable_counter(format!("{name}_count"))
+                    .with_description(help)
+                    .with_callback(move |o| {
+                        read(&m, name, |values| {
+                            if let Values::Distribution(h) = values {
+                                o.observe(h.count(), &[]);
+                            }
+                        })
+                    })
+                    .build();
+                meter
+                    .f64_observable_counter(format!("{name}_sum"))
+                    .with_description(help)
+                    .with_callback(move |o| {
+                        read(&m2, name, |values| {
+                            if let Values::Distribution(h) = values {
+                                o.observe(h.sum(), &[]);
+                            }
+                        })
+                    })
+                    .build();
+            }
+        }
+    }
+}
+
+fn read(metrics: &Metrics, name: &str, f: impl FnOnce(Values<'_>)) {
+    if let Some(family) = metrics.families().into_iter().find(|f| f.name == name) {
+        f(family.values);
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info, info_span, warn};
 
 use crate::assets;
 use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
@@ -39,6 +40,9 @@ pub struct AppState {
     pub gate: Arc<ConnectionGate>,
     /// Cancelled when the drain starts: every connection closes with 1012.
     pub shutdown: CancellationToken,
+    /// Spans go to OpenTelemetry. When false the per-connection and per-publication spans are
+    /// not even built.
+    pub traces: bool,
     draining: AtomicBool,
     connections: TaskTracker,
     next_id: AtomicU64,
@@ -52,6 +56,19 @@ impl AppState {
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// `make()` when spans are exported, else a disabled span that costs nothing.
+    pub fn span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.traces { make() } else { Span::none() }
+    }
+}
+
+/// What `observability::init` turned on, for the hub to use.
+#[derive(Default)]
+pub struct OtelExport {
+    pub traces: bool,
+    /// Set when metrics go over OTLP too: the hub's metrics are observed through it.
+    pub meter: Option<opentelemetry::metrics::Meter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +87,25 @@ pub struct Server {
 type Body = Full<Bytes>;
 
 impl Server {
-    /// Builds the hub from `settings` and binds its listener.
+    /// Builds the hub from `settings` and binds its listener; nothing goes to OpenTelemetry.
     pub async fn bind(settings: Settings) -> Result<Server, ServerError> {
+        Self::bind_with(settings, OtelExport::default()).await
+    }
+
+    /// As [`Server::bind`], reporting to OpenTelemetry as `export` says.
+    pub async fn bind_with(settings: Settings, export: OtelExport) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS));
+        if let Some(meter) = &export.meter {
+            crate::metrics::observe_with(meter, metrics.clone());
+        }
         let auth = Authenticator::from_settings(&settings.auth)?;
         let broker: Arc<dyn Broker> = match &settings.broker.url {
-            Some(url) => Arc::new(RedisBroker::new(&settings, url, metrics.clone())?),
+            Some(url) => Arc::new(RedisBroker::new(
+                &settings,
+                url,
+                metrics.clone(),
+                export.traces,
+            )?),
             None => Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone())),
         };
         let listener =
@@ -93,6 +123,7 @@ impl Server {
             metrics,
             gate,
             shutdown: CancellationToken::new(),
+            traces: export.traces,
             draining: AtomicBool::new(false),
             connections: TaskTracker::new(),
             next_id: AtomicU64::new(1),
@@ -220,7 +251,24 @@ fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
     response
 }
 
-fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
+fn upgrade(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
+    let span = state.span(|| {
+        info_span!(
+            parent: None,
+            "ws.upgrade",
+            auth = Empty,
+            role = Empty,
+            sub = Empty,
+            http.response.status_code = Empty,
+        )
+    });
+    let response = span.in_scope(|| admit(req, state, &span));
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+/// The upgrade's checks in order: draining, WebSocket, admission, token.
+fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Response<Body> {
     let metrics = &state.metrics;
     if state.draining.load(Ordering::Acquire) {
         metrics.refused.inc("draining");
@@ -265,6 +313,7 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> 
         Ok(identity) => identity,
         Err(e) => {
             metrics.auth_failures.inc(e.reason());
+            span.record("auth", e.reason());
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             return json_error(status, e.reason(), &e.to_string());
         }
@@ -273,9 +322,22 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> 
         Ok(parts) => parts,
         Err(e) => return json_error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string()),
     };
-    state
-        .connections
-        .spawn(connection::serve(upgrade, identity, state.clone(), permit));
+    span.record("auth", "ok");
+    span.record("role", identity.role.as_str());
+    span.record("sub", identity.sub.as_str());
+    let connection_span = state.span(|| {
+        info_span!(
+            parent: span,
+            "connection",
+            role = identity.role.as_str(),
+            sub = %identity.sub,
+            close.reason = Empty,
+            close.code = Empty,
+        )
+    });
+    state.connections.spawn(
+        connection::serve(upgrade, identity, state.clone(), permit).instrument(connection_span),
+    );
     response.map(|_| Body::default())
 }
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
 use serde_json::value::RawValue;
-use tracing::warn;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info_span, warn};
 
 use crate::auth::Identity;
 use crate::broker::{BrokerError, Publication, PublishOutcome};
@@ -86,7 +87,20 @@ impl Session {
                 channel,
                 since,
                 reference,
-            } => self.subscribe(&channel, since.as_ref(), reference).await,
+            } => {
+                let span = self.state.span(|| {
+                    info_span!(
+                        "subscribe",
+                        channel = %channel,
+                        resume = since.is_some(),
+                        recovered = Empty,
+                        replayed = Empty,
+                    )
+                });
+                self.subscribe(&channel, since.as_ref(), reference)
+                    .instrument(span)
+                    .await
+            }
             ClientFrame::Unsubscribe { channel, reference } => {
                 self.unsubscribe(&channel, reference)
             }
@@ -94,8 +108,25 @@ impl Session {
                 seq,
                 data,
                 device,
+                traceparent,
                 reference,
-            } => self.publish(seq, data, device.as_deref(), reference).await,
+            } => {
+                let span = self.state.span(|| {
+                    info_span!(
+                        parent: None,
+                        "publish",
+                        device = %self.identity.sub,
+                        seq,
+                        outcome = Empty,
+                    )
+                });
+                if let Some(tp) = traceparent.as_deref() {
+                    observability::propagation::set_parent(&span, tp);
+                }
+                self.publish(seq, data, device.as_deref(), reference)
+                    .instrument(span)
+                    .await
+            }
         }
     }
 
@@ -139,6 +170,9 @@ impl Session {
             .await
         {
             Ok(outcome) => {
+                let span = Span::current();
+                span.record("recovered", outcome.recovered);
+                span.record("replayed", outcome.replayed);
                 self.subscriptions.insert(channel.to_owned());
                 let metrics = &self.state.metrics;
                 metrics.subscriptions.inc();
@@ -235,13 +269,14 @@ impl Session {
         match self.state.broker.publish(&publication).await {
             Ok(outcome) => {
                 let duplicate = outcome == PublishOutcome::Duplicate;
-                metrics
-                    .publications
-                    .inc(if duplicate { "duplicate" } else { "accepted" });
+                let result = if duplicate { "duplicate" } else { "accepted" };
+                Span::current().record("outcome", result);
+                metrics.publications.inc(result);
                 self.send(&ServerFrame::Ack { seq, duplicate })
             }
             Err(e) => {
                 metrics.publications.inc("refused");
+                Span::current().record("outcome", "unavailable");
                 if let Some(publisher) = self.publisher.as_mut() {
                     publisher.awaiting_resend = Some((seq, ErrorCode::Unavailable));
                 }

@@ -166,6 +166,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
             item = rx.recv() => {
                 let Some(item) = item else { break };
+                metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
                 batch.add(item, &mut pending);
                 while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hub_protocol::Position;
 use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, Span, info_span};
 
 use self::local::{Attach, Local};
 use self::relay::{Command, Relay, catch_up};
@@ -35,11 +36,18 @@ pub struct RedisBroker {
     connected: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     timeout: Duration,
+    traces: bool,
 }
 
 impl RedisBroker {
-    /// Sets up the pool and starts the relay; Redis need not be reachable yet.
-    pub fn new(settings: &Settings, url: &str, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+    /// Sets up the pool and starts the relay; Redis need not be reachable yet. With `traces`,
+    /// traced publications carry their trace context through Redis to every hub.
+    pub fn new(
+        settings: &Settings,
+        url: &str,
+        metrics: Arc<Metrics>,
+        traces: bool,
+    ) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             key: "broker.url",
             message,
@@ -76,7 +84,8 @@ impl RedisBroker {
             connected.clone(),
             metrics.clone(),
             broker,
-        );
+        )
+        .tracing(traces);
         tokio::spawn(relay.run());
         Ok(RedisBroker {
             store,
@@ -85,6 +94,7 @@ impl RedisBroker {
             connected,
             metrics,
             timeout: broker.timeout,
+            traces,
         })
     }
 
@@ -163,9 +173,17 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
+        // Traced only inside a traced publish; its context rides in the envelope to every hub.
+        let span = if self.traces && !Span::current().is_disabled() {
+            info_span!("redis.publish", channels = p.channels.len())
+        } else {
+            Span::none()
+        };
+        let traceparent = observability::propagation::traceparent(&span);
         let offsets = self
             .store
-            .publish(p.device, p.seq, p.channels, p.data)
+            .publish(p.device, p.seq, p.channels, p.data, traceparent.as_deref())
+            .instrument(span)
             .await?;
         Ok(if offsets.iter().all(|o| *o == 0) {
             PublishOutcome::Duplicate

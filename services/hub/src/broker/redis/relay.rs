@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info, info_span, warn};
 
 use super::local::{Local, Offer};
 use super::store::{Envelope, Store, channel_of, now_ms, pubsub_channel};
@@ -43,6 +44,8 @@ pub struct Relay {
     pub position_check: Duration,
     pub timeout: Duration,
     pub routing: Routing,
+    /// Continue traces that arrive in envelopes.
+    pub traces: bool,
     /// Redis topics this connection is subscribed to.
     subscribed: HashSet<String>,
 }
@@ -75,8 +78,15 @@ impl Relay {
             position_check: settings.position_check,
             timeout: settings.timeout,
             routing: settings.routing,
+            traces: false,
             subscribed: HashSet::new(),
         }
+    }
+
+    /// Continues the traces that envelopes carry (OpenTelemetry export is on).
+    pub fn tracing(mut self, traces: bool) -> Self {
+        self.traces = traces;
+        self
     }
 
     /// Runs until the broker is dropped (its command sender closes).
@@ -235,6 +245,21 @@ impl Relay {
         };
         let age = Duration::from_millis(now_ms().saturating_sub(envelope.published_ms));
         let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        // One span per traced publication, never per delivery.
+        let span = match envelope.traceparent {
+            Some(traceparent) if self.traces => {
+                let span = info_span!(
+                    parent: None,
+                    "relay.deliver",
+                    channel,
+                    offset = envelope.offset,
+                    age_ms = age.as_millis() as u64,
+                );
+                observability::propagation::set_parent(&span, traceparent);
+                span
+            }
+            _ => Span::none(),
+        };
         deliver(
             &self.store,
             &self.local,
@@ -243,6 +268,7 @@ impl Relay {
             published_at,
             &self.metrics,
         )
+        .instrument(span)
         .await;
     }
 
@@ -363,6 +389,25 @@ pub async fn catch_up(
     upto: u64,
     metrics: &Metrics,
 ) -> Result<(), BrokerError> {
+    // A child of a traced delivery or resume; untraced callers (the position check) make none.
+    let span = if Span::current().is_disabled() {
+        Span::none()
+    } else {
+        info_span!("gap_fill", channel, upto, filled = Empty)
+    };
+    fill_from_history(store, local, channel, epoch, upto, metrics)
+        .instrument(span)
+        .await
+}
+
+async fn fill_from_history(
+    store: &Store,
+    local: &Local,
+    channel: &str,
+    epoch: &str,
+    upto: u64,
+    metrics: &Metrics,
+) -> Result<(), BrokerError> {
     let Some((current_epoch, after)) = local.position(channel) else {
         return Ok(());
     };
@@ -387,6 +432,7 @@ pub async fn catch_up(
         local.offer(channel, epoch, entry.offset, &entry.message, now);
     }
     metrics.gap_fills.inc();
+    Span::current().record("filled", entries.len());
     if local
         .position(channel)
         .is_some_and(|(e, o)| e == epoch && o < upto)

@@ -8,7 +8,7 @@
 //! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given) |
 //! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
 //! | `tl:{ch}:seq` | hash | device → last `seq` appended to this channel |
-//! | `tl:{ch}:pub` | pub/sub channel | envelopes: `<offset> <epoch> <ms>\n<message JSON>` |
+//! | `tl:{ch}:pub` | pub/sub channel | envelopes: `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` |
 //!
 //! Deduplication is per channel: a publication interrupted half-way is retried by its agent and
 //! completes the channels it missed, without duplicating the others.
@@ -27,11 +27,14 @@ use crate::metrics::Metrics;
 /// One publication into every target channel, in one round trip. Per channel: skip if the
 /// device's `seq` is not above the last one seen there, else take the next offset, build the
 /// `message` JSON once, append it to the stream, remember the `seq`, refresh the TTLs and
-/// PUBLISH the envelope. Returns the new offset per channel, 0 where it was a duplicate.
+/// PUBLISH the envelope (with the publishing span's `traceparent` when the publication is
+/// traced). Returns the new offset per channel, 0 where it was a duplicate.
 /// `seq`s are compared as decimal strings: Lua numbers are doubles and u64s do not fit.
 const PUBLISH: &str = r#"
 local device, seq, now = ARGV[1], ARGV[2], ARGV[3]
 local size, meta_ttl, new_epoch, data = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local trace = ''
+if ARGV[8] ~= '' then trace = ' ' .. ARGV[8] end
 local function above(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
@@ -43,7 +46,7 @@ end
 local offsets = {}
 for i = 0, #KEYS / 3 - 1 do
   local meta, log, seqs = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local channel = ARGV[8 + i]
+  local channel = ARGV[9 + i]
   local last = redis.call('HGET', seqs, device) or '0'
   if above(seq, last) then
     local epoch = redis.call('HGET', meta, 'epoch')
@@ -69,7 +72,8 @@ for i = 0, #KEYS / 3 - 1 do
     redis.call('HSET', seqs, device, seq)
     redis.call('PEXPIRE', meta, meta_ttl)
     redis.call('PEXPIRE', seqs, meta_ttl)
-    redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub', offset .. ' ' .. epoch .. ' ' .. now .. '\n' .. msg)
+    redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub',
+      offset .. ' ' .. epoch .. ' ' .. now .. trace .. '\n' .. msg)
     offsets[#offsets + 1] = offset
   else
     offsets[#offsets + 1] = 0
@@ -134,6 +138,8 @@ pub struct Envelope<'a> {
     pub epoch: &'a str,
     /// Wall-clock time of the publication, ms since the Unix epoch.
     pub published_ms: u64,
+    /// The W3C trace context of the publish, when it was traced.
+    pub traceparent: Option<&'a str>,
     pub message: &'a [u8],
 }
 
@@ -149,6 +155,7 @@ impl<'a> Envelope<'a> {
             offset,
             epoch,
             published_ms,
+            traceparent: parts.next(),
             message: &payload[newline + 1..],
         })
     }
@@ -220,6 +227,7 @@ impl Store {
         seq: u64,
         channels: &[String],
         data: &RawValue,
+        traceparent: Option<&str>,
     ) -> Result<Vec<u64>, BrokerError> {
         let mut call = self.publish.prepare_invoke();
         for channel in channels {
@@ -233,7 +241,8 @@ impl Store {
             .arg(self.history.size)
             .arg(self.history.meta_ttl.as_millis() as u64)
             .arg(crate::broker::memory::new_epoch())
-            .arg(data.get());
+            .arg(data.get())
+            .arg(traceparent.unwrap_or(""));
         for channel in channels {
             call.arg(channel);
         }
@@ -394,6 +403,13 @@ mod tests {
         assert_eq!(env.epoch, "ab34");
         assert_eq!(env.published_ms, 1_700_000_000_000);
         assert_eq!(env.message, b"{\"type\":\"message\"}");
+        assert_eq!(env.traceparent, None);
+        let traced =
+            Envelope::parse(b"3 ab 1 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n{}");
+        assert_eq!(
+            traced.unwrap().traceparent,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
         assert!(Envelope::parse(b"no newline").is_none());
         assert!(Envelope::parse(b"x ab 1\n{}").is_none());
     }
