@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod collector;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -105,6 +107,9 @@ impl Drop for Redis {
 pub struct Hub {
     pub addr: SocketAddr,
     broker: Option<String>,
+    node_id: String,
+    /// More environment for the hub process.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -119,11 +124,26 @@ impl Hub {
         Hub::start_with(Some(redis.url()))
     }
 
+    /// On Redis, named `node_id`, with more environment (e.g. `OTEL_*`).
+    pub fn on_redis_with(redis: &Redis, node_id: &str, env: &[(&str, &str)]) -> Hub {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Hub::start_full(Some(redis.url()), node_id, env)
+    }
+
     fn start_with(broker: Option<String>) -> Hub {
+        Hub::start_full(broker, "test-hub", Vec::new())
+    }
+
+    fn start_full(broker: Option<String>, node_id: &str, env: Vec<(String, String)>) -> Hub {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut hub = Hub {
             addr,
             broker,
+            node_id: node_id.to_owned(),
+            env,
             child: None,
         };
         hub.spawn();
@@ -134,8 +154,9 @@ impl Hub {
         let mut cmd = Command::new(hub_bin());
         cmd.env("HUB_LISTEN", self.addr.to_string())
             .env("HUB_AUTH__HS256_SECRET", SECRET)
-            .env("HUB_NODE_ID", "test-hub")
-            .env("RUST_LOG", "warn");
+            .env("HUB_NODE_ID", &self.node_id)
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(url) = &self.broker {
             cmd.env("HUB_BROKER__URL", url);
         }
