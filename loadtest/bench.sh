@@ -19,6 +19,11 @@ for rate in "${rates[@]}"; do
   run --target raw --viewers "$viewers" --rate "$rate"
   run --target hub --viewers "$viewers" --rate "$rate"
 done
+echo "== tracing: the same fan-out with OTLP export off, sampling 1 % and 100 % of publications"
+trace_rate=${TRACE_RATE:-400}
+run --target hub --viewers "$viewers" --rate "$trace_rate"
+run --target hub --viewers "$viewers" --rate "$trace_rate" --trace-sample 0.01
+run --target hub --viewers "$viewers" --rate "$trace_rate" --trace-sample 1.0
 echo "== connects: as fast as the generator can open them"
 run --target raw --viewers "$viewers" --rate 1 --connect-rate 50000
 run --target hub --viewers "$viewers" --rate 1 --connect-rate 50000

@@ -5,7 +5,9 @@
 //! - [`ws`]: a minimal WebSocket client for the hub's protocol.
 //! - [`procstat`]: CPU time and RSS of a process, from `/proc`.
 //! - [`raw`]: the fan-out ceiling server (pre-encoded frames, no other logic).
+//! - [`otlp_sink`]: an OTLP/HTTP endpoint that counts exported spans (tracing-on benchmarks).
 
+pub mod otlp_sink;
 pub mod pool;
 pub mod procstat;
 pub mod raw;

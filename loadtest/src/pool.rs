@@ -116,11 +116,27 @@ pub fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
     bail!("hub exited before listening")
 }
 
+/// SIGTERM, then SIGKILL if `child` has not exited within `grace`: a hub drains and flushes
+/// its telemetry on SIGTERM.
+pub fn stop(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         for hub in &mut self.hubs {
-            let _ = hub.child.kill();
-            let _ = hub.child.wait();
+            stop(&mut hub.child, Duration::from_secs(3));
         }
         let _ = self.redis.kill();
         let _ = self.redis.wait();

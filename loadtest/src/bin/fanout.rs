@@ -58,6 +58,10 @@ struct Args {
     /// over them, the agent publishes through the first.
     #[arg(long, default_value_t = 1)]
     hubs: usize,
+    /// Hubs export traces over OTLP/HTTP to a sink in this process, sampling new traces at this
+    /// ratio (0.0–1.0); unset: tracing off.
+    #[arg(long)]
+    trace_sample: Option<f64>,
     /// Internal: run the raw ceiling server.
     #[arg(long, hide = true)]
     raw_server: bool,
@@ -72,12 +76,22 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        loadtest::pool::stop(&mut self.child, Duration::from_secs(3));
     }
 }
 
-fn start_server(args: &Args) -> anyhow::Result<Server> {
+/// The hub's environment for OTLP export to `sink`, when tracing is on.
+fn tracing_env(args: &Args, sink: Option<SocketAddr>) -> Vec<(String, String)> {
+    match (args.trace_sample, sink) {
+        (Some(ratio), Some(addr)) => vec![
+            ("HUB_TELEMETRY__ENDPOINT".into(), format!("http://{addr}")),
+            ("HUB_TELEMETRY__SAMPLE_RATIO".into(), ratio.to_string()),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+fn start_server(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server> {
     let (program, extra): (PathBuf, Vec<&str>) = match args.target {
         Target::Hub => (loadtest::pool::sibling_binary("hub")?, vec!["serve"]),
         Target::Raw => (std::env::current_exe()?, vec!["--raw-server"]),
@@ -100,6 +114,7 @@ fn start_server(args: &Args) -> anyhow::Result<Server> {
         .env("HUB_LIMITS__PUBLISH_RATE", big)
         .env("HUB_LIMITS__PUBLISH_BURST", big)
         .env("RUST_LOG", "warn,hub::server=info")
+        .envs(tracing_env(args, sink))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("start the server")?;
@@ -129,9 +144,9 @@ fn pin(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_servers(args: &Args) -> anyhow::Result<Servers> {
+fn start_servers(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Servers> {
     if args.target == Target::Raw || args.hubs <= 1 {
-        let server = start_server(args)?;
+        let server = start_server(args, sink)?;
         return Ok(Servers {
             addrs: vec![server.addr],
             pids: vec![server.child.id()],
@@ -140,13 +155,15 @@ fn start_servers(args: &Args) -> anyhow::Result<Servers> {
         });
     }
     let big = "10000000";
-    let env = [
+    let tracing = tracing_env(args, sink);
+    let mut env = vec![
         ("HUB_LIMITS__MAX_CONNECTIONS", big),
         ("HUB_LIMITS__CONNECT_RATE", big),
         ("HUB_LIMITS__CONNECT_BURST", big),
         ("HUB_LIMITS__PUBLISH_RATE", big),
         ("HUB_LIMITS__PUBLISH_BURST", big),
     ];
+    env.extend(tracing.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let pool =
         loadtest::pool::Pool::start(&loadtest::pool::sibling_binary("hub")?, args.hubs, &env)?;
     let mut pids: Vec<u32> = pool.hubs.iter().map(|h| h.child.id()).collect();
@@ -353,7 +370,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let servers = start_servers(&args)?;
+    if let Some(r) = args.trace_sample
+        && !(0.0..=1.0).contains(&r)
+    {
+        bail!("--trace-sample must be within 0.0..=1.0");
+    }
+    let sink = match args.trace_sample {
+        Some(_) if args.target == Target::Hub => Some(loadtest::otlp_sink::Sink::start().await?),
+        _ => None,
+    };
+    let servers = start_servers(&args, sink.as_ref().map(|s| s.addr))?;
     let pids = servers.pids.clone();
     let addrs = servers.addrs.clone();
     let (viewer_token, agent_token) = match (&servers.pool, args.target) {
@@ -438,10 +464,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let p = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let per_conn = rss_connected.saturating_sub(rss_idle) as f64 / connected_n.max(1) as f64;
     let cpu_pct = 100.0 * cpu.as_secs_f64() / publish_time.as_secs_f64();
-    let name = match args.target {
+    let mut name = match args.target {
         Target::Hub if args.hubs > 1 => format!("{} hubs on redis", args.hubs),
         Target::Hub => "hub".to_owned(),
         Target::Raw => "raw".to_owned(),
+    };
+    if let (Some(ratio), Some(_)) = (args.trace_sample, &sink) {
+        name.push_str(&format!(" traced@{ratio}"));
+    }
+    // The batch processor exports every 5 s: stop the hubs so they flush what they hold.
+    drop(servers);
+    let spans_exported = match &sink {
+        Some(sink) => {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut last = u64::MAX;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let now = sink.counts.spans.load(Ordering::Relaxed);
+                if now == last {
+                    break;
+                }
+                last = now;
+            }
+            Some(sink.counts.spans.load(Ordering::Relaxed))
+        }
+        None => None,
     };
     println!(
         "fan-out to {name}: {} viewers, {} pub/s for {} s",
@@ -469,6 +516,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         latency.max() as f64 / 1000.0
     );
     println!("  server CPU       {cpu_pct:.0} % of one core while publishing");
+    if let Some(spans) = spans_exported {
+        println!("  spans exported   {spans} (OTLP/HTTP, to this process)");
+    }
     println!(
         "  server RSS       idle {:.1} MiB, connected {:.1} MiB ({:.1} KiB/conn), end {:.1} MiB",
         rss_idle as f64 / 1048576.0,
@@ -489,6 +539,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "max": latency.max() as f64 / 1000.0},
             "server_cpu_percent": cpu_pct, "rss_idle": rss_idle, "rss_connected": rss_connected,
             "rss_per_connection": per_conn, "rss_end": rss_end,
+            "trace_sample": args.trace_sample, "spans_exported": spans_exported,
         })
     );
     Ok(())
