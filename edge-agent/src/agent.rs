@@ -53,11 +53,11 @@ impl Recorder {
 }
 
 /// Runs the agent until `shutdown` is cancelled.
-/// Runs the agent until `shutdown`. With `traces`, each batch of readings sent is a trace that
-/// the hubs continue.
+/// Runs the agent until `shutdown`. Each batch of readings `roots` samples is sent as a trace
+/// that the hubs continue.
 pub async fn run(
     settings: Settings,
-    traces: bool,
+    roots: observability::RootSampler,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let device = device_id(&settings.token()?)?;
@@ -109,7 +109,7 @@ pub async fn run(
         appended,
         settings.storage.dir.clone(),
         link.clone(),
-        traces,
+        roots,
     )?;
     tasks.spawn(uplink.run(shutdown.clone()));
     if let Some(addr) = settings.metrics.listen {

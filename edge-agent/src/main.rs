@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         )
         .context("cannot set up logs and telemetry")?
     };
-    let traces = telemetry.traces_enabled();
+    let roots = telemetry.roots();
     let result = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         // Installed before anything else: a SIGTERM during start-up still stops cleanly.
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        edge_agent::agent::run(settings, traces, shutdown).await
+        edge_agent::agent::run(settings, roots, shutdown).await
     });
     telemetry.shutdown(&runtime);
     result

@@ -54,8 +54,8 @@ pub struct Uplink {
     appended: Arc<Notify>,
     storage_dir: std::path::PathBuf,
     stats: Arc<LinkStats>,
-    /// Send a `traceparent` with each batch (OpenTelemetry export is on).
-    traces: bool,
+    /// Which batches are traced (their `traceparent` goes with each reading).
+    roots: observability::RootSampler,
 }
 
 /// How a connection ended, which decides how long to wait before the next.
@@ -88,7 +88,7 @@ impl Uplink {
         appended: Arc<Notify>,
         storage_dir: std::path::PathBuf,
         stats: Arc<LinkStats>,
-        traces: bool,
+        roots: observability::RootSampler,
     ) -> anyhow::Result<Uplink> {
         let dialer = Dialer::new(
             &settings.url,
@@ -103,7 +103,7 @@ impl Uplink {
             appended,
             storage_dir,
             stats,
-            traces,
+            roots,
         })
     }
 
@@ -446,7 +446,7 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         // One trace per batch: the hubs' publish spans for these readings join it.
-        let span = if self.uplink.traces {
+        let span = if self.uplink.roots.sample() {
             info_span!(
                 parent: None,
                 "send_batch",

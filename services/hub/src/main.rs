@@ -129,7 +129,7 @@ fn serve(mut settings: Settings) -> anyhow::Result<()> {
     };
     raise_fd_limit(settings.limits.max_connections);
     let export = hub::server::OtelExport {
-        traces: telemetry.traces_enabled(),
+        roots: telemetry.roots(),
         meter: telemetry.meter("hub"),
     };
     let result = runtime.block_on(async {

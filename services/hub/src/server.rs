@@ -15,6 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use observability::RootSampler;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,9 +41,9 @@ pub struct AppState {
     pub gate: Arc<ConnectionGate>,
     /// Cancelled when the drain starts: every connection closes with 1012.
     pub shutdown: CancellationToken,
-    /// Spans go to OpenTelemetry. When false the per-connection and per-publication spans are
-    /// not even built.
-    pub traces: bool,
+    /// Which new traces start here; off when spans are not exported, and then the
+    /// per-connection and per-publication spans are not even built.
+    pub roots: RootSampler,
     draining: AtomicBool,
     connections: TaskTracker,
     next_id: AtomicU64,
@@ -57,16 +58,40 @@ impl AppState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// `make()` when spans are exported, else a disabled span that costs nothing.
-    pub fn span(&self, make: impl FnOnce() -> Span) -> Span {
-        if self.traces { make() } else { Span::none() }
+    /// A span that starts a trace, built only if this trace is sampled; else a disabled span
+    /// that costs nothing.
+    pub fn root_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.roots.sample() {
+            make()
+        } else {
+            Span::none()
+        }
+    }
+
+    /// A span inside the current one, built only if that one is.
+    pub fn child_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.roots.enabled() && !Span::current().is_disabled() {
+            make()
+        } else {
+            Span::none()
+        }
+    }
+
+    /// A span for a trace sampled elsewhere (its parent comes from a `traceparent`): built
+    /// whenever spans are exported.
+    pub fn remote_child_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.roots.enabled() {
+            make()
+        } else {
+            Span::none()
+        }
     }
 }
 
 /// What `observability::init` turned on, for the hub to use.
 #[derive(Default)]
 pub struct OtelExport {
-    pub traces: bool,
+    pub roots: RootSampler,
     /// Set when metrics go over OTLP too: the hub's metrics are observed through it.
     pub meter: Option<opentelemetry::metrics::Meter>,
 }
@@ -104,7 +129,7 @@ impl Server {
                 &settings,
                 url,
                 metrics.clone(),
-                export.traces,
+                export.roots.enabled(),
             )?),
             None => Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone())),
         };
@@ -123,7 +148,7 @@ impl Server {
             metrics,
             gate,
             shutdown: CancellationToken::new(),
-            traces: export.traces,
+            roots: export.roots,
             draining: AtomicBool::new(false),
             connections: TaskTracker::new(),
             next_id: AtomicU64::new(1),
@@ -252,7 +277,7 @@ fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
 }
 
 fn upgrade(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
-    let span = state.span(|| {
+    let span = state.root_span(|| {
         info_span!(
             parent: None,
             "ws.upgrade",
@@ -325,7 +350,7 @@ fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Resp
     span.record("auth", "ok");
     span.record("role", identity.role.as_str());
     span.record("sub", identity.sub.as_str());
-    let connection_span = state.span(|| {
+    let connection_span = state.child_span(|| {
         info_span!(
             parent: span,
             "connection",

@@ -88,7 +88,7 @@ impl Session {
                 since,
                 reference,
             } => {
-                let span = self.state.span(|| {
+                let span = self.state.child_span(|| {
                     info_span!(
                         "subscribe",
                         channel = %channel,
@@ -111,7 +111,7 @@ impl Session {
                 traceparent,
                 reference,
             } => {
-                let span = self.state.span(|| {
+                let make = || {
                     info_span!(
                         parent: None,
                         "publish",
@@ -119,10 +119,19 @@ impl Session {
                         seq,
                         outcome = Empty,
                     )
-                });
-                if let Some(tp) = traceparent.as_deref() {
-                    observability::propagation::set_parent(&span, tp);
-                }
+                };
+                // The agent's trace if it sent a valid one, else maybe a trace of our own.
+                let span = match traceparent.as_deref() {
+                    Some(tp) => {
+                        let span = self.state.remote_child_span(make);
+                        if observability::propagation::set_parent(&span, tp) {
+                            span
+                        } else {
+                            self.state.root_span(make)
+                        }
+                    }
+                    None => self.state.root_span(make),
+                };
                 self.publish(seq, data, device.as_deref(), reference)
                     .instrument(span)
                     .await

@@ -53,12 +53,68 @@ pub struct Identity<'a> {
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
     meter: Option<SdkMeterProvider>,
+    roots: RootSampler,
+}
+
+/// Decides, before a span is built, whether a new trace starts here.
+///
+/// A `tracing` span costs its OpenTelemetry data from creation to close whether or not the
+/// SDK's sampler records it; for a span that lives as long as a WebSocket connection that is
+/// memory per connection. So new traces are sampled here, with the configured ratio, and only
+/// those spans are built; the SDK then records every span it is given (parent-based, always
+/// on). With `OTEL_TRACES_SAMPLER` set and no `sample_ratio`, every root span is built and the
+/// SDK's sampler decides.
+#[derive(Debug, Clone, Copy)]
+pub struct RootSampler {
+    /// Probability of a new trace; `None`: always build, the SDK decides.
+    ratio: Option<f64>,
+    enabled: bool,
+}
+
+impl Default for RootSampler {
+    fn default() -> Self {
+        RootSampler::off()
+    }
+}
+
+impl RootSampler {
+    /// Never samples: export is off.
+    pub fn off() -> Self {
+        RootSampler {
+            ratio: Some(0.0),
+            enabled: false,
+        }
+    }
+
+    /// Samples with probability `ratio` (export on).
+    pub fn ratio(ratio: f64) -> Self {
+        RootSampler {
+            ratio: Some(ratio),
+            enabled: true,
+        }
+    }
+
+    /// Whether spans are exported at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether to start a new trace now.
+    pub fn sample(&self) -> bool {
+        match self.ratio {
+            _ if !self.enabled => false,
+            None => true,
+            Some(r) if r >= 1.0 => true,
+            Some(r) if r <= 0.0 => false,
+            Some(r) => rand::random::<f64>() < r,
+        }
+    }
 }
 
 impl Telemetry {
-    /// Whether spans are exported; callers skip building spans on hot paths when not.
-    pub fn traces_enabled(&self) -> bool {
-        self.tracer.is_some()
+    /// The sampler for traces that start in this process.
+    pub fn roots(&self) -> RootSampler {
+        self.roots
     }
 
     /// A meter whose instruments are exported over OTLP, when metrics export is on.
@@ -107,6 +163,7 @@ pub fn init(
         return Ok(Telemetry {
             tracer: None,
             meter: None,
+            roots: RootSampler::off(),
         });
     }
     let protocol = settings.resolved_protocol(&env)?;
@@ -121,11 +178,15 @@ pub fn init(
     let mut tracer = SdkTracerProvider::builder()
         .with_resource(resource.clone())
         .with_batch_exporter(exporters.spans);
-    if let Some(ratio) = settings.resolved_sample_ratio(&env) {
-        tracer = tracer.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            ratio,
-        ))));
+    let ratio = settings.resolved_sample_ratio(&env);
+    if ratio.is_some() {
+        // Roots were sampled before they were built (RootSampler); children follow them.
+        tracer = tracer.with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
     }
+    let roots = RootSampler {
+        ratio,
+        enabled: true,
+    };
     let tracer = tracer.build();
     let meter = exporters.metrics.map(|exporter| {
         let reader = PeriodicReader::builder(exporter)
@@ -174,6 +235,7 @@ pub fn init(
     Ok(Telemetry {
         tracer: Some(tracer),
         meter,
+        roots,
     })
 }
 
@@ -194,5 +256,21 @@ fn log_layer(format: LogFormat) -> (BoxedLayer, Option<logs::DispatchBinding>) {
                 .boxed(),
             None,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RootSampler;
+
+    #[test]
+    fn root_sampling_follows_the_ratio_and_never_samples_with_export_off() {
+        let draws = |s: RootSampler| (0..10_000).filter(|_| s.sample()).count();
+        assert_eq!(draws(RootSampler::off()), 0);
+        assert_eq!(draws(RootSampler::ratio(0.0)), 0);
+        assert_eq!(draws(RootSampler::ratio(1.0)), 10_000);
+        let half = draws(RootSampler::ratio(0.5));
+        assert!((4_000..6_000).contains(&half), "{half} of 10000 at 0.5");
+        assert!(!RootSampler::off().enabled() && RootSampler::ratio(0.0).enabled());
     }
 }
