@@ -395,51 +395,42 @@ pub async fn catch_up(
     } else {
         info_span!("gap_fill", channel, upto, filled = Empty)
     };
-    fill_from_history(store, local, channel, epoch, upto, metrics)
-        .instrument(span)
-        .await
-}
-
-async fn fill_from_history(
-    store: &Store,
-    local: &Local,
-    channel: &str,
-    epoch: &str,
-    upto: u64,
-    metrics: &Metrics,
-) -> Result<(), BrokerError> {
-    let Some((current_epoch, after)) = local.position(channel) else {
-        return Ok(());
-    };
-    if current_epoch != epoch || after >= upto {
-        return Ok(());
+    async move {
+        let Some((current_epoch, after)) = local.position(channel) else {
+            return Ok(());
+        };
+        if current_epoch != epoch || after >= upto {
+            return Ok(());
+        }
+        let entries: Vec<_> = store
+            .range(channel, after, Some(upto))
+            .await?
+            .into_iter()
+            .filter(|e| carries_epoch(&e.message, epoch))
+            .collect();
+        // History may have lost the oldest of the missing messages (trimmed, expired, or a new
+        // epoch that does not start at 1): announce that hole, then deliver what is still there.
+        if let Some(first) = entries.first()
+            && first.offset > after + 1
+        {
+            local.skip_to(channel, epoch, first.offset - 1);
+        }
+        let now = Instant::now();
+        for entry in &entries {
+            local.offer(channel, epoch, entry.offset, &entry.message, now);
+        }
+        metrics.gap_fills.inc();
+        Span::current().record("filled", entries.len());
+        if local
+            .position(channel)
+            .is_some_and(|(e, o)| e == epoch && o < upto)
+        {
+            local.skip_to(channel, epoch, upto);
+        }
+        Ok(())
     }
-    let entries: Vec<_> = store
-        .range(channel, after, Some(upto))
-        .await?
-        .into_iter()
-        .filter(|e| carries_epoch(&e.message, epoch))
-        .collect();
-    // History may have lost the oldest of the missing messages (trimmed, expired, or a new
-    // epoch that does not start at 1): announce that hole, then deliver what is still there.
-    if let Some(first) = entries.first()
-        && first.offset > after + 1
-    {
-        local.skip_to(channel, epoch, first.offset - 1);
-    }
-    let now = Instant::now();
-    for entry in &entries {
-        local.offer(channel, epoch, entry.offset, &entry.message, now);
-    }
-    metrics.gap_fills.inc();
-    Span::current().record("filled", entries.len());
-    if local
-        .position(channel)
-        .is_some_and(|(e, o)| e == epoch && o < upto)
-    {
-        local.skip_to(channel, epoch, upto);
-    }
-    Ok(())
+    .instrument(span)
+    .await
 }
 
 /// Whether a stored `message` JSON belongs to `epoch` (history read across a Redis reset).
