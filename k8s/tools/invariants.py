@@ -93,10 +93,12 @@ def main() -> int:
     pre_stop = hub_c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     drain = seconds(hub["shutdown"]["drain_timeout"])
     grace = pod.get("terminationGracePeriodSeconds", 30)
+    # After the drain the hub flushes its OpenTelemetry export for at most 5 s.
+    flush = 5
     c.check(
-        grace > pre_stop + drain,
-        "grace period outlasts the preStop sleep plus the hub's drain timeout",
-        f"{grace} <= {pre_stop} + {drain}",
+        grace > pre_stop + drain + flush,
+        "grace period outlasts the preStop sleep, the hub's drain timeout and its telemetry flush",
+        f"{grace} <= {pre_stop} + {drain} + {flush}",
     )
     c.check(pre_stop > 0, "a preStop pause lets endpoints update before the hub drains")
 

@@ -18,6 +18,8 @@ pub mod logs;
 pub mod propagation;
 pub mod settings;
 
+use std::time::Duration;
+
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
 use opentelemetry::trace::TracerProvider as _;
@@ -136,12 +138,13 @@ impl Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        // Errors here are the collector being unreachable at exit: nothing left to tell it.
+        // Bounded to 5 s in all, so a dead collector cannot stretch a shutdown past the
+        // orchestrator's grace period; errors then mean exactly that, with no one left to tell.
         if let Some(tracer) = self.tracer.take() {
-            let _ = tracer.shutdown();
+            let _ = tracer.shutdown_with_timeout(Duration::from_secs(3));
         }
         if let Some(meter) = self.meter.take() {
-            let _ = meter.shutdown();
+            let _ = meter.shutdown_with_timeout(Duration::from_secs(2));
         }
     }
 }
