@@ -15,12 +15,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use observability::RootSampler;
+use observability::{RootSampler, in_span};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::field::Empty;
-use tracing::{Instrument, Span, info, info_span, warn};
+use tracing::{Span, info, info_span, warn};
 
 use crate::assets;
 use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
@@ -360,9 +360,8 @@ fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Resp
             close.code = Empty,
         )
     });
-    state.connections.spawn(
-        connection::serve(upgrade, identity, state.clone(), permit).instrument(connection_span),
-    );
+    let serve = connection::serve(upgrade, identity, state.clone(), permit);
+    state.connections.spawn(in_span(connection_span, serve));
     response.map(|_| Body::default())
 }
 

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
+use observability::in_span;
 use serde_json::value::RawValue;
 use tracing::field::Empty;
-use tracing::{Instrument, Span, info_span, warn};
+use tracing::{Span, info_span, warn};
 
 use crate::auth::Identity;
 use crate::broker::{BrokerError, Publication, PublishOutcome};
@@ -97,9 +98,7 @@ impl Session {
                         replayed = Empty,
                     )
                 });
-                self.subscribe(&channel, since.as_ref(), reference)
-                    .instrument(span)
-                    .await
+                in_span(span, self.subscribe(&channel, since.as_ref(), reference)).await
             }
             ClientFrame::Unsubscribe { channel, reference } => {
                 self.unsubscribe(&channel, reference)
@@ -132,9 +131,7 @@ impl Session {
                     }
                     None => self.state.root_span(make),
                 };
-                self.publish(seq, data, device.as_deref(), reference)
-                    .instrument(span)
-                    .await
+                in_span(span, self.publish(seq, data, device.as_deref(), reference)).await
             }
         }
     }

@@ -18,7 +18,11 @@ pub mod logs;
 pub mod propagation;
 pub mod settings;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+use futures_util::future::Either;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
@@ -26,6 +30,8 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Span;
+use tracing::instrument::{Instrument, Instrumented};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -42,6 +48,17 @@ pub enum InitError {
     Export(#[from] export::ExportError),
     #[error("a tracing subscriber is already installed: {0}")]
     Installed(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// `work` inside `span`. Untraced, the usual case, `work` runs as it is and the caller's state
+/// machine holds no span at all (a connection's task would grow by one per nesting level);
+/// traced, it runs boxed inside the span.
+pub fn in_span<F: Future>(span: Span, work: F) -> Either<F, Pin<Box<Instrumented<F>>>> {
+    if span.is_disabled() {
+        Either::Left(work)
+    } else {
+        Either::Right(Box::pin(work.instrument(span)))
+    }
 }
 
 /// Who is reporting: `service.name` defaults to `service`, `service.instance.id` is `instance`.
