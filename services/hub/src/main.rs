@@ -47,6 +47,12 @@ enum Command {
     },
 }
 
+/// jemalloc: a connection's buffers come from size-class slabs, untouched pages stay out of
+/// RSS, and memory freed after a reconnect storm goes back to the system. 1.1 KiB less per
+/// idle connection than glibc malloc, same fan-out (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("`{s}` is not a role: use agent or viewer"))
 }
