@@ -217,17 +217,15 @@ pub fn init(
             .with_reader(reader)
             .build()
     });
-    // The exporter's own HTTP/2 and gRPC machinery must not trace itself.
+    // The exporter's own HTTP/2 and gRPC machinery must not trace itself. Targets match by
+    // prefix: `hyper` covers `hyper_util`, `opentelemetry` covers `opentelemetry-otlp` and the SDK.
     let spans = Targets::new()
         .with_default(LevelFilter::INFO)
         .with_target("h2", LevelFilter::OFF)
         .with_target("hyper", LevelFilter::OFF)
-        .with_target("hyper_util", LevelFilter::OFF)
         .with_target("tonic", LevelFilter::OFF)
         .with_target("tower", LevelFilter::OFF)
-        .with_target("opentelemetry", LevelFilter::OFF)
-        .with_target("opentelemetry_sdk", LevelFilter::OFF)
-        .with_target("opentelemetry_otlp", LevelFilter::OFF);
+        .with_target("opentelemetry", LevelFilter::OFF);
     // Long-lived spans (a connection) are entered on every poll: no busy/idle timing, no
     // thread or source-location attributes per span.
     let otel = tracing_opentelemetry::layer()
