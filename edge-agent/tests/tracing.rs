@@ -201,3 +201,95 @@ async fn a_hub_traces_its_connections_from_upgrade_to_close_code() {
         .expect("the subscribe inside the connection");
     assert_eq!(subscribe.attribute("channel"), Some("fleet"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_is_traced_as_its_traceparent_says_and_only_then_through_redis() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+
+    let collector = Collector::start().await;
+    let redis = Redis::start();
+    // Every new trace is sampled here, so the agent's connection is traced too.
+    let mut hub = Hub::on_redis_with(
+        &redis,
+        "hub-d",
+        &[
+            ("HUB_TELEMETRY__ENDPOINT", collector.http.as_str()),
+            ("HUB_TELEMETRY__SAMPLE_RATIO", "1.0"),
+        ],
+    );
+    let dialer = edge_agent::uplink::Dialer::new(&hub.url(), None, Duration::from_secs(2)).unwrap();
+    let (mut ws, _) = dialer
+        .connect(&hub.token("pi-raw", "agent", "1h"))
+        .await
+        .unwrap();
+    let unrecorded_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparents = [
+        format!(r#""00-{unrecorded_trace}-00f067aa0ba902b7-00""#),
+        r#""not-a-traceparent""#.to_owned(),
+        "42".to_owned(),
+    ];
+    for (i, tp) in traceparents.iter().enumerate() {
+        let frame = format!(
+            r#"{{"type":"publish","seq":{},"traceparent":{tp},"data":{{"v":{i}}}}}"#,
+            i + 1
+        );
+        ws.write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
+            .await
+            .unwrap();
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 3 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.read_frame())
+            .await
+            .expect("answers within 10 s")
+            .unwrap();
+        if frame.opcode != OpCode::Text {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
+        match v["type"].as_str() {
+            Some("ack") => acked.push(v["seq"].as_u64().unwrap()),
+            Some("hello") => {}
+            _ => panic!("every publish is accepted, whatever its traceparent: {v}"),
+        }
+    }
+    assert_eq!(acked, [1, 2, 3]);
+    hub.terminate();
+
+    wait_until("the publish spans", Duration::from_secs(15), || {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.name == "redis.publish")
+            .count()
+            >= 2
+    });
+    let spans = collector.spans();
+    let publishes: Vec<&Span> = spans.iter().filter(|s| s.name == "publish").collect();
+    let mut seqs: Vec<&str> = publishes
+        .iter()
+        .filter_map(|s| s.attribute("seq"))
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, ["2", "3"], "seq 1's sender does not record its trace");
+    assert!(spans.iter().all(|s| s.trace_id != unrecorded_trace));
+    for publish in &publishes {
+        assert!(
+            publish.parent_id.is_empty(),
+            "an unusable traceparent: a trace of the hub's own"
+        );
+    }
+    let redis_publishes: Vec<&Span> = spans.iter().filter(|s| s.name == "redis.publish").collect();
+    assert_eq!(
+        redis_publishes.len(),
+        2,
+        "none for the untraced publish: {spans:#?}"
+    );
+    for r in redis_publishes {
+        let parent = by_id(&spans, &r.parent_id).expect("its parent");
+        assert_eq!(
+            parent.name, "publish",
+            "under the publish, never the connection"
+        );
+    }
+}

@@ -58,10 +58,17 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     device: Option<Cow<'a, str>>,
+    /// Kept raw: a `traceparent` that is not a plain string is ignored, never an error.
     #[serde(borrow)]
-    traceparent: Option<Cow<'a, str>>,
+    traceparent: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
+}
+
+/// The text of a JSON string without escapes (what a `traceparent` is), else `None`.
+fn plain_string(raw: &RawValue) -> Option<&str> {
+    let inner = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then_some(inner)
 }
 
 impl<'a> ClientFrame<'a> {
@@ -90,7 +97,7 @@ impl<'a> ClientFrame<'a> {
                     seq: wire.seq.ok_or(FrameError::MissingField("seq"))?,
                     data,
                     device: wire.device,
-                    traceparent: wire.traceparent,
+                    traceparent: wire.traceparent.and_then(plain_string).map(Cow::Borrowed),
                     reference,
                 })
             }

@@ -101,6 +101,7 @@ pub async fn run(state: Arc<AppState>, devices: usize, interval: Duration) {
                 channels: &device.channels,
                 data: &data,
                 received_at: Instant::now(),
+                traced: false,
             };
             if let Err(e) = state.broker.publish(&publication).await {
                 warn!(device = %device.id, error = %e, "demo reading not published");

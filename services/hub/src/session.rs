@@ -8,6 +8,7 @@ use std::time::Instant;
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
 use observability::in_span;
+use observability::propagation::{self, Remote};
 use serde_json::value::RawValue;
 use tracing::field::Empty;
 use tracing::{Span, info_span, warn};
@@ -119,19 +120,20 @@ impl Session {
                         outcome = Empty,
                     )
                 };
-                // The agent's trace if it sent a valid one, else maybe a trace of our own.
-                let span = match traceparent.as_deref() {
-                    Some(tp) => {
+                // The agent's trace if it sent a recorded one; none if it sent an unrecorded one;
+                // else, or for an unreadable one, maybe a trace of our own.
+                let span = match traceparent.as_deref().map(propagation::remote_parent) {
+                    Some(Remote::Recorded(parent)) => {
                         let span = self.state.remote_child_span(make);
-                        if observability::propagation::set_parent(&span, tp) {
-                            span
-                        } else {
-                            self.state.root_span(make)
-                        }
+                        propagation::adopt(&span, parent);
+                        span
                     }
-                    None => self.state.root_span(make),
+                    Some(Remote::NotRecorded) => Span::none(),
+                    Some(Remote::Invalid) | None => self.state.root_span(make),
                 };
-                in_span(span, self.publish(seq, data, device.as_deref(), reference)).await
+                let traced = !span.is_disabled();
+                let publish = self.publish(seq, data, device.as_deref(), reference, traced);
+                in_span(span, publish).await
             }
         }
     }
@@ -210,12 +212,14 @@ impl Session {
         })
     }
 
+    /// `traced`: this runs inside the publication's own recorded span.
     async fn publish(
         &mut self,
         seq: u64,
         data: &RawValue,
         device: Option<&str>,
         reference: Option<&RawValue>,
+        traced: bool,
     ) -> Outcome {
         let metrics = &self.state.metrics;
         let Some(publisher) = self.publisher.as_mut() else {
@@ -271,6 +275,7 @@ impl Session {
             channels: &publisher.channels,
             data,
             received_at: now,
+            traced,
         };
         match self.state.broker.publish(&publication).await {
             Ok(outcome) => {

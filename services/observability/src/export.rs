@@ -15,7 +15,7 @@ use opentelemetry_otlp::{
     MetricExporter, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
 
-use crate::settings::{Protocol, TelemetrySettings};
+use crate::settings::{Env, Protocol, TelemetrySettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -24,7 +24,7 @@ pub enum ExportError {
     #[error("OTLP header `{0}` is not a valid gRPC metadata key or value")]
     Header(String),
     #[error(
-        "telemetry.endpoint `{0}`: https needs protocol grpc (or a collector on this host over http)"
+        "OTLP endpoint `{0}`: https needs protocol grpc (or a collector on this host over http)"
     )]
     HttpsOverHttp(String),
 }
@@ -58,8 +58,10 @@ pub(crate) struct Exporters {
 pub(crate) fn build(
     settings: &TelemetrySettings,
     protocol: Protocol,
+    env: &impl Env,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Exporters, ExportError> {
+    let timeout = settings.resolved_timeout(env);
     let endpoint = settings
         .endpoint
         .as_deref()
@@ -70,7 +72,7 @@ pub(crate) fn build(
             Ok(Exporters {
                 spans: grpc(
                     SpanExporter::builder().with_tonic(),
-                    settings,
+                    timeout,
                     endpoint,
                     &metadata,
                 )
@@ -79,17 +81,20 @@ pub(crate) fn build(
                     .metrics
                     .then(|| {
                         let b = MetricExporter::builder().with_tonic();
-                        grpc(b, settings, endpoint, &metadata).build()
+                        grpc(b, timeout, endpoint, &metadata).build()
                     })
                     .transpose()?,
             })
         }
         Protocol::HttpProtobuf => {
-            if let Some(e) = endpoint.filter(|e| e.starts_with("https://")) {
-                return Err(ExportError::HttpsOverHttp(e.to_owned()));
+            if let Some(e) = settings
+                .resolved_endpoint(env)
+                .filter(|e| e.starts_with("https://"))
+            {
+                return Err(ExportError::HttpsOverHttp(e));
             }
             let client: Arc<dyn HttpClient> = Arc::new(OnRuntime {
-                client: Arc::new(HyperClient::with_default_connector(settings.timeout, None)),
+                client: Arc::new(HyperClient::with_default_connector(timeout, None)),
                 runtime: runtime.clone(),
             });
             let url = |path: &str| endpoint.map(|e| format!("{e}{path}"));
@@ -97,6 +102,7 @@ pub(crate) fn build(
                 spans: http(
                     SpanExporter::builder().with_http(),
                     settings,
+                    timeout,
                     url("/v1/traces"),
                 )
                 .with_shared_http_client(client.clone())
@@ -105,7 +111,7 @@ pub(crate) fn build(
                     .metrics
                     .then(|| {
                         let b = MetricExporter::builder().with_http();
-                        http(b, settings, url("/v1/metrics"))
+                        http(b, settings, timeout, url("/v1/metrics"))
                             .with_shared_http_client(client)
                             .build()
                     })
@@ -117,12 +123,12 @@ pub(crate) fn build(
 
 fn grpc<B: WithExportConfig + WithTonicConfig>(
     builder: B,
-    settings: &TelemetrySettings,
+    timeout: std::time::Duration,
     endpoint: Option<&str>,
     metadata: &MetadataMap,
 ) -> B {
     let mut b = builder
-        .with_timeout(settings.timeout)
+        .with_timeout(timeout)
         .with_metadata(metadata.clone());
     if let Some(e) = endpoint {
         if e.starts_with("https://") {
@@ -136,11 +142,12 @@ fn grpc<B: WithExportConfig + WithTonicConfig>(
 fn http<B: WithExportConfig + WithHttpConfig>(
     builder: B,
     settings: &TelemetrySettings,
+    timeout: std::time::Duration,
     url: Option<String>,
 ) -> B {
     let mut b = builder
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_timeout(settings.timeout)
+        .with_timeout(timeout)
         .with_headers(settings.headers.clone());
     if let Some(url) = url {
         b = b.with_endpoint(url);

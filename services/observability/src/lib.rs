@@ -144,19 +144,34 @@ impl Telemetry {
 }
 
 impl Telemetry {
-    /// Flushes and stops export, driving `runtime` meanwhile: exports run on it, and a
-    /// current-thread runtime only runs while someone blocks on it.
+    /// Flushes and stops export, for at most [`FLUSH_LIMIT`], driving `runtime` meanwhile:
+    /// exports run on it, and a current-thread runtime only runs while someone blocks on it.
     pub fn shutdown(self, runtime: &tokio::runtime::Runtime) {
-        runtime.block_on(async {
-            let _ = tokio::task::spawn_blocking(move || drop(self)).await;
-        });
+        // The SDK's own timeouts do not bound it (the metric reader waits 5 s whatever it is
+        // told), so the flush runs on a thread of its own and is waited for with one deadline;
+        // past it, the process exits without it.
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flush = std::thread::Builder::new()
+            .name("telemetry-flush".into())
+            .spawn(move || {
+                drop(self);
+                let _ = done.send(());
+            });
+        if flush.is_ok() {
+            runtime.block_on(async {
+                let _ =
+                    tokio::task::spawn_blocking(move || flushed.recv_timeout(FLUSH_LIMIT)).await;
+            });
+        }
     }
 }
 
+/// The longest a shutdown waits for telemetry to be flushed.
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        // Bounded to 5 s in all, so a dead collector cannot stretch a shutdown past the
-        // orchestrator's grace period; errors then mean exactly that, with no one left to tell.
+        // Errors here mean the collector is unreachable at exit: no one is left to tell.
         if let Some(tracer) = self.tracer.take() {
             let _ = tracer.shutdown_with_timeout(Duration::from_secs(3));
         }
@@ -187,7 +202,7 @@ pub fn init(
         });
     }
     let protocol = settings.resolved_protocol(&env)?;
-    let exporters = export::build(settings, protocol, runtime)?;
+    let exporters = export::build(settings, protocol, &env, runtime)?;
     let resource = Resource::builder()
         .with_service_name(settings.resolved_service_name(&env, identity.service))
         .with_attributes([
@@ -227,9 +242,12 @@ pub fn init(
         .with_target("tower", LevelFilter::OFF)
         .with_target("opentelemetry", LevelFilter::OFF);
     // Long-lived spans (a connection) are entered on every poll: no busy/idle timing, no
-    // thread or source-location attributes per span.
+    // thread or source-location attributes per span. No context activation either: parents come
+    // from the span tree and `traceparent`s only, so a `parent: None` span (a publish) is a root
+    // even while a traced connection's span is entered, and entering costs no context swap.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer.tracer(identity.service.to_owned()))
+        .with_context_activation(false)
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_location(false)

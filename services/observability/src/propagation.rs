@@ -4,6 +4,7 @@
 //! Only recorded (sampled) traces travel: an unsampled trace would cost every hop bytes and
 //! work for spans nobody keeps, and downstream samplers follow the parent's decision anyway.
 
+use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -31,17 +32,36 @@ pub fn traceparent(span: &Span) -> Option<String> {
     })
 }
 
-/// Makes `span` a child of the remote span in `traceparent`; false if that is not a valid one
-/// (the span then starts a trace of its own).
-pub fn set_parent(span: &Span, traceparent: &str) -> bool {
-    if span.is_disabled() || traceparent.len() > MAX_TRACEPARENT {
-        return false;
+/// What a received `traceparent` says.
+#[derive(Debug)]
+pub enum Remote {
+    /// A recorded trace to continue.
+    Recorded(Context),
+    /// A valid context whose trace the sender does not record: neither do we.
+    NotRecorded,
+    /// Not a `traceparent` (or longer than [`MAX_TRACEPARENT`]): as if there were none.
+    Invalid,
+}
+
+/// Reads a `traceparent` before any span is built, so an unusable one costs no span.
+pub fn remote_parent(traceparent: &str) -> Remote {
+    if traceparent.len() > MAX_TRACEPARENT {
+        return Remote::Invalid;
     }
     let cx = TraceContextPropagator::new().extract(&Single(traceparent));
-    if !cx.span().span_context().is_valid() {
-        return false;
+    let sc = cx.span().span_context().clone();
+    match (sc.is_valid(), sc.is_sampled()) {
+        (true, true) => Remote::Recorded(cx),
+        (true, false) => Remote::NotRecorded,
+        (false, _) => Remote::Invalid,
     }
-    span.set_parent(cx).is_ok()
+}
+
+/// Makes `span` a child of a remote `parent` from [`remote_parent`].
+pub fn adopt(span: &Span, parent: Context) {
+    if !span.is_disabled() {
+        let _ = span.set_parent(parent);
+    }
 }
 
 struct Single<'a>(&'a str);
@@ -77,7 +97,10 @@ mod tests {
             let tp = traceparent(&upstream).expect("recorded spans travel");
             assert!(tp.starts_with("00-") && tp.ends_with("-01"), "{tp}");
             let downstream = tracing::info_span!("hub");
-            assert!(set_parent(&downstream, &tp));
+            let Remote::Recorded(parent) = remote_parent(&tp) else {
+                panic!("{tp} is a recorded trace");
+            };
+            adopt(&downstream, parent);
             let up = upstream.context().span().span_context().clone();
             let down = downstream.context().span().span_context().clone();
             assert_eq!(down.trace_id(), up.trace_id());
@@ -91,14 +114,20 @@ mod tests {
             assert_eq!(traceparent(&tracing::info_span!("dropped")), None);
         });
         assert_eq!(traceparent(&Span::none()), None);
-        with_sampler(Sampler::AlwaysOn, || {
-            let span = tracing::info_span!("hub");
-            assert!(!set_parent(&span, "00-not-a-trace-01"));
-            assert!(!set_parent(&span, &"0".repeat(MAX_TRACEPARENT + 1)));
-            assert!(!set_parent(
-                &Span::none(),
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-            ));
-        });
+        assert!(matches!(
+            remote_parent("00-not-a-trace-01"),
+            Remote::Invalid
+        ));
+        assert!(matches!(remote_parent(""), Remote::Invalid));
+        let long = format!("00-{}-00f067aa0ba902b7-01", "4".repeat(MAX_TRACEPARENT));
+        assert!(matches!(remote_parent(&long), Remote::Invalid));
+        assert!(matches!(
+            remote_parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            Remote::NotRecorded
+        ));
+        assert!(matches!(
+            remote_parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Remote::Recorded(_)
+        ));
     }
 }

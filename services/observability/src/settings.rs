@@ -57,8 +57,9 @@ pub struct TelemetrySettings {
     pub metrics: bool,
     #[serde(with = "humantime_serde")]
     pub metrics_interval: Duration,
+    /// Per export; else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else 10 s.
     #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
+    pub timeout: Option<Duration>,
 }
 
 impl Default for TelemetrySettings {
@@ -71,7 +72,7 @@ impl Default for TelemetrySettings {
             service_name: None,
             metrics: true,
             metrics_interval: Duration::from_secs(60),
-            timeout: Duration::from_secs(10),
+            timeout: None,
         }
     }
 }
@@ -115,7 +116,7 @@ impl TelemetrySettings {
         {
             return Err(SettingsError::Endpoint(e.clone()));
         }
-        if self.metrics_interval.is_zero() || self.timeout.is_zero() {
+        if self.metrics_interval.is_zero() || self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(SettingsError::Interval);
         }
         Ok(())
@@ -145,6 +146,23 @@ impl TelemetrySettings {
             }
         }
         Ok(Protocol::HttpProtobuf)
+    }
+
+    pub fn resolved_timeout(&self, env: &impl Env) -> Duration {
+        self.timeout
+            .or_else(|| {
+                let ms = env.var("OTEL_EXPORTER_OTLP_TIMEOUT")?.trim().parse().ok()?;
+                Some(Duration::from_millis(ms)).filter(|d| !d.is_zero())
+            })
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// Where traces go, when the settings or the environment say (else the SDK's default).
+    pub fn resolved_endpoint(&self, env: &impl Env) -> Option<String> {
+        self.endpoint.clone().or_else(|| {
+            env.var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| env.var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        })
     }
 
     pub fn resolved_service_name(&self, env: &impl Env, default: &str) -> String {
@@ -215,6 +233,31 @@ mod tests {
             Protocol::HttpProtobuf
         );
         assert_eq!(settings.resolved_service_name(&env, "hub"), "edge");
+    }
+
+    #[test]
+    fn timeout_and_endpoint_come_from_settings_then_the_environment() {
+        let env = Vars(&[
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"),
+        ]);
+        let mut settings = TelemetrySettings::default();
+        assert_eq!(settings.resolved_timeout(&env), Duration::from_millis(2500));
+        assert_eq!(
+            settings.resolved_timeout(&Vars(&[])),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            settings.resolved_endpoint(&env).as_deref(),
+            Some("https://c:4317")
+        );
+        settings.timeout = Some(Duration::from_secs(1));
+        settings.endpoint = Some("http://local:4318".into());
+        assert_eq!(settings.resolved_timeout(&env), Duration::from_secs(1));
+        assert_eq!(
+            settings.resolved_endpoint(&env).as_deref(),
+            Some("http://local:4318")
+        );
     }
 
     #[test]

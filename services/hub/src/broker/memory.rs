@@ -338,6 +338,7 @@ mod tests {
             channels: &channels,
             data: &data,
             received_at: Instant::now(),
+            traced: false,
         };
         b.inner.publish(&p)
     }

@@ -39,6 +39,9 @@ pub struct Publication<'a> {
     pub channels: &'a [String],
     pub data: &'a RawValue,
     pub received_at: Instant,
+    /// The publish runs inside its own recorded span (the current one): broker spans are its
+    /// children, and its trace travels on with the publication.
+    pub traced: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

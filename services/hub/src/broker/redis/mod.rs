@@ -173,8 +173,9 @@ impl RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
-        // Traced only inside a traced publish; its context rides in the envelope to every hub.
-        let span = if self.traces && !Span::current().is_disabled() {
+        // Traced only inside a traced publish (the current span then is the publish's own, not
+        // the connection's); its context rides in the envelope to every hub.
+        let span = if self.traces && p.traced {
             info_span!("redis.publish", channels = p.channels.len())
         } else {
             Span::none()

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use observability::propagation::{self, Remote};
 use redis::aio::PubSubSink;
 use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
@@ -246,8 +247,8 @@ impl Relay {
         let age = Duration::from_millis(now_ms().saturating_sub(envelope.published_ms));
         let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         // One span per traced publication, never per delivery.
-        let span = match envelope.traceparent {
-            Some(traceparent) if self.traces => {
+        let span = match envelope.traceparent.map(propagation::remote_parent) {
+            Some(Remote::Recorded(parent)) if self.traces => {
                 let span = info_span!(
                     parent: None,
                     "relay.deliver",
@@ -255,7 +256,7 @@ impl Relay {
                     offset = envelope.offset,
                     age_ms = age.as_millis() as u64,
                 );
-                observability::propagation::set_parent(&span, traceparent);
+                propagation::adopt(&span, parent);
                 span
             }
             _ => Span::none(),
