@@ -246,10 +246,9 @@ async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_t
         .readings(stats.last_seq - stats.dropped_total)
         .await;
 
-    assert_eq!(
-        stats.dropped_total, offline.dropped_total,
-        "no more drops online"
-    );
+    // Online the log drains; a starved box (CI) can still hit the small bound while it does,
+    // and then those drops are counted too.
+    assert!(stats.dropped_total >= offline.dropped_total);
     assert_exactly_once(&got, stats.last_seq - stats.dropped_total);
     assert!(agent.output().contains("dropped"), "{}", agent.output());
 }

@@ -406,7 +406,8 @@ pub fn target(n: usize) -> Target {
 /// Follows a channel in the background as a dashboard does: reconnects and resumes with
 /// `since` until it has `target` messages and nothing more arrives for 500 ms (so extra
 /// messages, duplicates included, are seen), or 60 s pass. Checks offsets are gapless and
-/// unique and every resume recovered. Returns each message's `data`, in arrival order.
+/// unique and every resume recovered. Returns each message's `data` from the channel's first
+/// one (a viewer that subscribes late resumes from offset 0), in arrival order.
 pub fn watch(
     hub: &Hub,
     token: &str,
@@ -517,7 +518,13 @@ async fn follow(
                             v["recovered"] == true && *old == epoch,
                             "the viewer lost messages: {v}"
                         ),
-                        None => position = Some((epoch, v["offset"].as_u64().unwrap())),
+                        // Readings published before this subscribe (the agent can reconnect
+                        // first): start over from the channel's beginning, which history holds.
+                        None if v["offset"].as_u64() > Some(0) => {
+                            position = Some((epoch, 0));
+                            break;
+                        }
+                        None => position = Some((epoch, 0)),
                     }
                 }
                 Some("message") => {
