@@ -133,7 +133,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             OpCode::Ping | OpCode::Pong => Ok(()),
             OpCode::Text | OpCode::Continuation => match message.accept(&frame) {
-                Ok(Some(text)) => session.handle_text(&text).await,
+                // Boxed: its state is the largest this loop awaits, and a viewer's task would
+                // carry it for life while it sends a frame a minute.
+                Ok(Some(text)) => Box::pin(session.handle_text(&text)).await,
                 Ok(None) => Ok(()),
                 Err(code) => Err(code),
             },

@@ -86,9 +86,12 @@ impl Pending {
 }
 
 /// Writes everything pending. Cancel-safe: `pending` always holds exactly what is left to write.
+///
+/// The iovec array lives only inside one poll: held across an await it would be 1 KiB of every
+/// connection's writer task, for its whole life.
 async fn flush<W: AsyncWrite + Unpin>(io: &mut W, pending: &mut Pending) -> io::Result<()> {
     while !pending.bufs.is_empty() {
-        let written = {
+        let written = std::future::poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let n = pending
                 .bufs
@@ -96,8 +99,9 @@ async fn flush<W: AsyncWrite + Unpin>(io: &mut W, pending: &mut Pending) -> io::
                 .zip(slices.iter_mut())
                 .map(|(b, s)| *s = IoSlice::new(b))
                 .count();
-            io.write_vectored(&slices[..n]).await?
-        };
+            std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
