@@ -21,23 +21,19 @@
 //   CONNECT_P95_MS [1000] threshold on p(95) ws_connecting
 import exec from 'k6/execution';
 import {
-  commonConfig, envInt, envFloat, msToK6, readingsPerAgent, viewerChannels, expectedMessages,
+  commonConfig, envInt, envFloat, readingsPerAgent, viewerChannels, expectedMessages,
   followUntil, publishFor, spread,
-  viewerAndAgentScenarios, exactlyOnceThresholds,
+  viewerAndAgentScenarios, timeline, exactlyOnceThresholds,
 } from './lib/hub.js';
 
 const cfg = commonConfig({ viewers: 20, agents: 2, rate: 10, duration: '30s', warmup: '2s', drain: '5s' });
 const EVERY = envInt('DEVICE_VIEWER_EVERY', 4);
 const PER_AGENT = readingsPerAgent(cfg);
 const EXPECTED = expectedMessages(cfg, EVERY, PER_AGENT);
-const SEND_WINDOW_MS = Math.round(cfg.durationMs * 1.1 + 1000);
-const AGENT_START_MS = cfg.connectSpreadMs + cfg.warmupMs;
-const VIEWER_END_MS = AGENT_START_MS + SEND_WINDOW_MS + cfg.drainMs;
+const TIMES = timeline(cfg);
 
 export const options = {
-  scenarios: viewerAndAgentScenarios(cfg, {
-    viewerEndMs: VIEWER_END_MS, agentStartMs: AGENT_START_MS, sendWindowMs: SEND_WINDOW_MS,
-  }),
+  scenarios: viewerAndAgentScenarios(cfg, TIMES),
   thresholds: {
     ...exactlyOnceThresholds({ acks: cfg.agents * PER_AGENT, messages: EXPECTED }),
     publish_to_deliver_ms: [`p(99)<${envFloat('LATENCY_P99_MS', 50)}`],
@@ -57,7 +53,7 @@ export function viewer() {
     clientId: `k6-viewer-${i}`,
     expected: viewerChannels(cfg, i, EVERY).length === 2 ? (cfg.agents + 1) * PER_AGENT : cfg.agents * PER_AGENT,
     delayMs: spread(i, cfg.connectSpreadMs),
-    deadline: exec.scenario.startTime + VIEWER_END_MS,
+    deadline: exec.scenario.startTime + TIMES.viewerEndMs,
   });
 }
 

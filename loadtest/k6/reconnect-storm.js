@@ -20,17 +20,15 @@
 //   CONNECT_P95_MS [1000]  threshold on p(95) ws_connecting (initial connects and reconnects)
 import exec from 'k6/execution';
 import {
-  commonConfig, env, envInt, envFloat, envDurationMs, msToK6, readingsPerAgent, spread,
+  commonConfig, envInt, envFloat, envDurationMs, readingsPerAgent, spread,
   publishFor, touchMetrics, Tracker, Viewer, setTimeout, clearTimeout,
-  viewerAndAgentScenarios,
+  viewerAndAgentScenarios, timeline,
 } from './lib/hub.js';
 
 const cfg = commonConfig({ viewers: 50, agents: 2, rate: 10, duration: '20s', warmup: '2s', drain: '5s' });
 const PER_AGENT = readingsPerAgent(cfg);
 const EXPECTED_PER_VIEWER = cfg.agents * PER_AGENT;
-const SEND_WINDOW_MS = Math.round(cfg.durationMs * 1.1 + 1000);
-const AGENT_START_MS = cfg.connectSpreadMs + cfg.warmupMs;
-const VIEWER_END_MS = AGENT_START_MS + SEND_WINDOW_MS + cfg.drainMs;
+const TIMES = timeline(cfg);
 const STORM_AT_MS = envDurationMs('STORM_AT', `${Math.round(cfg.durationMs / 3)}ms`);
 const STORMS = envInt('STORMS', 1);
 const STORM_EVERY_MS = envDurationMs('STORM_EVERY', `${Math.round(cfg.durationMs / 3)}ms`);
@@ -38,9 +36,7 @@ const OFFLINE_MS = envDurationMs('OFFLINE', '1s');
 const JITTER_MS = envDurationMs('RECONNECT_JITTER', '0ms');
 
 export const options = {
-  scenarios: viewerAndAgentScenarios(cfg, {
-    viewerEndMs: VIEWER_END_MS, agentStartMs: AGENT_START_MS, sendWindowMs: SEND_WINDOW_MS,
-  }),
+  scenarios: viewerAndAgentScenarios(cfg, TIMES),
   thresholds: {
     resumed_with_gap: ['count==0'],
     resumed_ok: [`count>=${cfg.viewers * STORMS}`],
@@ -94,7 +90,7 @@ export function viewer() {
     viewer.connect();
   });
   for (let s = 0; s < STORMS; s++) {
-    const dropAt = AGENT_START_MS + STORM_AT_MS + s * STORM_EVERY_MS;
+    const dropAt = TIMES.agentStartMs + STORM_AT_MS + s * STORM_EVERY_MS;
     at(dropAt, () => { if (viewer && !finished) viewer.drop(); });
     at(dropAt + OFFLINE_MS + spread(i, JITTER_MS), () => {
       if (finished) return;
@@ -102,7 +98,7 @@ export function viewer() {
       viewer.connect();
     });
   }
-  at(VIEWER_END_MS, end);
+  at(TIMES.viewerEndMs, end);
 }
 
 export function agent() {

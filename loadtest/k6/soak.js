@@ -19,18 +19,16 @@
 import exec from 'k6/execution';
 import { Trend } from 'k6/metrics';
 import {
-  commonConfig, envInt, envFloat, envDurationMs, msToK6, readingsPerAgent, viewerChannels,
+  commonConfig, envInt, envFloat, envDurationMs, readingsPerAgent, viewerChannels,
   expectedMessages, followUntil, publishFor, spread,
-  viewerAndAgentScenarios, exactlyOnceThresholds,
+  viewerAndAgentScenarios, timeline, exactlyOnceThresholds,
 } from './lib/hub.js';
 
 const cfg = commonConfig({ viewers: 20, agents: 2, rate: 1, duration: '30m', warmup: '2s', drain: '10s' });
 const EVERY = envInt('DEVICE_VIEWER_EVERY', 4);
 const PER_AGENT = readingsPerAgent(cfg);
 const EXPECTED = expectedMessages(cfg, EVERY, PER_AGENT);
-const SEND_WINDOW_MS = Math.round(cfg.durationMs * 1.1 + 1000);
-const AGENT_START_MS = cfg.connectSpreadMs + cfg.warmupMs;
-const VIEWER_END_MS = AGENT_START_MS + SEND_WINDOW_MS + cfg.drainMs;
+const TIMES = timeline(cfg);
 const WINDOW_MS = envDurationMs('DRIFT_WINDOW', `${Math.round(cfg.durationMs / 10)}ms`);
 const MAX_SAMPLES = 50000;
 
@@ -39,9 +37,7 @@ const early = new Trend('latency_early_ms', true);
 const late = new Trend('latency_late_ms', true);
 
 export const options = {
-  scenarios: viewerAndAgentScenarios(cfg, {
-    viewerEndMs: VIEWER_END_MS, agentStartMs: AGENT_START_MS, sendWindowMs: SEND_WINDOW_MS,
-  }),
+  scenarios: viewerAndAgentScenarios(cfg, TIMES),
   thresholds: {
     ...exactlyOnceThresholds({ acks: cfg.agents * PER_AGENT, messages: EXPECTED }),
     publish_to_deliver_ms: [`p(99)<${envFloat('LATENCY_P99_MS', 100)}`],
@@ -66,7 +62,7 @@ export function viewer() {
   const i = exec.scenario.iterationInTest;
   const chans = viewerChannels(cfg, i, EVERY);
   // Windows by the readings' send time, relative to the agents' start.
-  const firstSend = exec.scenario.startTime + AGENT_START_MS;
+  const firstSend = exec.scenario.startTime + TIMES.agentStartMs;
   const earlyEnd = firstSend + WINDOW_MS;
   const lateStart = firstSend + cfg.durationMs - WINDOW_MS;
   const e = [];
@@ -75,7 +71,7 @@ export function viewer() {
     url: cfg.url, token: cfg.tokens.viewer, channels: chans, clientId: `k6-soak-${i}`,
     expected: chans.length === 2 ? (cfg.agents + 1) * PER_AGENT : cfg.agents * PER_AGENT,
     delayMs: spread(i, cfg.connectSpreadMs),
-    deadline: exec.scenario.startTime + VIEWER_END_MS,
+    deadline: exec.scenario.startTime + TIMES.viewerEndMs,
     onDeliver: (channel, f, live) => {
       if (!live || !f.data || typeof f.data.sent_ms !== 'number') return;
       const ms = Date.now() - f.data.sent_ms;

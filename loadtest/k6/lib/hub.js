@@ -555,7 +555,15 @@ export function expectedMessages(cfg, every, perAgent) {
   return total;
 }
 
-// Deterministic jitter in [0, maxMs) per VU (a k6 VU has no seeded RNG).
+/** When each side of a viewers-and-agents run starts and stops, in ms from the test's start:
+ * agents start once every viewer has connected and warmed up, send for the duration (plus 10 %
+ * and a second of slack), and viewers stay until the drain after that. */
+export function timeline(cfg) {
+  const sendWindowMs = Math.round(cfg.durationMs * 1.1 + 1000);
+  const agentStartMs = cfg.connectSpreadMs + cfg.warmupMs;
+  return { sendWindowMs, agentStartMs, viewerEndMs: agentStartMs + sendWindowMs + cfg.drainMs };
+}
+
 /** The viewers and agents scenarios every multi-VU script runs: one iteration per VU; agents
  * start at `agentStartMs`, viewers stay until `viewerEndMs`. */
 export function viewerAndAgentScenarios(cfg, { viewerEndMs, agentStartMs, sendWindowMs }) {
@@ -587,6 +595,7 @@ export function exactlyOnceThresholds({ acks, messages }) {
   };
 }
 
+// Deterministic jitter in [0, maxMs) per VU (a k6 VU has no seeded RNG).
 export function spread(i, maxMs) {
   if (!(maxMs > 0)) return 0;
   return Math.floor(((i * 2654435761) % 4294967296) / 4294967296 * maxMs);
