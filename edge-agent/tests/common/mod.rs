@@ -29,7 +29,7 @@ fn hub_bin() -> PathBuf {
 }
 
 /// The agent binary, or what `EDGE_AGENT_BIN` names (the aarch64 build, run through
-/// `EDGE_AGENT_RUNNER`, e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`).
+/// `EDGE_AGENT_RUNNER`, e.g. `qemu-aarch64`).
 fn agent_command() -> Command {
     let bin = std::env::var("EDGE_AGENT_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent").to_owned());
