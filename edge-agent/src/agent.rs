@@ -33,7 +33,7 @@ impl Recorder {
     fn record(&self, sensor: &str, result: &Result<Vec<Metric>, String>) -> Result<(), StoreError> {
         let stamp = reading::stamp(&self.boot_id);
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = log.last_seq() + 1;
+        let seq = log.next_seq()?;
         let health = Health::of(&log, &self.link);
         let payload = match result {
             Ok(metrics) => reading::encode(&self.device, sensor, &stamp, metrics, &health),
@@ -71,6 +71,7 @@ pub async fn run(
         %device,
         pending = stats.pending_records,
         last_seq = stats.last_seq,
+        skipped_seqs = log.skipped_at_open(),
         dropped_total = stats.dropped_total,
         "log opened"
     );

@@ -19,6 +19,13 @@ pub enum StoreError {
     #[error("sequence number {seq} is not greater than the last sequence number {last}")]
     SeqNotIncreasing { seq: u64, last: u64 },
 
+    /// The last sequence number is the protocol's largest: no reading can follow it.
+    #[error(
+        "no sequence number is left above the last one ({})",
+        hub_protocol::MAX_SEQ
+    )]
+    SeqExhausted,
+
     /// The payload does not fit in one segment.
     #[error("payload of {len} bytes exceeds the maximum of {max} bytes per record")]
     RecordTooLarge { len: usize, max: usize },
@@ -39,7 +46,8 @@ pub enum StoreError {
     CorruptHeader { path: PathBuf, reason: &'static str },
 
     /// A record failed validation while being read back after recovery had accepted it
-    /// (the medium changed underneath us). Reopening the log repairs the segment.
+    /// (the medium changed underneath us). [`Log::read_after`](super::Log::read_after) repairs
+    /// the segment itself; other readers may report it.
     #[error("{}: corrupt record at byte offset {offset}", .path.display())]
     CorruptRecord { path: PathBuf, offset: u64 },
 

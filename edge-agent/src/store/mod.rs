@@ -20,8 +20,10 @@
 //!   synced and renamed, so a `.seg` file always starts with a complete header.
 //! * `state` — 40 bytes `[magic "EDGESTAT"][version u32][acked u64][seq floor u64]
 //!   [dropped total u64][crc32]`, replaced atomically (temp file, fsync, rename, fsync dir).
-//!   The seq floor is raised to the highest appended seq whenever the file is written, so
-//!   the last sequence number survives even when every segment has been deleted.
+//!   The seq floor is a reservation: no seq at or below it is ever appended again. An append
+//!   beyond it first raises it [`SEQ_RESERVATION`] seqs ahead, durably, so a power cut can never
+//!   make the log hand out again a seq it may already have sent (see Durability). Closing the
+//!   log (dropping it) lowers the floor back to the last appended seq.
 //! * `LOCK` — held with an exclusive advisory lock while a [`Log`] is open.
 //!
 //! # Durability
@@ -30,6 +32,13 @@
 //! `append` returned; a power cut loses what was not yet synced: nothing with
 //! [`FsyncPolicy::Always`], at most one interval with [`FsyncPolicy::Interval`] (the caller
 //! calls [`Log::sync`] on its timer; sealing a segment also syncs it).
+//!
+//! A seq is never reused, even after a power cut that takes unsynced records with it: the hub
+//! may have received and accepted those records, and a new reading under one of their seqs
+//! would be answered "duplicate" and deleted unsent. The durable seq floor is always at or above
+//! every appended seq (it is raised in steps of [`SEQ_RESERVATION`] before the append that
+//! passes it), so after a cut the log continues above anything it could have sent. The cost is
+//! a gap of at most [`SEQ_RESERVATION`] seqs after an unclean stop; gaps are part of the protocol.
 //!
 //! The ack cursor is written eagerly with `Always`, but lazily with `Interval` (on `sync`,
 //! or whenever segments are deleted), because an atomic replace costs several fsyncs and
@@ -51,9 +60,19 @@
 //!   rest of that segment is cut off and counted as dropped (best effort: frames are
 //!   followed by their length fields), with a warning. Recovery never panics on bad data.
 //! * A missing or unreadable state file means "nothing acknowledged" (with a warning unless
-//!   the directory is new); at worst everything still on disk is resent.
-//! * `last_seq = max(last record seq, seq floor, acked)`.
+//!   the directory is new); at worst everything still on disk is resent. The seq floor went with
+//!   it, so [`Log::numbering_lost`] says that the log's seqs can no longer be trusted to be above
+//!   what the hub has (the uplink then numbers as for a new or wiped disk).
+//! * `last_seq = max(last record seq, seq floor, acked)`: after an unclean stop the
+//!   reservation, after a clean one the last appended seq.
 //! * Segments that are empty or fully acknowledged are deleted.
+//!
+//! # Damage found after open
+//!
+//! A record that fails its checksum when [`Log::read_after`] reads it back (the medium changed
+//! under a running log) is handled as recovery handles an older segment: the records before it
+//! stay, the rest of that segment is cut off and counted as dropped, and reading goes on. A
+//! damaged record never stalls the uplink.
 //!
 //! # Size bound
 //!
@@ -66,6 +85,8 @@ mod error;
 mod format;
 mod segment;
 mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -86,6 +107,10 @@ use state::{Loaded, State};
 
 /// Smallest accepted [`StoreConfig::segment_bytes`].
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// How far ahead of the appended seqs the durable seq floor is raised: one state-file write per
+/// this many appends, and at most this large a gap in seqs after an unclean stop.
+pub const SEQ_RESERVATION: u64 = 1000;
 
 const LOCK_FILE: &str = "LOCK";
 
@@ -207,6 +232,11 @@ pub struct Log {
     /// Size of all segment files.
     total_bytes: u64,
     max_payload: usize,
+    /// No state file could be read at open (a new directory, or one lost or damaged).
+    numbering_lost: bool,
+    /// Seqs passed over at open: the reservation left by an unclean stop (and, after a power
+    /// cut, records that had not been synced).
+    skipped_at_open: u64,
     /// Reused frame encoding buffer.
     frame_buf: Vec<u8>,
     /// Holds the directory lock for the lifetime of the log.
@@ -232,19 +262,19 @@ impl Log {
         let lock = lock_dir(&dir)?;
         let files = list_dir(&dir)?;
 
-        let state = match state::load(&dir)? {
-            Loaded::Valid(state) => state,
+        let (state, numbering_lost) = match state::load(&dir)? {
+            Loaded::Valid(state) => (state, false),
             Loaded::Missing => {
                 if !files.is_empty() {
                     warn!(dir = %dir.display(),
                         "state file missing; treating nothing as acknowledged");
                 }
-                State::default()
+                (State::default(), true)
             }
             Loaded::Invalid(reason) => {
                 warn!(dir = %dir.display(), reason,
                     "state file unreadable; treating nothing as acknowledged");
-                State::default()
+                (State::default(), true)
             }
         };
 
@@ -284,17 +314,20 @@ impl Log {
             segments.push(scanned.segment);
         }
 
+        let last_appended = prev_seq.max(state.acked);
         let mut log = Log {
             config,
             sealed: VecDeque::new(),
             active: None,
             state,
             state_dirty: false,
-            last_seq: prev_seq.max(state.seq_floor).max(state.acked),
+            last_seq: last_appended.max(state.seq_floor),
             pending_records: 0,
             pending_bytes: 0,
             total_bytes: 0,
             max_payload,
+            numbering_lost,
+            skipped_at_open: state.seq_floor.saturating_sub(last_appended),
             frame_buf: Vec::new(),
             _lock: lock,
         };
@@ -346,6 +379,13 @@ impl Log {
                 last: self.last_seq,
             });
         }
+        if seq > self.state.seq_floor {
+            // Durable before the record exists: no later start may hand out this seq again.
+            self.persist(State {
+                seq_floor: seq.saturating_add(SEQ_RESERVATION),
+                ..self.state
+            })?;
+        }
         let frame_len = FRAME_HEADER_LEN + payload.len() as u64;
         let segment_bytes = self.config.segment_bytes;
         let roll = self
@@ -381,7 +421,29 @@ impl Log {
     /// Unacknowledged records with `seq > after_seq`, oldest first, at most `max_records` of
     /// them and at most `max_bytes` of payload — except that the first record is returned
     /// even if it alone exceeds `max_bytes`, so a large record cannot stall the uplink.
+    ///
+    /// A record found damaged on the way is cut off with the rest of its segment and counted as
+    /// dropped (see "Damage found after open"); reading then goes on past it.
     pub fn read_after(
+        &mut self,
+        after_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        // Each repair removes at least one record, and there are finitely many segments.
+        let mut repairs = self.sealed.len() + 2;
+        loop {
+            match self.read_intact(after_seq, max_records, max_bytes) {
+                Err(StoreError::CorruptRecord { path, offset }) if repairs > 0 => {
+                    repairs -= 1;
+                    self.cut_damaged_segment(&path, offset)?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn read_intact(
         &self,
         after_seq: u64,
         max_records: usize,
@@ -412,6 +474,57 @@ impl Log {
             }
         }
         Ok(records)
+    }
+
+    /// A record at `offset` of the segment at `path` no longer verifies. What follows it in
+    /// that segment cannot be trusted either (its length fields may be damaged too), so the
+    /// segment ends there, as recovery would end an older one: the loss is counted first, then
+    /// the file is cut and the segment read again. A damaged active segment is sealed; the next
+    /// append starts a new one.
+    fn cut_damaged_segment(&mut self, path: &Path, offset: u64) -> Result<(), StoreError> {
+        let Some(position) = self.segments().position(|s| s.path == path) else {
+            return Ok(());
+        };
+        let sealed = self.sealed.len();
+        let (base_seq, len) = {
+            let segment = self.sealed.get(position).or_else(|| {
+                self.active
+                    .as_ref()
+                    .map(|a| &a.segment)
+                    .filter(|_| position == sealed)
+            });
+            match segment {
+                Some(s) => (s.base_seq, s.len),
+                None => return Ok(()),
+            }
+        };
+        let offset = offset.clamp(SEGMENT_HEADER_LEN, len);
+        let lost = segment::count_lost_frames(path, offset, len, self.state.acked)?;
+        warn!(path = %path.display(), offset, lost_records = lost,
+            "a record in the log no longer verifies; dropping the rest of its segment");
+        self.persist(State {
+            dropped_total: self.state.dropped_total + lost,
+            ..self.state
+        })?;
+        if position == sealed {
+            // The active segment: its file handle goes; it is sealed below.
+            self.active = None;
+        } else {
+            self.sealed.remove(position);
+        }
+        segment::truncate(path, offset)?;
+        let prev_seq = match position.checked_sub(1).and_then(|i| self.sealed.get(i)) {
+            Some(previous) => previous.last_seq,
+            None => 0,
+        };
+        match segment::scan(path, base_seq, prev_seq)? {
+            Some(scanned) if !scanned.segment.is_empty() => {
+                self.sealed.insert(position, scanned.segment);
+            }
+            _ => segment::remove(path)?,
+        }
+        self.total_bytes = self.segments().map(|s| s.len).sum();
+        self.recompute_pending()
     }
 
     /// Acknowledges every record with `seq` up to and including `seq` (clamped to
@@ -473,15 +586,37 @@ impl Log {
     /// Durably ensures `last_seq() >= seq`, e.g. after a wiped disk when the hub reports the
     /// last sequence number it has seen from this device.
     pub fn raise_seq_floor(&mut self, seq: u64) -> Result<(), StoreError> {
-        if seq <= self.state.seq_floor {
-            return Ok(()); // already durable
+        if seq > self.state.seq_floor {
+            self.persist(State {
+                seq_floor: seq,
+                ..self.state
+            })?;
         }
-        self.persist(State {
-            seq_floor: seq,
-            ..self.state
-        })?;
+        // Also when the floor already covers it: the floor may be a reservation ahead of
+        // `last_seq`, and the next append must still go above `seq`.
         self.last_seq = self.last_seq.max(seq);
         Ok(())
+    }
+
+    /// The seq the next reading gets; none is left past [`hub_protocol::MAX_SEQ`].
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        (self.last_seq < hub_protocol::MAX_SEQ)
+            .then(|| self.last_seq + 1)
+            .ok_or(StoreError::SeqExhausted)
+    }
+
+    /// How many seqs the log passed over when it was opened: those it had reserved before an
+    /// unclean stop (kill, power cut), and after a power cut also those of records not yet
+    /// synced. 0 after a clean close.
+    pub fn skipped_at_open(&self) -> u64 {
+        self.skipped_at_open
+    }
+
+    /// Whether no state file (and so no seq floor) could be read at open: a new directory, or
+    /// one whose state file was lost or damaged. The log's seqs may then be below what the hub
+    /// has already accepted from this device.
+    pub fn numbering_lost(&self) -> bool {
+        self.numbering_lost
     }
 
     /// Sealed segments then the active one, oldest first.
@@ -605,6 +740,26 @@ impl Log {
         self.pending_records = records;
         self.pending_bytes = bytes;
         Ok(())
+    }
+}
+
+impl Drop for Log {
+    /// A clean close: everything is synced and the seqs reserved beyond the last appended one
+    /// are given back, so the next start continues right after it. An unclean stop (kill,
+    /// power cut) skips this, and the next start continues above the reservation.
+    fn drop(&mut self) {
+        let closed = self.sync().and_then(|()| {
+            if self.state.seq_floor == self.last_seq {
+                return Ok(());
+            }
+            self.persist(State {
+                seq_floor: self.last_seq,
+                ..self.state
+            })
+        });
+        if let Err(e) = closed {
+            warn!(error = %e, "closing the log uncleanly; the next start skips reserved seqs");
+        }
     }
 }
 

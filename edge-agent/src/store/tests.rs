@@ -6,6 +6,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
+use super::testing::{after_power_cut, synced_lengths};
 use super::*;
 
 const SEGMENT: u64 = 4096;
@@ -36,7 +37,7 @@ fn append_range(log: &mut Log, seqs: impl IntoIterator<Item = u64>) {
     }
 }
 
-fn read_all(log: &Log) -> Vec<Record> {
+fn read_all(log: &mut Log) -> Vec<Record> {
     log.read_after(0, usize::MAX, usize::MAX).unwrap()
 }
 
@@ -61,7 +62,7 @@ fn segment_bytes_on_disk(dir: &Path) -> u64 {
         .sum()
 }
 
-fn assert_records(log: &Log, expected: impl IntoIterator<Item = u64>) {
+fn assert_records(log: &mut Log, expected: impl IntoIterator<Item = u64>) {
     let expected: Vec<Record> = expected
         .into_iter()
         .map(|seq| Record {
@@ -78,11 +79,11 @@ fn appended_records_are_read_back_in_order_and_acked_ones_disappear() {
     let mut log = Log::open(config(dir.path())).unwrap();
     assert_eq!(log.last_seq(), 0);
     append_range(&mut log, 1..=10);
-    assert_records(&log, 1..=10);
+    assert_records(&mut log, 1..=10);
 
     log.ack(4).unwrap();
     assert_eq!(log.acked_seq(), 4);
-    assert_records(&log, 5..=10);
+    assert_records(&mut log, 5..=10);
     let stats = log.stats();
     assert_eq!(stats.pending_records, 6);
     let frame_bytes: u64 = (5..=10)
@@ -105,9 +106,9 @@ fn reopening_resumes_with_the_same_unacked_records() {
     assert_eq!(log.acked_seq(), 120);
     assert_eq!(log.last_seq(), 300);
     assert_eq!(log.stats().pending_records, 180);
-    assert_records(&log, 121..=300);
+    assert_records(&mut log, 121..=300);
     append_range(&mut log, 301..=310);
-    assert_records(&log, 121..=310);
+    assert_records(&mut log, 121..=310);
 }
 
 #[test]
@@ -126,7 +127,7 @@ fn sequence_numbers_must_strictly_increase() {
         ));
     }
     log.append(9, b"y").unwrap(); // gaps are fine
-    assert_eq!(seqs(&read_all(&log)), [5, 9]);
+    assert_eq!(seqs(&read_all(&mut log)), [5, 9]);
 }
 
 #[test]
@@ -143,7 +144,7 @@ fn last_seq_survives_acking_everything_and_reopening() {
     let mut log = Log::open(interval(dir.path())).unwrap();
     assert_eq!(log.last_seq(), 400);
     assert_eq!(log.acked_seq(), 400);
-    assert!(read_all(&log).is_empty());
+    assert!(read_all(&mut log).is_empty());
     assert!(matches!(
         log.append(400, b"x"),
         Err(StoreError::SeqNotIncreasing { last: 400, .. })
@@ -210,13 +211,13 @@ fn exceeding_max_bytes_drops_the_oldest_segments_and_counts_them() {
     assert!(dropped > 0);
     assert_eq!(stats.dropped_total, dropped);
     assert_eq!(stats.pending_records + dropped, 200);
-    let kept = seqs(&read_all(&log));
+    let kept = seqs(&read_all(&mut log));
     assert_eq!(kept, (201 - kept.len() as u64..=200).collect::<Vec<_>>());
     drop(log);
 
-    let log = Log::open(cfg).unwrap();
+    let mut log = Log::open(cfg).unwrap();
     assert_eq!(log.stats().dropped_total, dropped);
-    assert_eq!(seqs(&read_all(&log)), kept);
+    assert_eq!(seqs(&read_all(&mut log)), kept);
 }
 
 #[test]
@@ -234,7 +235,7 @@ fn dropping_acked_records_for_space_does_not_count_them() {
     for seq in 8..=30 {
         dropped += log.append(seq, &record).unwrap().dropped;
     }
-    let pending = seqs(&read_all(&log));
+    let pending = seqs(&read_all(&mut log));
     // Everything unacked that is gone was counted; acked records were not.
     assert_eq!(dropped, pending[0] - 4);
     assert_eq!(log.stats().dropped_total, dropped);
@@ -263,13 +264,17 @@ fn a_torn_last_record_is_cut_off_and_the_rest_survives() {
         .unwrap();
 
     let mut log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=9);
-    assert_eq!(log.last_seq(), 9);
+    assert_records(&mut log, 1..=9);
+    assert_eq!(
+        log.last_seq(),
+        10,
+        "the lost record's seq may have been sent: never reused"
+    );
     assert_eq!(log.stats().dropped_total, 0);
-    log.append(10, &payload(10)).unwrap();
+    log.append(11, &payload(11)).unwrap();
     drop(log);
-    let log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=10);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_records(&mut log, (1..=9).chain([11]));
 }
 
 #[test]
@@ -287,11 +292,11 @@ fn garbage_after_the_last_record_is_truncated_away() {
 
     let mut log = Log::open(config(dir.path())).unwrap();
     assert_eq!(fs::metadata(&file).unwrap().len(), len);
-    assert_records(&log, 1..=10);
+    assert_records(&mut log, 1..=10);
     append_range(&mut log, 11..=12);
     drop(log);
-    let log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=12);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_records(&mut log, 1..=12);
 }
 
 /// Byte offset of the payload of the `n`-th (0-based) record written by `append_range`.
@@ -317,8 +322,8 @@ fn a_bit_flip_in_the_newest_segment_is_caught_by_the_checksum() {
     }
     let file = segment_files(dir.path()).pop().unwrap();
     flip_bit(&file, payload_offset(1, 4) + 2); // inside record 5
-    let log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=4);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_records(&mut log, 1..=4);
 }
 
 #[test]
@@ -334,8 +339,8 @@ fn a_bit_flip_in_an_older_segment_keeps_earlier_records_and_counts_the_rest_as_d
     let first = segment_files(dir.path()).remove(0);
     flip_bit(&first, payload_offset(1, 10) + 1); // inside record 11
 
-    let log = Log::open(config(dir.path())).unwrap();
-    let kept = seqs(&read_all(&log));
+    let mut log = Log::open(config(dir.path())).unwrap();
+    let kept = seqs(&read_all(&mut log));
     let lost = per_segment - 10;
     let expected: Vec<u64> = (1..=10).chain(per_segment + 1..=600).collect();
     assert_eq!(kept, expected);
@@ -343,9 +348,9 @@ fn a_bit_flip_in_an_older_segment_keeps_earlier_records_and_counts_the_rest_as_d
     assert_eq!(log.last_seq(), 600);
     drop(log);
     // The damaged tail was cut off, so it is not counted twice.
-    let log = Log::open(config(dir.path())).unwrap();
+    let mut log = Log::open(config(dir.path())).unwrap();
     assert_eq!(log.stats().dropped_total, lost);
-    assert_eq!(seqs(&read_all(&log)), expected);
+    assert_eq!(seqs(&read_all(&mut log)), expected);
 }
 
 #[test]
@@ -457,7 +462,7 @@ fn ack_deletes_fully_acknowledged_segments_from_disk() {
     assert!(after.len() < before.len());
     assert_eq!(after.len(), log.stats().segments);
     assert_eq!(after[..], before[before.len() - after.len()..]);
-    let remaining = seqs(&read_all(&log));
+    let remaining = seqs(&read_all(&mut log));
     assert_eq!(remaining, (41..=100).collect::<Vec<_>>());
     // The oldest remaining file still holds a record <= 40 or starts right after it.
     let oldest: u64 = after[0]
@@ -486,7 +491,7 @@ fn acking_is_idempotent_and_clamped_to_last_seq() {
     assert_eq!(log.acked_seq(), 5);
     assert_eq!(log.stats().pending_records, 0);
     log.append(6, b"x").unwrap();
-    assert_eq!(seqs(&read_all(&log)), [6]);
+    assert_eq!(seqs(&read_all(&mut log)), [6]);
 }
 
 #[test]
@@ -508,17 +513,14 @@ fn both_fsync_policies_keep_records_and_acks_across_restarts() {
         }
         let mut log = Log::open(cfg.clone()).unwrap();
         assert_eq!(log.acked_seq(), 20, "{policy:?}");
-        assert_records(&log, 21..=50);
+        assert_records(&mut log, 21..=50);
 
-        // Without sync the Interval cursor may lag (resend is fine), records never do.
+        // Closing writes the lazily kept Interval cursor too.
         log.ack(30).unwrap();
         drop(log);
-        let log = Log::open(cfg).unwrap();
-        match policy {
-            FsyncPolicy::Always => assert_eq!(log.acked_seq(), 30),
-            FsyncPolicy::Interval(_) => assert_eq!(log.acked_seq(), 20),
-        }
-        assert_records(&log, log.acked_seq() + 1..=50);
+        let mut log = Log::open(cfg).unwrap();
+        assert_eq!(log.acked_seq(), 30, "{policy:?}");
+        assert_records(&mut log, 31..=50);
     }
 }
 
@@ -530,8 +532,8 @@ fn dropping_the_log_without_sync_loses_no_appended_record() {
         append_range(&mut log, 1..=500);
         // "Crash": no sync, no shutdown hook.
     }
-    let log = Log::open(interval(dir.path())).unwrap();
-    assert_records(&log, 1..=500);
+    let mut log = Log::open(interval(dir.path())).unwrap();
+    assert_records(&mut log, 1..=500);
     assert_eq!(log.last_seq(), 500);
 }
 
@@ -544,15 +546,15 @@ fn an_unreadable_state_file_means_nothing_is_acknowledged() {
         log.ack(5).unwrap();
     }
     fs::write(dir.path().join(state::STATE_FILE), b"garbage!").unwrap();
-    let log = Log::open(config(dir.path())).unwrap();
+    let mut log = Log::open(config(dir.path())).unwrap();
     assert_eq!(log.acked_seq(), 0);
-    assert_records(&log, 1..=10);
+    assert_records(&mut log, 1..=10);
     assert_eq!(log.last_seq(), 10);
 
     drop(log);
     fs::remove_file(dir.path().join(state::STATE_FILE)).unwrap();
-    let log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=10);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_records(&mut log, 1..=10);
 }
 
 #[test]
@@ -566,11 +568,11 @@ fn leftover_temporary_and_headerless_files_are_cleaned_up() {
     fs::write(dir.path().join("00000000000000000009.seg.tmp"), b"half").unwrap();
     fs::write(dir.path().join("00000000000000000009.seg"), b"short").unwrap();
     let mut log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=5);
+    assert_records(&mut log, 1..=5);
     assert_eq!(segment_files(dir.path()).len(), 1);
     assert!(!dir.path().join("state.tmp").exists());
     append_range(&mut log, 6..=9);
-    assert_records(&log, 1..=9);
+    assert_records(&mut log, 1..=9);
 }
 
 #[test]
@@ -589,8 +591,8 @@ fn an_empty_newest_segment_left_by_a_crash_is_discarded() {
     assert_eq!(segment_files(dir.path()).len(), 1);
     append_range(&mut log, 6..=7);
     drop(log);
-    let log = Log::open(config(dir.path())).unwrap();
-    assert_records(&log, 1..=7);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_records(&mut log, 1..=7);
 }
 
 #[test]
@@ -621,7 +623,7 @@ fn invalid_configurations_and_oversized_records_are_rejected() {
     log.append(1, &vec![0; max]).unwrap();
     log.append(2, &vec![1; max]).unwrap();
     assert_eq!(log.stats().segments, 2);
-    assert_eq!(read_all(&log)[1].payload, vec![1; max]);
+    assert_eq!(read_all(&mut log)[1].payload, vec![1; max]);
 }
 
 #[test]
@@ -709,7 +711,7 @@ fn random_appends_acks_and_restarts_return_every_unacked_record_exactly_once() {
                     log = Log::open(cfg.clone()).unwrap();
                     // An unsynced cursor may lag; never beyond, and records never go missing.
                     assert!(log.acked_seq() <= acked, "seed {seed} step {step}");
-                    let replay = read_all(&log);
+                    let replay = read_all(&mut log);
                     let extra = replay.len() - model.len();
                     assert!(replay[..extra].iter().all(|r| r.seq <= acked));
                     assert_eq!(replay[extra..], *model.make_contiguous());
@@ -750,8 +752,95 @@ fn random_appends_acks_and_restarts_return_every_unacked_record_exactly_once() {
             assert_eq!(stats.segments, segment_files(dir.path()).len());
             assert!(segment_bytes_on_disk(dir.path()) <= cfg.max_bytes);
         }
-        assert_eq!(read_all(&log), Vec::from(model));
+        assert_eq!(read_all(&mut log), Vec::from(model));
         total_dropped += dropped;
     }
     assert!(total_dropped > 0, "the size bound was exercised");
+}
+
+#[test]
+fn after_a_power_cut_new_readings_get_seqs_above_every_one_appended_before_it() {
+    let dir = TempDir::new().unwrap();
+    let mut log = Log::open(interval(dir.path())).unwrap();
+    append_range(&mut log, 1..=10);
+    log.sync().unwrap();
+    let synced = synced_lengths(dir.path());
+    append_range(&mut log, 11..=12); // sent and acknowledged, then the power goes
+    log.ack(12).unwrap();
+    let cut = after_power_cut(dir.path(), &synced);
+    drop(log);
+
+    let mut log = Log::open(interval(cut.path())).unwrap();
+    assert_records(&mut log, 1..=10);
+    assert!(log.last_seq() >= 12, "last_seq {}", log.last_seq());
+    assert_eq!(log.skipped_at_open(), log.last_seq() - 10);
+    let next = log.next_seq().unwrap();
+    log.append(next, b"after the cut").unwrap();
+    assert!(next > 12);
+    assert!(
+        next <= 12 + SEQ_RESERVATION + 1,
+        "the gap is bounded: {next}"
+    );
+}
+
+#[test]
+fn a_clean_close_gives_back_the_reserved_seqs() {
+    let dir = TempDir::new().unwrap();
+    let mut log = Log::open(interval(dir.path())).unwrap();
+    append_range(&mut log, 1..=3);
+    drop(log);
+    let mut log = Log::open(interval(dir.path())).unwrap();
+    assert_eq!(log.last_seq(), 3);
+    assert_eq!(log.skipped_at_open(), 0);
+    assert_eq!(log.next_seq().unwrap(), 4);
+    assert!(!log.numbering_lost());
+    append_range(&mut log, 4..=5);
+}
+
+#[test]
+fn a_log_without_its_state_file_says_its_numbering_is_lost() {
+    let dir = TempDir::new().unwrap();
+    assert!(
+        Log::open(config(dir.path())).unwrap().numbering_lost(),
+        "new"
+    );
+    append_range(&mut Log::open(config(dir.path())).unwrap(), 1..=3);
+    assert!(!Log::open(config(dir.path())).unwrap().numbering_lost());
+    fs::remove_file(dir.path().join("state")).unwrap();
+    assert!(Log::open(config(dir.path())).unwrap().numbering_lost());
+}
+
+#[test]
+fn a_record_that_rots_after_open_is_cut_with_the_rest_of_its_segment_counted_and_reading_goes_on() {
+    let dir = TempDir::new().unwrap();
+    let mut log = Log::open(config(dir.path())).unwrap();
+    append_range(&mut log, 1..=600); // several segments
+    assert!(log.stats().segments >= 3);
+    let first = segment_files(dir.path())[0].clone();
+    let first_count = log.sealed[0].count;
+    // The medium changes under the running log: a bit of the third record of the oldest
+    // segment, and then one in the active segment.
+    flip_bit(&first, payload_offset(1, 2));
+    let records = log.read_after(0, usize::MAX, usize::MAX).unwrap();
+    let lost = first_count - 2;
+    assert_eq!(records.len() as u64, 600 - lost);
+    assert_eq!(seqs(&records[..2]), [1, 2]);
+    assert_eq!(records[2].seq, first_count + 1);
+    assert_eq!(log.stats().dropped_total, lost);
+    assert_eq!(log.stats().pending_records, 600 - lost);
+
+    let active = segment_files(dir.path()).pop().unwrap();
+    let active_first = log.active.as_ref().unwrap().segment.base_seq;
+    flip_bit(&active, payload_offset(active_first, 0));
+    let records = log.read_after(0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(records.last().unwrap().seq, active_first - 1);
+    assert!(log.active.is_none(), "the damaged active segment is sealed");
+    log.append(601, &payload(601)).unwrap();
+    assert_eq!(
+        log.read_after(active_first - 1, 10, usize::MAX).unwrap()[0].seq,
+        601
+    );
+    drop(log);
+    let mut log = Log::open(config(dir.path())).unwrap();
+    assert_eq!(read_all(&mut log).last().unwrap().seq, 601);
 }

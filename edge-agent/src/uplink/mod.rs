@@ -15,10 +15,12 @@ mod backoff;
 mod connect;
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
 use hub_protocol::{CloseCode, ErrorCode, ServerFrame};
 use tokio::io::{ReadHalf, WriteHalf};
@@ -95,6 +97,9 @@ impl Uplink {
             settings.ca_file.as_deref(),
             settings.connect_timeout,
         )?;
+        let marker = storage_dir.join(SYNCED_MARKER);
+        forget_hub_if_numbering_lost(&log.lock().unwrap_or_else(|p| p.into_inner()), &marker)
+            .with_context(|| format!("cannot remove {}", marker.display()))?;
         Ok(Uplink {
             settings,
             dialer,
@@ -209,45 +214,146 @@ impl Uplink {
         end
     }
 
-    /// First frame of a connection. Two facts from the hub adjust the log:
-    /// - readings up to `last_seq` were accepted (their acks were lost with a connection): they
-    ///   are acknowledged here instead of being sent again;
-    /// - a log that never met the hub (new device, or a wiped disk) numbered its readings from
-    ///   1 while the hub may already know higher seqs from this device: those readings get new
-    ///   seqs above `last_seq`, or the hub would take them for duplicates.
-    fn on_hello(&self, last_seq: u64) -> Result<(), crate::store::StoreError> {
+    /// First frame of a connection: see [`reconcile`].
+    fn on_hello(&self, last_seq: Option<u64>) -> Result<(), HelloError> {
         let marker = self.storage_dir.join(SYNCED_MARKER);
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if !marker.exists() && last_seq > log.acked_seq() && log.stats().pending_records > 0 {
-            let pending = log.read_after(log.acked_seq(), usize::MAX, usize::MAX)?;
-            let old_last = log.last_seq();
-            log.raise_seq_floor(last_seq.max(old_last))?;
-            // Copies first, then forget the originals: a crash in between resends originals
-            // the hub calls duplicates, never loses one.
-            for record in &pending {
-                let seq = log.last_seq() + 1;
-                log.append(seq, &record.payload)?;
-            }
-            log.ack(old_last)?;
-            log.sync()?;
-            warn!(
-                readings = pending.len(),
-                hub_last_seq = last_seq,
-                "this log never met the hub and the hub knows later seqs: renumbered"
-            );
+        reconcile(&mut log, &marker, last_seq)
+    }
+}
+
+/// Why the agent cannot go on after the hub's `hello`; it reconnects later.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error(
+        "the hub did not say which seq it has from this device, and this log never met a hub: \
+         its readings cannot be numbered safely yet"
+    )]
+    NoLastSeq,
+    #[error("the hub reports last_seq {0}: no seq is left above it for a reading")]
+    ImpossibleLastSeq(u64),
+    #[error("cannot apply the hub's last_seq: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A log that lost its state file lost its seq floor: it may now hand out seqs the hub has seen,
+/// so it counts as never having met a hub, and renumbers at the next hello as a new log would.
+pub fn forget_hub_if_numbering_lost(log: &Log, marker: &Path) -> std::io::Result<()> {
+    if log.numbering_lost() && marker.exists() {
+        warn!("the log lost its state file: its readings are renumbered at the next hello");
+        std::fs::remove_file(marker)?;
+    }
+    Ok(())
+}
+
+/// Applies what the hub's `hello` says (`last_seq`: the highest seq it has accepted from this
+/// device) to the log. `marker` says the log has met a hub before: its seqs are its own, never
+/// reused (the store guarantees that across power cuts).
+/// - Readings up to `last_seq` were accepted (their acks were lost with a connection): they are
+///   acknowledged here instead of being sent again.
+/// - A log that never met a hub (new device, wiped disk, lost state file) numbered its readings
+///   from wherever it stood, while the hub may know higher seqs from this device: those readings
+///   get new seqs above `last_seq`, or the hub would take them for duplicates and they would be
+///   deleted unsent.
+/// - Without `last_seq` a log that never met a hub cannot tell which seqs are free, so nothing is
+///   sent ([`HelloError::NoLastSeq`]); one that has met a hub sends as usual and lets the acks
+///   speak. A missing `last_seq` is never read as 0.
+pub fn reconcile(log: &mut Log, marker: &Path, last_seq: Option<u64>) -> Result<(), HelloError> {
+    let met = marker.exists();
+    let last_seq = match last_seq {
+        Some(seq) if seq >= hub_protocol::MAX_SEQ => {
+            return Err(HelloError::ImpossibleLastSeq(seq));
         }
-        log.raise_seq_floor(last_seq)?;
-        let accepted = last_seq.min(log.last_seq());
-        if accepted > log.acked_seq() {
-            log.ack(accepted)?;
+        Some(seq) => seq,
+        None if met => return Ok(()),
+        None => return Err(HelloError::NoLastSeq),
+    };
+    if !met && last_seq > log.acked_seq() && log.stats().pending_records > 0 {
+        let pending = log.read_after(log.acked_seq(), usize::MAX, usize::MAX)?;
+        let old_last = log.last_seq();
+        log.raise_seq_floor(last_seq.max(old_last))?;
+        // Copies first, then forget the originals: a crash in between resends originals
+        // the hub calls duplicates, never loses one. The copies go above the originals, so
+        // the seqs between the hub's last one and the originals' last one are passed over.
+        for record in &pending {
+            let seq = log.next_seq()?;
+            log.append(seq, &record.payload)?;
         }
-        drop(log);
-        if !marker.exists()
-            && let Err(e) = std::fs::write(&marker, b"")
-        {
-            warn!(error = %e, path = %marker.display(), "cannot write the hub-synced marker");
+        log.ack(old_last)?;
+        log.sync()?;
+        warn!(
+            readings = pending.len(),
+            hub_last_seq = last_seq,
+            skipped_seqs = old_last.saturating_sub(last_seq),
+            "this log never met the hub and the hub knows later seqs: renumbered"
+        );
+    }
+    log.raise_seq_floor(last_seq)?;
+    let accepted = last_seq.min(log.last_seq());
+    if accepted > log.acked_seq() {
+        log.ack(accepted)?;
+    }
+    if !met && let Err(e) = std::fs::write(marker, b"") {
+        warn!(error = %e, path = %marker.display(), "cannot write the hub-synced marker");
+    }
+    Ok(())
+}
+
+/// What is in flight on one connection and where sending goes on from: the bookkeeping behind
+/// "resend from the oldest refused reading", apart from the socket.
+#[derive(Debug, Default)]
+struct Window {
+    /// Highest seq sent on this connection (or the one to resend after).
+    cursor: u64,
+    in_flight: VecDeque<u64>,
+    /// The first refused seq and why.
+    refused: Option<(u64, ErrorCode)>,
+}
+
+impl Window {
+    fn after(acked: u64) -> Self {
+        Window {
+            cursor: acked,
+            ..Window::default()
         }
-        Ok(())
+    }
+
+    fn sent(&mut self, seq: u64) {
+        self.cursor = seq;
+        self.in_flight.push_back(seq);
+    }
+
+    /// The hub acks in order: everything up to `seq` is answered.
+    fn acked(&mut self, seq: u64) {
+        while self.in_flight.front().is_some_and(|&s| s <= seq) {
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// An `error` names `seq`: false when no publish of ours with that seq is in flight, so the
+    /// error is not about one of ours (a hub bug or a hostile one) and changes nothing.
+    fn answered(&mut self, seq: u64) -> bool {
+        let ours = self.in_flight.contains(&seq);
+        self.in_flight.retain(|&s| s != seq);
+        ours
+    }
+
+    /// A refusal to resend from; the lowest refused seq wins.
+    fn refused(&mut self, seq: u64, code: ErrorCode) {
+        if self.refused.is_none_or(|(first, _)| seq < first) {
+            self.refused = Some((seq, code));
+        }
+    }
+
+    /// Sends go on from the refused seq.
+    fn resume(&mut self) {
+        if let Some((first, _)) = self.refused.take() {
+            self.cursor = first.saturating_sub(1);
+        }
+    }
+
+    fn room(&self, max_in_flight: usize) -> usize {
+        max_in_flight.saturating_sub(self.in_flight.len())
     }
 }
 
@@ -255,11 +361,8 @@ impl Uplink {
 struct Session<'a> {
     uplink: &'a Uplink,
     writer: &'a mut WebSocketWrite<WriteHalf<Upgraded>>,
-    /// Highest seq sent on this connection.
-    cursor: u64,
-    in_flight: VecDeque<u64>,
-    /// The first refused seq, why, and when to resend from it.
-    refused: Option<(u64, ErrorCode)>,
+    window: Window,
+    /// When to resend from a refused seq.
     retry_at: Option<tokio::time::Instant>,
     retry_backoff: Backoff,
     bucket: Bucket,
@@ -272,9 +375,7 @@ impl<'a> Session<'a> {
         Session {
             uplink,
             writer,
-            cursor: 0,
-            in_flight: VecDeque::new(),
-            refused: None,
+            window: Window::default(),
             retry_at: None,
             retry_backoff: Backoff::new(s.backoff_base, s.backoff_cap),
             bucket: Bucket::new(s.publish_rate, s.max_in_flight as f64),
@@ -292,10 +393,9 @@ impl<'a> Session<'a> {
         match hello {
             Ok(Some(Incoming::Text(text))) => match ServerFrame::parse(&text) {
                 Ok(ServerFrame::Hello { last_seq, hub, .. }) => {
-                    let last_seq = last_seq.unwrap_or(0);
-                    debug!(%hub, last_seq, "hello");
+                    debug!(%hub, ?last_seq, "hello");
                     if let Err(e) = self.uplink.on_hello(last_seq) {
-                        return End::Protocol(format!("cannot apply the hub's last_seq: {e}"));
+                        return End::Protocol(e.to_string());
                     }
                 }
                 _ => return End::Protocol("the first frame was not hello".into()),
@@ -307,7 +407,7 @@ impl<'a> Session<'a> {
         }
         self.last_heard = tokio::time::Instant::now();
         let acked = self.log().acked_seq();
-        self.cursor = acked;
+        self.window = Window::after(acked);
         let appended = self.uplink.appended.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -358,9 +458,7 @@ impl<'a> Session<'a> {
             .map_err(|e| End::Protocol(format!("undecodable frame: {e}")))?;
         match frame {
             ServerFrame::Ack { seq, duplicate } => {
-                while self.in_flight.front().is_some_and(|&s| s <= seq) {
-                    self.in_flight.pop_front();
-                }
+                self.window.acked(seq);
                 if duplicate {
                     debug!(seq, "the hub had this reading already");
                 }
@@ -377,20 +475,17 @@ impl<'a> Session<'a> {
                 message,
                 seq: Some(seq),
                 ..
-            } => {
-                self.in_flight.retain(|&s| s != seq);
+            } if self.window.answered(seq) => {
                 match code {
                     ErrorCode::RateLimited | ErrorCode::Unavailable => {
-                        if self.refused.is_none_or(|(first, _)| seq < first) {
-                            debug!(seq, ?code, %message, "publish refused; will resend");
-                            self.refused = Some((seq, code));
-                        }
+                        debug!(seq, ?code, %message, "publish refused; will resend");
+                        self.window.refused(seq, code);
                     }
                     // The content itself can never be accepted: keeping it would block every
                     // later reading, so it is dropped, loudly.
                     ErrorCode::BadFrame => {
                         error!(seq, %message, "the hub rejected a malformed reading; dropping it");
-                        if self.refused.is_none() {
+                        if self.window.refused.is_none() {
                             self.log()
                                 .ack(seq)
                                 .map_err(|e| End::Lost(format!("cannot drop {seq}: {e}")))?;
@@ -411,8 +506,8 @@ impl<'a> Session<'a> {
 
     /// Sends what the window, the rate and any pending refusal allow.
     async fn send_ready(&mut self) -> Result<(), String> {
-        if let Some((first, code)) = self.refused {
-            if !self.in_flight.is_empty() {
+        if let Some((_, code)) = self.window.refused {
+            if !self.window.in_flight.is_empty() {
                 return Ok(());
             }
             let now = tokio::time::Instant::now();
@@ -428,18 +523,18 @@ impl<'a> Session<'a> {
             if now < at {
                 return Ok(());
             }
-            self.refused = None;
             self.retry_at = None;
-            self.cursor = first - 1;
+            self.window.resume();
         }
-        let room = self.uplink.settings.max_in_flight - self.in_flight.len();
+        let room = self.window.room(self.uplink.settings.max_in_flight);
         let allowed = self.bucket.available(Instant::now()).min(room);
         if allowed == 0 {
             return Ok(());
         }
         let records = {
-            let log = self.log();
-            log.read_after(self.cursor.max(log.acked_seq()), allowed, 256 * 1024)
+            let mut log = self.log();
+            let after = self.window.cursor.max(log.acked_seq());
+            log.read_after(after, allowed, 256 * 1024)
                 .map_err(|e| format!("cannot read the log: {e}"))?
         };
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
@@ -466,8 +561,7 @@ impl<'a> Session<'a> {
                     .await
                     .map_err(|e| e.to_string())?;
                 self.bucket.take();
-                self.cursor = record.seq;
-                self.in_flight.push_back(record.seq);
+                self.window.sent(record.seq);
             }
             Ok(())
         }
@@ -535,4 +629,166 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{after_power_cut, synced_lengths};
+    use crate::store::{FsyncPolicy, StoreConfig};
+
+    fn open(dir: &Path) -> Log {
+        Log::open(StoreConfig {
+            dir: dir.to_path_buf(),
+            max_bytes: 1 << 20,
+            segment_bytes: 4096,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+        })
+        .unwrap()
+    }
+
+    fn append(log: &mut Log, payload: &str) -> u64 {
+        let seq = log.next_seq().unwrap();
+        log.append(seq, payload.as_bytes()).unwrap();
+        seq
+    }
+
+    fn pending(log: &mut Log) -> Vec<String> {
+        let acked = log.acked_seq();
+        log.read_after(acked, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| String::from_utf8(r.payload).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn readings_taken_after_a_power_cut_are_sent_not_taken_for_ones_the_hub_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(SYNCED_MARKER);
+        let mut log = open(dir.path());
+        reconcile(&mut log, &marker, Some(0)).unwrap();
+        for n in 1..=10 {
+            append(&mut log, &format!("r{n}"));
+        }
+        log.sync().unwrap();
+        let synced = synced_lengths(dir.path());
+        append(&mut log, "r11");
+        append(&mut log, "r12");
+        log.ack(12).unwrap(); // the hub has 11 and 12; the power goes before they are synced
+        let cut = after_power_cut(dir.path(), &synced);
+        drop(log);
+
+        let marker = cut.path().join(SYNCED_MARKER);
+        let mut log = open(cut.path());
+        append(&mut log, "after the cut 1");
+        append(&mut log, "after the cut 2");
+        reconcile(&mut log, &marker, Some(12)).unwrap();
+        assert_eq!(pending(&mut log), ["after the cut 1", "after the cut 2"]);
+        assert_eq!(log.acked_seq(), 12);
+    }
+
+    #[test]
+    fn an_error_naming_a_seq_not_in_flight_changes_nothing() {
+        let mut window = Window::after(0);
+        window.sent(1);
+        window.sent(2);
+        for seq in [0, 3, u64::MAX] {
+            assert!(!window.answered(seq), "seq {seq}");
+        }
+        assert_eq!(window.in_flight, [1, 2]);
+        assert_eq!(window.cursor, 2);
+    }
+
+    #[test]
+    fn a_refusal_resends_from_the_lowest_refused_seq() {
+        let mut window = Window::after(0);
+        for seq in 1..=3 {
+            window.sent(seq);
+        }
+        assert!(window.answered(2));
+        window.refused(2, ErrorCode::RateLimited);
+        assert!(window.answered(1));
+        window.refused(1, ErrorCode::Unavailable);
+        window.acked(3);
+        assert!(window.in_flight.is_empty());
+        window.resume();
+        assert_eq!(window.cursor, 0, "resend from 1, without wrapping below it");
+        assert_eq!(window.room(4), 4);
+    }
+
+    #[test]
+    fn a_hello_without_last_seq_is_never_read_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(SYNCED_MARKER);
+        let mut log = open(dir.path());
+        for n in 1..=3 {
+            append(&mut log, &format!("r{n}"));
+        }
+        assert!(matches!(
+            reconcile(&mut log, &marker, None),
+            Err(HelloError::NoLastSeq)
+        ));
+        assert!(!marker.exists(), "a log that never met a hub still has not");
+        assert_eq!(log.acked_seq(), 0);
+
+        // Once the hub can say it, the readings go above what it knows.
+        reconcile(&mut log, &marker, Some(50)).unwrap();
+        assert!(marker.exists());
+        assert_eq!(pending(&mut log), ["r1", "r2", "r3"]);
+        let first = log.read_after(log.acked_seq(), 1, usize::MAX).unwrap();
+        assert_eq!(first[0].seq, 51);
+
+        // A log that has met a hub sends as usual and lets the acks speak.
+        reconcile(&mut log, &marker, None).unwrap();
+        assert_eq!(pending(&mut log), ["r1", "r2", "r3"]);
+    }
+
+    #[test]
+    fn an_impossible_last_seq_is_refused_and_the_log_keeps_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(SYNCED_MARKER);
+        let mut log = open(dir.path());
+        append(&mut log, "r1");
+        for seq in [u64::MAX, hub_protocol::MAX_SEQ] {
+            assert!(matches!(
+                reconcile(&mut log, &marker, Some(seq)),
+                Err(HelloError::ImpossibleLastSeq(s)) if s == seq
+            ));
+        }
+        assert!(!marker.exists());
+        assert_eq!(append(&mut log, "r2"), 2);
+        reconcile(&mut log, &marker, Some(41)).unwrap();
+        assert_eq!(
+            append(&mut log, "r3"),
+            44,
+            "r1 and r2 renumbered to 42 and 43"
+        );
+    }
+
+    #[test]
+    fn a_log_that_lost_its_state_file_renumbers_like_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(SYNCED_MARKER);
+        let mut log = open(dir.path());
+        reconcile(&mut log, &marker, Some(0)).unwrap();
+        for n in 1..=5 {
+            append(&mut log, &format!("r{n}"));
+        }
+        log.ack(5).unwrap(); // all sent and acknowledged
+        append(&mut log, "r6");
+        drop(log);
+        std::fs::remove_file(dir.path().join("state")).unwrap();
+
+        let mut log = open(dir.path());
+        forget_hub_if_numbering_lost(&log, &marker).unwrap();
+        assert!(!marker.exists());
+        reconcile(&mut log, &marker, Some(5)).unwrap();
+        let left = log
+            .read_after(log.acked_seq(), usize::MAX, usize::MAX)
+            .unwrap();
+        let kept: Vec<&[u8]> = left.iter().map(|r| &r.payload[..]).collect();
+        assert!(kept.contains(&&b"r6"[..]), "{kept:?}");
+        assert!(left.iter().all(|r| r.seq > 5), "above what the hub has");
+    }
 }

@@ -94,6 +94,18 @@ impl Redis {
             self.dir.path().join("redis.sock").display()
         )
     }
+
+    /// `CLIENT PAUSE`: every client's commands wait for `ms` milliseconds.
+    pub fn pause(&self, ms: u64) {
+        let status = Command::new("redis-cli")
+            .arg("-s")
+            .arg(self.dir.path().join("redis.sock"))
+            .args(["CLIENT", "PAUSE", &ms.to_string(), "ALL"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli is installed");
+        assert!(status.success(), "CLIENT PAUSE");
+    }
 }
 
 impl Drop for Redis {

@@ -15,6 +15,9 @@ pub enum CloseCode {
     InternalError = 1011,
     /// The hub is shutting down or restarting: reconnect (with jitter) and resume with `since`.
     ServiceRestart = 1012,
+    /// The hub cannot serve this connection right now (its broker cannot say what the
+    /// connection needs to start): reconnect with backoff.
+    TryAgainLater = 1013,
     TokenExpired = 4001,
     PingTimeout = 4002,
     SlowConsumer = 4008,
@@ -22,7 +25,7 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
@@ -31,6 +34,7 @@ impl CloseCode {
         CloseCode::MessageTooBig,
         CloseCode::InternalError,
         CloseCode::ServiceRestart,
+        CloseCode::TryAgainLater,
         CloseCode::TokenExpired,
         CloseCode::PingTimeout,
         CloseCode::SlowConsumer,
@@ -56,6 +60,7 @@ impl CloseCode {
             CloseCode::MessageTooBig => "message_too_big",
             CloseCode::InternalError => "internal_error",
             CloseCode::ServiceRestart => "service_restart",
+            CloseCode::TryAgainLater => "try_again_later",
             CloseCode::TokenExpired => "token_expired",
             CloseCode::PingTimeout => "ping_timeout",
             CloseCode::SlowConsumer => "slow_consumer",

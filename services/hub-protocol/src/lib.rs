@@ -27,6 +27,10 @@ pub use client::{ClientFrame, Position};
 pub use codes::{CloseCode, ErrorCode};
 pub use server::ServerFrame;
 
+/// The largest `seq` a publication may carry: 2^53 - 1, the largest integer every JSON client
+/// (JavaScript's numbers included) reads exactly. `seq` 0 is not a reading either.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

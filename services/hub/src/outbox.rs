@@ -67,6 +67,7 @@ pub const DISCONNECT_REASONS: &[&str] = &[
     "message_too_big",
     "internal_error",
     "service_restart",
+    "try_again_later",
     "token_expired",
     "ping_timeout",
     "slow_consumer",
@@ -157,6 +158,13 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_close_code_has_its_disconnect_label() {
+        for code in CloseCode::ALL {
+            assert!(DISCONNECT_REASONS.contains(&code.reason()), "{code:?}");
+        }
+    }
 
     #[test]
     fn a_full_queue_closes_as_slow_consumer() {

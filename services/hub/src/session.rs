@@ -58,14 +58,18 @@ impl Session {
         }
     }
 
-    /// Sends `hello`.
+    /// Sends `hello`. An agent's hello must say the device's last accepted seq: an agent that
+    /// lost its log numbers its readings above it, and one told nothing (or 0) would have them
+    /// taken for duplicates. So when the broker cannot say, the connection closes with 1013 and
+    /// the agent comes back later.
     pub async fn start(&mut self) -> Outcome {
         let last_seq = match self.identity.role {
             Role::Agent => match self.state.broker.last_seq(&self.identity.sub).await {
                 Ok(seq) => Some(seq),
                 Err(e) => {
-                    warn!(sub = %self.identity.sub, error = %e, "last seq unknown; hello goes without it");
-                    None
+                    warn!(sub = %self.identity.sub, error = %e,
+                        "the device's last seq is unknown; closing with 1013");
+                    return Err(CloseCode::TryAgainLater);
                 }
             },
             Role::Viewer => None,
