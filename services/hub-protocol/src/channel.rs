@@ -56,12 +56,18 @@ pub fn group_channel(group: &str) -> String {
     format!("groups.{group}")
 }
 
-/// Every channel a publication of `device` in `groups` goes to, in the order they are appended.
+/// Every channel a publication of `device` in `groups` goes to, each once, in the order they are
+/// appended (a group named twice in a token is still one channel).
 pub fn publication_channels(device: &str, groups: &[String]) -> Vec<String> {
     let mut channels = Vec::with_capacity(2 + groups.len());
     channels.push(device_channel(device));
     channels.push(FLEET.to_owned());
-    channels.extend(groups.iter().map(|g| group_channel(g)));
+    for group in groups {
+        let channel = group_channel(group);
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
     channels
 }
 
@@ -115,6 +121,19 @@ impl std::fmt::Display for ChannelPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publication_goes_to_each_channel_once() {
+        let groups = [
+            "north".to_string(),
+            "south".to_string(),
+            "north".to_string(),
+        ];
+        assert_eq!(
+            publication_channels("pi-1", &groups),
+            ["devices.pi-1", "fleet", "groups.north", "groups.south"]
+        );
+    }
 
     #[test]
     fn names_follow_the_grammar() {

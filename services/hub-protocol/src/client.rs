@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::FrameError;
+use crate::{FrameError, MAX_REF_BYTES, MAX_SEQ};
 
 /// A position in a channel's history: the last `offset` a client saw in `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,13 @@ pub enum ClientFrame<'a> {
     },
 }
 
+/// What an `error` frame can echo of a frame that did not decode (see [`ClientFrame::echo`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Echo<'a> {
+    pub seq: Option<u64>,
+    pub reference: Option<&'a RawValue>,
+}
+
 /// Flat view of any client frame. serde cannot borrow a `RawValue` through an internally tagged
 /// enum, so frames are decoded into this struct and then checked field by field.
 #[derive(Deserialize)]
@@ -78,6 +85,9 @@ impl<'a> ClientFrame<'a> {
             serde_json::from_slice(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
         let kind = wire.kind.ok_or(FrameError::MissingField("type"))?;
         let reference = wire.reference;
+        if reference.is_some_and(|r| r.get().len() > MAX_REF_BYTES) {
+            return Err(FrameError::RefTooLong);
+        }
         match &*kind {
             "subscribe" => Ok(ClientFrame::Subscribe {
                 channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
@@ -93,8 +103,12 @@ impl<'a> ClientFrame<'a> {
                 if !data.get().starts_with('{') {
                     return Err(FrameError::DataNotObject);
                 }
+                let seq = wire.seq.ok_or(FrameError::MissingField("seq"))?;
+                if !(1..=MAX_SEQ).contains(&seq) {
+                    return Err(FrameError::SeqOutOfRange);
+                }
                 Ok(ClientFrame::Publish {
-                    seq: wire.seq.ok_or(FrameError::MissingField("seq"))?,
+                    seq,
                     data,
                     device: wire.device,
                     traceparent: wire.traceparent.and_then(plain_string).map(Cow::Borrowed),
@@ -102,6 +116,31 @@ impl<'a> ClientFrame<'a> {
                 })
             }
             other => Err(FrameError::UnknownType(other.to_owned())),
+        }
+    }
+
+    /// What an `error` answering an undecodable frame can still echo: its `seq` when it is an
+    /// integer, and its `ref` when it fits [`MAX_REF_BYTES`]. Reads only what it can, so any
+    /// JSON object yields what it has; anything else yields nothing.
+    pub fn echo(text: &'a [u8]) -> Echo<'a> {
+        #[derive(Deserialize)]
+        struct Loose<'a> {
+            #[serde(borrow)]
+            seq: Option<&'a RawValue>,
+            #[serde(rename = "ref", borrow)]
+            reference: Option<&'a RawValue>,
+        }
+        // serde would read a JSON array into the struct by position; only objects have fields.
+        let is_object = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let Some(loose) = is_object
+            .then(|| serde_json::from_slice::<Loose<'a>>(text).ok())
+            .flatten()
+        else {
+            return Echo::default();
+        };
+        Echo {
+            seq: loose.seq.and_then(|s| s.get().parse().ok()),
+            reference: loose.reference.filter(|r| r.get().len() <= MAX_REF_BYTES),
         }
     }
 
@@ -197,6 +236,57 @@ mod tests {
             ClientFrame::parse(br#"{"type":"publish","seq":-1,"data":{}}"#),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn seq_is_from_1_to_max_seq() {
+        let publish = |seq: u64| format!(r#"{{"type":"publish","seq":{seq},"data":{{}}}}"#);
+        for bad in [0, MAX_SEQ + 1, u64::MAX] {
+            assert!(
+                matches!(
+                    ClientFrame::parse(publish(bad).as_bytes()),
+                    Err(FrameError::SeqOutOfRange)
+                ),
+                "{bad}"
+            );
+        }
+        for good in [1, MAX_SEQ] {
+            assert!(
+                ClientFrame::parse(publish(good).as_bytes()).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ref_longer_than_the_bound_is_refused_and_never_echoed() {
+        let long = format!(
+            r#"{{"type":"subscribe","channel":"fleet","ref":"{}"}}"#,
+            "x".repeat(300)
+        );
+        assert!(matches!(
+            ClientFrame::parse(long.as_bytes()),
+            Err(FrameError::RefTooLong)
+        ));
+        assert!(ClientFrame::echo(long.as_bytes()).reference.is_none());
+    }
+
+    #[test]
+    fn undecodable_frames_still_echo_their_seq_and_ref() {
+        let echo = ClientFrame::echo(br#"{"type":"publish","seq":5,"data":[1],"ref":"a"}"#);
+        assert_eq!(
+            (echo.seq, echo.reference.map(|r| r.get())),
+            (Some(5), Some(r#""a""#))
+        );
+        let echo = ClientFrame::echo(br#"{"type":"dance","ref":{"n":1}}"#);
+        assert_eq!(echo.reference.map(|r| r.get()), Some(r#"{"n":1}"#));
+        let echo = ClientFrame::echo(br#"{"type":"publish","seq":"five","ref":7}"#);
+        assert_eq!(
+            (echo.seq, echo.reference.map(|r| r.get())),
+            (None, Some("7"))
+        );
+        let echo = ClientFrame::echo(b"[1,2]");
+        assert!(echo.seq.is_none() && echo.reference.is_none());
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub use server::ServerFrame;
 /// (JavaScript's numbers included) reads exactly. `seq` 0 is not a reading either.
 pub const MAX_SEQ: u64 = (1 << 53) - 1;
 
+/// The longest `ref` a client frame may carry, in bytes of JSON: errors echo it, so it is
+/// bounded like everything else a client can make the hub queue.
+pub const MAX_REF_BYTES: usize = 256;
+
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -42,6 +46,10 @@ pub enum FrameError {
     UnknownType(String),
     #[error("`data` must be a JSON object")]
     DataNotObject,
+    #[error("`seq` must be from 1 to {MAX_SEQ}")]
+    SeqOutOfRange,
+    #[error("`ref` must be at most {MAX_REF_BYTES} bytes of JSON")]
+    RefTooLong,
 }
 
 impl FrameError {

@@ -86,7 +86,10 @@ impl Session {
     pub async fn handle_text(&mut self, text: &[u8]) -> Outcome {
         let frame = match ClientFrame::parse(text) {
             Ok(frame) => frame,
-            Err(e) => return self.error(e.code(), &e.to_string(), None, None),
+            Err(e) => {
+                let echo = ClientFrame::echo(text);
+                return self.error(e.code(), &e.to_string(), echo.seq, echo.reference);
+            }
         };
         match frame {
             ClientFrame::Subscribe {

@@ -58,8 +58,9 @@ impl Liveness {
 pub struct WriterSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    /// When the token expires (plus leeway): the connection is closed with 4001.
-    pub expires_at: SystemTime,
+    /// When the token expires (plus leeway): the connection is closed with 4001. `None`: beyond
+    /// what the clock can represent, so never.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Frames accepted by the socket in part or not yet at all.
@@ -132,10 +133,12 @@ pub async fn run<W: AsyncWrite + Unpin>(
     let start = tokio::time::Instant::now();
     let mut ping = tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let until_expiry = settings
-        .expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
+    let until_expiry = match settings.expires_at {
+        Some(at) => at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+        None => Duration::MAX,
+    };
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
     let idle_limit = settings.ping_interval + settings.pong_timeout;
@@ -247,14 +250,27 @@ impl Batch {
     }
 }
 
-/// `exp` (seconds since the epoch) as a point in time.
-pub fn expiry_time(exp: u64, leeway: Duration) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(exp) + leeway
+/// `exp` (seconds since the epoch) as a point in time; `None` when the clock cannot represent
+/// it (a token may say `exp: 2^63`).
+pub fn expiry_time(exp: u64, leeway: Duration) -> Option<SystemTime> {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp))?
+        .checked_add(leeway)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expiry_past_what_the_clock_holds_is_never() {
+        assert!(expiry_time(u64::MAX, Duration::from_secs(5)).is_none());
+        assert!(expiry_time(1 << 63, Duration::ZERO).is_none());
+        assert_eq!(
+            expiry_time(10, Duration::from_secs(5)),
+            Some(UNIX_EPOCH + Duration::from_secs(15))
+        );
+    }
 
     #[test]
     fn pending_advances_across_buffers() {

@@ -60,6 +60,68 @@ async fn malformed_frames_get_an_error_and_the_connection_stays_open() {
 }
 
 #[tokio::test]
+async fn errors_for_frames_that_do_not_decode_still_echo_their_ref_and_seq() {
+    let hub = TestHub::start().await;
+    let mut viewer = hub.viewer("v", &[]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    viewer.send_text(r#"{"type":"dance","ref":{"n":7}}"#).await;
+    let error = viewer.expect("error").await;
+    assert_eq!(
+        (&error["code"], &error["ref"]),
+        (&json!("unknown_type"), &json!({"n": 7}))
+    );
+    viewer.send_text(r#"{"type":"subscribe","ref":"s1"}"#).await;
+    let error = viewer.expect("error").await;
+    assert_eq!(
+        (&error["code"], &error["ref"]),
+        (&json!("bad_frame"), &json!("s1"))
+    );
+
+    agent
+        .send_text(r#"{"type":"publish","seq":9,"data":[1],"ref":3}"#)
+        .await;
+    let error = agent.expect("error").await;
+    assert_eq!(
+        (&error["code"], &error["seq"], &error["ref"]),
+        (&json!("bad_frame"), &json!(9), &json!(3))
+    );
+}
+
+#[tokio::test]
+async fn a_seq_outside_1_to_2_pow_53_minus_1_is_refused_and_cannot_wedge_the_device() {
+    let hub = TestHub::start().await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    for seq in [0, hub_protocol::MAX_SEQ + 1, u64::MAX] {
+        let reply = agent.publish(seq, json!({"v": 1})).await;
+        assert_eq!(
+            (&reply["code"], &reply["seq"]),
+            (&json!("bad_frame"), &json!(seq)),
+            "{seq}"
+        );
+    }
+    assert_eq!(agent.publish(1, json!({"v": 1})).await["type"], "ack");
+    let again = hub.agent("pi-1", &[]).await;
+    assert_eq!(
+        again.hello["last_seq"], 1,
+        "nothing out of range was remembered"
+    );
+}
+
+#[tokio::test]
+async fn a_ref_longer_than_256_bytes_is_refused_without_being_echoed() {
+    let hub = TestHub::start().await;
+    let mut viewer = hub.viewer("v", &[]).await;
+    let long = "x".repeat(64 * 1024 - 100);
+    viewer
+        .send(json!({"type": "subscribe", "channel": "fleet", "ref": long}))
+        .await;
+    let error = viewer.expect("error").await;
+    assert_eq!(error["code"], "bad_frame");
+    assert!(error.get("ref").is_none());
+    assert!(error.to_string().len() < 512, "{error}");
+}
+
+#[tokio::test]
 async fn a_binary_frame_is_closed_with_1003() {
     let hub = TestHub::start().await;
     let mut client = hub.viewer("v", &["fleet"]).await;

@@ -255,3 +255,19 @@ async fn a_connection_is_closed_with_4001_when_its_token_expires() {
     // Other connections are unaffected.
     hub.viewer("long-lived", &["fleet"]).await;
 }
+
+#[tokio::test]
+async fn a_token_expiring_past_what_the_clock_holds_connects_and_works() {
+    let hub = TestHub::start().await;
+    for exp in [1 << 63, u64::MAX] {
+        let mut agent = hub
+            .connect(&hub.sign(&claims("pi-far", "agent", exp)))
+            .await;
+        assert_eq!(agent.hello["expires_at"], exp);
+        let seq = agent.hello["last_seq"].as_u64().unwrap() + 1;
+        assert_eq!(
+            agent.publish(seq, serde_json::json!({"v": 1})).await["type"],
+            "ack"
+        );
+    }
+}

@@ -309,3 +309,23 @@ async fn unsubscribe_stops_delivery() {
     );
     assert_eq!(hub.metric("hub_subscriptions").await, 0.0);
 }
+
+#[tokio::test]
+async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
+    let hub = TestHub::with(|s| s.history.meta_ttl = Duration::from_secs(1)).await;
+    common::a_device_silent_past_meta_ttl_starts_over_on_every_channel(&hub).await;
+}
+
+#[tokio::test]
+async fn a_group_named_twice_in_a_token_is_published_to_once() {
+    let hub = TestHub::start().await;
+    let mut group = hub.viewer("v", &["groups.north"]).await;
+    let mut agent = hub.agent("pi-1", &["north", "north"]).await;
+    assert_eq!(agent.publish(1, json!({"n": 1})).await["type"], "ack");
+    assert_eq!(agent.publish(2, json!({"n": 2})).await["type"], "ack");
+    assert_eq!(offsets(&group.messages(2).await), [1, 2]);
+    assert!(matches!(
+        group.next_within(Duration::from_millis(300)).await,
+        Event::Timeout
+    ));
+}

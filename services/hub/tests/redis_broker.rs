@@ -481,3 +481,24 @@ async fn a_resume_on_a_busy_channel_still_recovers() {
     let got = resumed.messages((total - 5) as usize).await;
     assert_eq!(offsets(&got), (6..=total).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis_with(&redis, |s| s.history.meta_ttl = Duration::from_secs(1)).await;
+    common::a_device_silent_past_meta_ttl_starts_over_on_every_channel(&hub).await;
+}
+
+#[tokio::test]
+async fn a_group_named_twice_in_a_token_is_published_to_once() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    let mut group = hub.viewer("v", &["groups.north"]).await;
+    let mut agent = hub.agent("pi-1", &["north", "north"]).await;
+    assert_eq!(agent.publish(1, json!({"n": 1})).await["type"], "ack");
+    assert_eq!(offsets(&group.messages(1).await), [1]);
+    assert!(matches!(
+        group.next_within(Duration::from_millis(500)).await,
+        Event::Timeout
+    ));
+}

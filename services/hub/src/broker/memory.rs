@@ -155,7 +155,7 @@ impl Inner {
         let now = Instant::now();
         // Held across the appends so that two connections of one device cannot interleave.
         let mut devices = lock(&self.devices);
-        let last = devices.get(p.device).map_or(0, |d| d.last_seq);
+        let last = self.remembered(&devices, p.device, now);
         if p.seq <= last {
             if let Some(d) = devices.get_mut(p.device) {
                 d.seen = now;
@@ -183,6 +183,20 @@ impl Inner {
             }
         }
         PublishOutcome::Accepted
+    }
+
+    /// The device's last accepted seq, forgotten `meta_ttl` after its last publish whether or not
+    /// the sweep has run yet (the Redis broker forgets at that moment too).
+    fn remembered(
+        &self,
+        devices: &HashMap<Box<str>, DeviceSeq>,
+        device: &str,
+        now: Instant,
+    ) -> u64 {
+        devices
+            .get(device)
+            .filter(|d| now.saturating_duration_since(d.seen) <= self.history.meta_ttl)
+            .map_or(0, |d| d.last_seq)
     }
 
     fn append(&self, ch: &mut Channel, name: &str, p: &Publication<'_>, now: Instant) {
@@ -300,9 +314,8 @@ impl Broker for MemoryBroker {
     }
 
     async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
-        Ok(lock(&self.inner.devices)
-            .get(device)
-            .map_or(0, |d| d.last_seq))
+        let devices = lock(&self.inner.devices);
+        Ok(self.inner.remembered(&devices, device, Instant::now()))
     }
 
     fn is_ready(&self) -> bool {

@@ -1,6 +1,7 @@
 //! A real hub on a loopback port and real WebSocket clients for the integration tests.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -648,4 +649,45 @@ pub async fn publish_all(
         }
     }
     report
+}
+
+/// A device silent for longer than `history.meta_ttl` (set short by the caller) is forgotten on
+/// every channel at once: its next seq 1 is new on its device channel, the fleet and its groups
+/// alike, while another device keeps `fleet` and the group busy meanwhile.
+pub async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel(hub: &TestHub) {
+    let channels = ["devices.pi-a", "fleet", "groups.north"];
+    let mut viewer = hub.viewer("v", &channels).await;
+    let mut agent = hub.agent("pi-a", &["north"]).await;
+    for seq in 1..=5 {
+        assert_eq!(agent.publish(seq, json!({"n": seq})).await["type"], "ack");
+    }
+    drop(agent);
+    let mut busy = hub.agent("pi-b", &["north"]).await;
+    let silent_until = tokio::time::Instant::now() + 2 * hub.settings.history.meta_ttl;
+    let mut seq = busy.hello["last_seq"].as_u64().unwrap();
+    while tokio::time::Instant::now() < silent_until {
+        seq += 1;
+        assert_eq!(busy.publish(seq, json!({"busy": seq})).await["type"], "ack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut agent = hub.agent("pi-a", &["north"]).await;
+    assert_eq!(agent.hello["last_seq"], 0, "forgotten");
+    assert_eq!(
+        agent.publish(1, json!({"again": 1})).await,
+        json!({"type": "ack", "seq": 1}),
+        "new, not a duplicate"
+    );
+    let mut missing: BTreeSet<&str> = channels.into_iter().collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !missing.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match viewer.next_within(left).await {
+            Event::Frame(f) if f["type"] == "message" && f["data"] == json!({"again": 1}) => {
+                assert!(missing.remove(f["channel"].as_str().unwrap()), "twice: {f}");
+            }
+            Event::Frame(_) => {}
+            other => panic!("the reading never reached {missing:?}: {other:?}"),
+        }
+    }
 }

@@ -186,7 +186,7 @@ impl Broker for RedisBroker {
             .publish(p.device, p.seq, p.channels, p.data, traceparent.as_deref())
             .instrument(span)
             .await?;
-        Ok(if offsets.iter().all(|o| *o == 0) {
+        Ok(if offsets.is_empty() {
             PublishOutcome::Duplicate
         } else {
             PublishOutcome::Accepted

@@ -7,11 +7,14 @@
 //! |---|---|---|
 //! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given) |
 //! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
-//! | `tl:{ch}:seq` | hash | device → last `seq` appended to this channel |
+//! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D` |
 //! | `tl:{ch}:pub` | pub/sub channel | envelopes: `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` |
 //!
-//! Deduplication is per channel: a publication interrupted half-way is retried by its agent and
-//! completes the channels it missed, without duplicating the others.
+//! Deduplication is per device, as on the embedded broker: one value (kept with the device's own
+//! channel, forgotten `history.meta_ttl` after the device's last publish) decides for every
+//! channel of a publication, so a device that comes back after that time starts over everywhere
+//! at once. The publication is one script on one instance, so it is applied to all its channels
+//! or to none.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,11 +27,12 @@ use crate::broker::BrokerError;
 use crate::config::HistorySettings;
 use crate::metrics::Metrics;
 
-/// One publication into every target channel, in one round trip. Per channel: skip if the
-/// device's `seq` is not above the last one seen there, else take the next offset, build the
-/// `message` JSON once, append it to the stream, remember the `seq`, refresh the TTLs and
-/// PUBLISH the envelope (with the publishing span's `traceparent` when the publication is
-/// traced). Returns the new offset per channel, 0 where it was a duplicate.
+/// One publication into every target channel, in one round trip. `KEYS[1]` is the device's seq
+/// hash; then `meta`, `log` per channel. If the device's `seq` is not above the last one accepted
+/// from it, nothing happens but refreshing that memory. Else, per channel: take the next offset,
+/// build the `message` JSON once, append it to the stream, refresh the TTLs and PUBLISH the
+/// envelope (with the publishing span's `traceparent` when the publication is traced); then the
+/// device's `seq` is remembered. Returns the new offset per channel, none for a duplicate.
 /// `seq`s are compared as decimal strings: Lua numbers are doubles and u64s do not fit.
 const PUBLISH: &str = r#"
 local device, seq, now = ARGV[1], ARGV[2], ARGV[3]
@@ -43,42 +47,43 @@ local function message(channel, epoch, offset)
   return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
     '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
 end
-local offsets = {}
-for i = 0, #KEYS / 3 - 1 do
-  local meta, log, seqs = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local channel = ARGV[9 + i]
-  local last = redis.call('HGET', seqs, device) or '0'
-  if above(seq, last) then
-    local epoch = redis.call('HGET', meta, 'epoch')
-    if not epoch then
-      epoch = new_epoch
-      redis.call('HSET', meta, 'epoch', epoch)
-    end
-    local offset = redis.call('HINCRBY', meta, 'offset', 1)
-    local msg = message(channel, epoch, offset)
-    if size > 0 then
-      local added = redis.pcall('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
-      if type(added) == 'table' and added.err then
-        -- The stream is ahead of the offset: Redis lost writes it had acknowledged. The old
-        -- history belongs to a lost timeline; start a new epoch with an empty one.
-        redis.call('DEL', log)
-        epoch, offset = new_epoch, 1
-        redis.call('HSET', meta, 'epoch', epoch, 'offset', offset)
-        msg = message(channel, epoch, offset)
-        redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
-      end
-      redis.call('PEXPIRE', log, meta_ttl)
-    end
-    redis.call('HSET', seqs, device, seq)
-    redis.call('PEXPIRE', meta, meta_ttl)
-    redis.call('PEXPIRE', seqs, meta_ttl)
-    redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub',
-      offset .. ' ' .. epoch .. ' ' .. now .. trace .. '\n' .. msg)
-    offsets[#offsets + 1] = offset
-  else
-    offsets[#offsets + 1] = 0
-  end
+local seqs = KEYS[1]
+local last = redis.call('HGET', seqs, device) or '0'
+redis.call('PEXPIRE', seqs, meta_ttl)
+if not above(seq, last) then
+  return {}
 end
+local offsets = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local meta, log = KEYS[i * 2 + 2], KEYS[i * 2 + 3]
+  local channel = ARGV[9 + i]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = new_epoch
+    redis.call('HSET', meta, 'epoch', epoch)
+  end
+  local offset = redis.call('HINCRBY', meta, 'offset', 1)
+  local msg = message(channel, epoch, offset)
+  if size > 0 then
+    local added = redis.pcall('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+    if type(added) == 'table' and added.err then
+      -- The stream is ahead of the offset: Redis lost writes it had acknowledged. The old
+      -- history belongs to a lost timeline; start a new epoch with an empty one.
+      redis.call('DEL', log)
+      epoch, offset = new_epoch, 1
+      redis.call('HSET', meta, 'epoch', epoch, 'offset', offset)
+      msg = message(channel, epoch, offset)
+      redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+    end
+    redis.call('PEXPIRE', log, meta_ttl)
+  end
+  redis.call('PEXPIRE', meta, meta_ttl)
+  redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub',
+    offset .. ' ' .. epoch .. ' ' .. now .. trace .. '\n' .. msg)
+  offsets[#offsets + 1] = offset
+end
+redis.call('HSET', seqs, device, seq)
+redis.call('PEXPIRE', seqs, meta_ttl)
 return offsets
 "#;
 
@@ -112,7 +117,10 @@ pub fn log_key(channel: &str) -> String {
     format!("tl:{{{channel}}}:log")
 }
 
-pub fn seq_key(channel: &str) -> String {
+/// The hash that remembers `device`'s last accepted `seq` (field `device`), kept in the slot of
+/// the device's own channel.
+pub fn device_seq_key(device: &str) -> String {
+    let channel = hub_protocol::channel::device_channel(device);
     format!("tl:{{{channel}}}:seq")
 }
 
@@ -220,7 +228,7 @@ impl Store {
         result
     }
 
-    /// Appends one publication to `channels`; returns the new offsets (0: duplicate there).
+    /// Appends one publication to `channels`; returns the new offsets (none: a duplicate).
     pub async fn publish(
         &self,
         device: &str,
@@ -230,10 +238,9 @@ impl Store {
         traceparent: Option<&str>,
     ) -> Result<Vec<u64>, BrokerError> {
         let mut call = self.publish.prepare_invoke();
+        call.key(device_seq_key(device));
         for channel in channels {
-            call.key(meta_key(channel))
-                .key(log_key(channel))
-                .key(seq_key(channel));
+            call.key(meta_key(channel)).key(log_key(channel));
         }
         call.arg(device)
             .arg(seq.to_string())
@@ -325,9 +332,9 @@ impl Store {
             .collect())
     }
 
-    /// The last `seq` accepted from `device` (kept with its own channel).
+    /// The last `seq` accepted from `device`.
     pub async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
-        let key = seq_key(&hub_protocol::channel::device_channel(device));
+        let key = device_seq_key(device);
         let seq: Option<u64> = self
             .run(async |conn| {
                 redis::cmd("HGET")
