@@ -16,6 +16,9 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// The shortest HS256 secret the hub accepts: 256 bits, the size of the hash.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -276,6 +279,17 @@ impl Settings {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
+        let raw = |name: &str| match &env {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        };
+        let verbatim = [
+            "HUB_AUTH__HS256_SECRET",
+            "HUB_AUTH__ISSUER",
+            "HUB_AUTH__AUDIENCE",
+            "HUB_NODE_ID",
+        ]
+        .map(|name| raw(name));
         let environment = config::Environment::with_prefix("HUB")
             .prefix_separator("_")
             .separator("__")
@@ -283,7 +297,21 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("auth.viewer_channels")
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        // `try_parsing` (which lists need) reads a digits-only value as a number, and a long one
+        // as a float that has lost digits: these strings are taken as they were written.
+        let [secret, issuer, audience, node_id] = verbatim;
+        let strings = [
+            (secret, &mut settings.auth.hs256_secret),
+            (issuer, &mut settings.auth.issuer),
+            (audience, &mut settings.auth.audience),
+            (node_id, &mut settings.node_id),
+        ];
+        for (value, slot) in strings {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -307,8 +335,17 @@ impl Settings {
                     "set either it or auth.hs256_secret, not both",
                 ));
             }
-            (Some(secret), None) if secret.is_empty() => {
-                return Err(invalid("auth.hs256_secret", "must not be empty"));
+            // RFC 7518 §3.2: an HS256 key at least as long as the hash. A short one is a password
+            // an attacker can guess offline from any token.
+            (Some(secret), None) if secret.len() < MIN_HS256_SECRET_BYTES => {
+                return Err(invalid(
+                    "auth.hs256_secret",
+                    format!(
+                        "is {} bytes; it must be at least {MIN_HS256_SECRET_BYTES} \
+                         (generate one with `openssl rand -base64 32`)",
+                        secret.len()
+                    ),
+                ));
             }
             (None, Some(path)) => {
                 std::fs::metadata(path).map_err(|e| {
@@ -392,7 +429,7 @@ mod tests {
         let file = dir.path().join("hub.toml");
         std::fs::write(
             &file,
-            "listen = \"127.0.0.1:9000\"\n[auth]\nhs256_secret = \"from-file\"\n[limits]\nmax_subscriptions = 7\n",
+            "listen = \"127.0.0.1:9000\"\n[auth]\nhs256_secret = \"from-file-from-file-from-file-32b!\"\n[limits]\nmax_subscriptions = 7\n",
         )
         .unwrap();
         let settings = Settings::load_from(
@@ -404,7 +441,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.listen, "127.0.0.1:9100".parse().unwrap());
-        assert_eq!(settings.auth.hs256_secret.as_deref(), Some("from-file"));
+        assert_eq!(
+            settings.auth.hs256_secret.as_deref(),
+            Some("from-file-from-file-from-file-32b!")
+        );
         assert_eq!(settings.limits.max_subscriptions, 7);
         assert_eq!(settings.ws.ping_interval, Duration::from_millis(750));
         assert_eq!(settings.history.size, 1000);
@@ -415,12 +455,18 @@ mod tests {
         let settings = Settings::load_from(
             None,
             env(&[
-                ("HUB_AUTH__HS256_SECRET", "123456"),
+                ("HUB_AUTH__HS256_SECRET", "12345678901234567890123456789012"),
+                ("HUB_NODE_ID", "0042"),
                 ("HUB_AUTH__VIEWER_CHANNELS", "fleet,devices.*"),
             ]),
         )
         .unwrap();
-        assert_eq!(settings.auth.hs256_secret.as_deref(), Some("123456"));
+        assert_eq!(
+            settings.auth.hs256_secret.as_deref(),
+            Some("12345678901234567890123456789012"),
+            "every digit kept"
+        );
+        assert_eq!(settings.node_id.as_deref(), Some("0042"));
         assert_eq!(
             settings.auth.viewer_channels.unwrap(),
             ["fleet", "devices.*"]
@@ -445,6 +491,22 @@ mod tests {
         );
     }
 
+    const GOOD: &str = "a-secret-of-at-least-thirty-two-bytes";
+
+    #[test]
+    fn a_short_hs256_secret_is_refused_naming_the_key() {
+        for short in ["s", "0123456789012345678901234567890"] {
+            let e = Settings::load_from(None, env(&[("HUB_AUTH__HS256_SECRET", short)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("auth.hs256_secret") && e.contains("at least 32"),
+                "{e}"
+            );
+        }
+        assert!(Settings::load_from(None, env(&[("HUB_AUTH__HS256_SECRET", GOOD)])).is_ok());
+    }
+
     #[test]
     fn errors_name_the_key() {
         let err = |pairs: &[(&str, &str)]| {
@@ -454,26 +516,26 @@ mod tests {
         };
         assert!(err(&[]).contains("auth.hs256_secret"));
         let e = err(&[
-            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_AUTH__HS256_SECRET", GOOD),
             ("HUB_LIMITS__MAX_CONNECTIONS", "many"),
         ]);
         assert!(e.contains("limits.max_connections"), "{e}");
-        let e = err(&[("HUB_AUTH__HS256_SECRET", "s"), ("HUB_LISTEN", "nowhere")]);
+        let e = err(&[("HUB_AUTH__HS256_SECRET", GOOD), ("HUB_LISTEN", "nowhere")]);
         assert!(e.contains("listen"), "{e}");
         let e = err(&[
-            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_AUTH__HS256_SECRET", GOOD),
             ("HUB_LIMITS__OUTBOUND_QUEUE", "0"),
         ]);
         assert!(e.contains("limits.outbound_queue"), "{e}");
         let e = err(&[
-            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_AUTH__HS256_SECRET", GOOD),
             ("HUB_AUTH__VIEWER_CHANNELS", "dev*"),
         ]);
         assert!(e.contains("auth.viewer_channels"), "{e}");
         let e = err(&[("HUB_AUTH__PUBLIC_KEY_FILE", "/nonexistent/key.pem")]);
         assert!(e.contains("auth.public_key_file"), "{e}");
         let e = err(&[
-            ("HUB_AUTH__HS256_SECRET", "s"),
+            ("HUB_AUTH__HS256_SECRET", GOOD),
             ("HUB_WS__PING_INTERVAL", "soon"),
         ]);
         assert!(e.contains("ws.ping_interval"), "{e}");

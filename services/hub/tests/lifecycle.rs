@@ -204,15 +204,19 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
     for (env, key) in [
         (vec![("HUB_LISTEN", "127.0.0.1:0")], "auth.hs256_secret"),
         (
+            vec![("HUB_AUTH__HS256_SECRET", "short")],
+            "auth.hs256_secret",
+        ),
+        (
             vec![
-                ("HUB_AUTH__HS256_SECRET", "s"),
+                ("HUB_AUTH__HS256_SECRET", SECRET),
                 ("HUB_LIMITS__MAX_CONNECTIONS", "lots"),
             ],
             "limits.max_connections",
         ),
         (
             vec![
-                ("HUB_AUTH__HS256_SECRET", "s"),
+                ("HUB_AUTH__HS256_SECRET", SECRET),
                 ("HUB_BROKER__URL", "postgres://127.0.0.1:1"),
             ],
             "broker.url",
@@ -223,10 +227,17 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(key), "expected `{key}` in: {stderr}");
     }
+    // Minting with a weak key is refused too.
+    let mut cmd = hub_command(&[("HUB_AUTH__HS256_SECRET", "short")]);
+    cmd.args(["token", "--sub", "pi-1", "--role", "agent"]);
+    let out = exits_within(cmd, Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.hs256_secret"));
+
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hub.toml");
     std::fs::write(&file, "[ws]\nping_interval = \"often\"\n").unwrap();
-    let mut cmd = hub_command(&[("HUB_AUTH__HS256_SECRET", "s")]);
+    let mut cmd = hub_command(&[("HUB_AUTH__HS256_SECRET", SECRET)]);
     cmd.arg("--config").arg(&file);
     let out = exits_within(cmd, Duration::from_secs(10));
     assert!(!out.status.success());
