@@ -111,6 +111,8 @@ fn start_server(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server>
         .env("HUB_LIMITS__MAX_CONNECTIONS", big)
         .env("HUB_LIMITS__CONNECT_RATE", big)
         .env("HUB_LIMITS__CONNECT_BURST", big)
+        // Every simulated viewer shares one token: one identity holding all the connections.
+        .env("HUB_LIMITS__MAX_CONNECTIONS_PER_VIEWER", big)
         .env("HUB_LIMITS__PUBLISH_RATE", big)
         .env("HUB_LIMITS__PUBLISH_BURST", big)
         .env("RUST_LOG", "warn,hub::server=info")

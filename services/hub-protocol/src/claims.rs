@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The role a token grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A device: publishes its own readings.
     Agent,

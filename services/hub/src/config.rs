@@ -197,10 +197,15 @@ pub struct Limits {
     /// Largest inbound message (after reassembling fragments), in bytes.
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
-    /// Sustained publishes per second per agent connection.
+    /// Sustained publishes per second per device, across all its connections to this hub.
     pub publish_rate: f64,
     pub publish_burst: u32,
     pub max_connections: usize,
+    /// Connections one device (an agent token's `sub`) may hold open on this hub. A device needs
+    /// one; a few more cover connections a flapping link left behind until they time out.
+    pub max_connections_per_agent: usize,
+    /// Connections one viewer identity (a viewer token's `sub`) may hold open on this hub.
+    pub max_connections_per_viewer: usize,
     /// New WebSocket connections admitted per second (reconnect storms).
     pub connect_rate: f64,
     pub connect_burst: u32,
@@ -220,6 +225,8 @@ impl Default for Limits {
             publish_rate: 100.0,
             publish_burst: 200,
             max_connections: 100_000,
+            max_connections_per_agent: 16,
+            max_connections_per_viewer: 256,
             connect_rate: 5_000.0,
             connect_burst: 10_000,
             outbound_queue: 1024,
@@ -289,7 +296,7 @@ impl Settings {
             "HUB_AUTH__AUDIENCE",
             "HUB_NODE_ID",
         ]
-        .map(|name| raw(name));
+        .map(raw);
         let environment = config::Environment::with_prefix("HUB")
             .prefix_separator("_")
             .separator("__")
@@ -370,12 +377,20 @@ impl Settings {
             ));
         }
         let l = &self.limits;
-        let positive: [(&'static str, bool); 8] = [
+        let positive: [(&'static str, bool); 10] = [
             ("limits.max_message_bytes", l.max_message_bytes >= 128),
             ("limits.max_subscriptions", l.max_subscriptions > 0),
             ("limits.publish_rate", l.publish_rate > 0.0),
             ("limits.publish_burst", l.publish_burst > 0),
             ("limits.max_connections", l.max_connections > 0),
+            (
+                "limits.max_connections_per_agent",
+                l.max_connections_per_agent > 0,
+            ),
+            (
+                "limits.max_connections_per_viewer",
+                l.max_connections_per_viewer > 0,
+            ),
             ("limits.connect_rate", l.connect_rate > 0.0),
             ("limits.connect_burst", l.connect_burst > 0),
             ("limits.outbound_queue", l.outbound_queue > 0),

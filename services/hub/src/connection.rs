@@ -71,7 +71,12 @@ pub async fn serve(
     gauge.inc();
     debug!(id = outbox.id(), sub = %identity.sub, role = role.as_str(), "connected");
 
-    let mut session = Session::new(identity, state.clone(), outbox.clone());
+    let mut session = Session::new(
+        identity,
+        state.clone(),
+        outbox.clone(),
+        permit.share().clone(),
+    );
     match session.start().await {
         Ok(()) => read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await,
         Err(code) => outbox.close(CloseReason::Hub(code)),

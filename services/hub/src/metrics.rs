@@ -143,7 +143,12 @@ impl Histogram {
 }
 
 pub const ROLES: &[&str] = &["agent", "viewer"];
-pub const REFUSALS: &[&str] = &["draining", "max_connections", "connect_rate"];
+pub const REFUSALS: &[&str] = &[
+    "draining",
+    "max_connections",
+    "connect_rate",
+    "identity_connections",
+];
 pub const PUBLISH_RESULTS: &[&str] = &["accepted", "duplicate", "refused"];
 pub const RECOVERY_RESULTS: &[&str] = &["recovered", "not_recovered"];
 
@@ -239,7 +244,7 @@ impl Metrics {
             ),
             f(
                 "hub_connections_refused_total",
-                "Upgrades refused before authentication.",
+                "Upgrades refused by admission control (draining, the connection cap, the connect rate, an identity's share).",
                 Labelled(&self.refused),
             ),
             f(

@@ -27,7 +27,7 @@ use crate::auth::{AUTH_FAILURE_REASONS, AuthError, Authenticator};
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
 use crate::connection;
-use crate::limits::{ConnectionGate, Refusal};
+use crate::limits::{ConnectionGate, IdentityLimits, Refusal};
 use crate::metrics::Metrics;
 use crate::outbox::DISCONNECT_REASONS;
 
@@ -140,6 +140,12 @@ impl Server {
             limits.max_connections,
             limits.connect_rate,
             limits.connect_burst,
+            IdentityLimits {
+                agent_connections: limits.max_connections_per_agent,
+                viewer_connections: limits.max_connections_per_viewer,
+                publish_rate: limits.publish_rate,
+                publish_burst: limits.publish_burst,
+            },
         );
         let state = Arc::new(AppState {
             node_id: settings.resolved_node_id(),
@@ -292,7 +298,8 @@ fn upgrade(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
     response
 }
 
-/// The upgrade's checks in order: draining, WebSocket, admission, token.
+/// The upgrade's checks in order: draining, WebSocket, connection cap, token, the identity's
+/// share, connect rate.
 fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Response<Body> {
     let metrics = &state.metrics;
     if state.draining.load(Ordering::Acquire) {
@@ -316,21 +323,12 @@ fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Resp
             "this endpoint speaks WebSocket only",
         );
     }
-    let permit = match state.gate.admit() {
-        Ok(permit) => permit,
-        Err(refusal) => {
-            metrics.refused.inc(refusal.reason());
-            let status = match refusal {
-                Refusal::MaxConnections => StatusCode::SERVICE_UNAVAILABLE,
-                Refusal::ConnectRate => StatusCode::TOO_MANY_REQUESTS,
-            };
-            return retry_later(
-                status,
-                refusal.reason(),
-                "too many connections; retry with backoff",
-            );
-        }
+    let slot = match state.gate.reserve() {
+        Ok(slot) => slot,
+        Err(refusal) => return refuse(state, refusal),
     };
+    // The token before the connect rate: a flood of upgrades without a valid token must not use
+    // up the budget that devices reconnecting after an outage need.
     let identity = match token(&req)
         .ok_or(AuthError::Missing)
         .and_then(|t| state.auth.authenticate(&t))
@@ -342,6 +340,10 @@ fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Resp
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
             return json_error(status, e.reason(), &e.to_string());
         }
+    };
+    let permit = match state.gate.admit(slot, identity.role, &identity.sub) {
+        Ok(permit) => permit,
+        Err(refusal) => return refuse(state, refusal),
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(parts) => parts,
@@ -363,6 +365,26 @@ fn admit(mut req: Request<Incoming>, state: &Arc<AppState>, span: &Span) -> Resp
     let serve = connection::serve(upgrade, identity, state.clone(), permit);
     state.connections.spawn(in_span(connection_span, serve));
     response.map(|_| Body::default())
+}
+
+/// An upgrade turned away by admission control.
+fn refuse(state: &AppState, refusal: Refusal) -> Response<Body> {
+    state.metrics.refused.inc(refusal.reason());
+    let (status, message) = match refusal {
+        Refusal::MaxConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this hub is full; retry with backoff",
+        ),
+        Refusal::ConnectRate => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many new connections; retry with backoff",
+        ),
+        Refusal::IdentityConnections => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "this identity holds as many connections as it may; close one or retry later",
+        ),
+    };
+    retry_later(status, refusal.reason(), message)
 }
 
 /// The token from `Authorization: Bearer …`, else from the `token` query parameter.

@@ -16,7 +16,7 @@ use tracing::{Span, info_span, warn};
 use crate::auth::Identity;
 use crate::broker::{BrokerError, Publication, PublishOutcome};
 use crate::frame;
-use crate::limits::TokenBucket;
+use crate::limits::Share;
 use crate::outbox::{Outbound, Outbox};
 use crate::server::AppState;
 
@@ -31,7 +31,8 @@ pub struct Session {
 /// Publishing state of an agent connection.
 struct Publisher {
     channels: Vec<String>,
-    bucket: TokenBucket,
+    /// The device's budget, shared with its other connections to this hub.
+    share: Arc<Share>,
     refused_in_row: u32,
     /// The first refused `seq` not yet sent again, and why it was refused. Later seqs are refused
     /// until it comes back: accepting one would make the refused reading a "duplicate" forever.
@@ -41,11 +42,15 @@ struct Publisher {
 type Outcome = Result<(), CloseCode>;
 
 impl Session {
-    pub fn new(identity: Identity, state: Arc<AppState>, outbox: Outbox) -> Self {
-        let limits = &state.settings.limits;
+    pub fn new(
+        identity: Identity,
+        state: Arc<AppState>,
+        outbox: Outbox,
+        share: Arc<Share>,
+    ) -> Self {
         let publisher = (identity.role == Role::Agent).then(|| Publisher {
             channels: publication_channels(&identity.sub, &identity.groups),
-            bucket: TokenBucket::new(limits.publish_rate, limits.publish_burst),
+            share,
             refused_in_row: 0,
             awaiting_resend: None,
         });
@@ -260,7 +265,12 @@ impl Session {
             None => {}
         }
         let now = Instant::now();
-        if !publisher.bucket.try_take(now) {
+        let allowed = publisher
+            .share
+            .publish
+            .lock()
+            .map_or(true, |mut bucket| bucket.try_take(now));
+        if !allowed {
             metrics.publications.inc("refused");
             publisher.refused_in_row += 1;
             // An agent that keeps flooding after being told is cut off.

@@ -328,7 +328,7 @@ async fn a_slow_consumer_is_cut_off_while_100_fast_ones_receive_everything() {
 }
 
 #[tokio::test]
-async fn connections_past_the_cap_or_the_connect_rate_are_refused_before_auth() {
+async fn connections_past_the_cap_or_the_connect_rate_are_refused() {
     let capped = TestHub::with(|s| s.limits.max_connections = 2).await;
     let _a = capped.viewer("a", &[]).await;
     let b = capped.viewer("b", &[]).await;
@@ -368,6 +368,118 @@ async fn connections_past_the_cap_or_the_connect_rate_are_refused_before_auth() 
             .await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_upgrades_without_a_valid_token_does_not_use_up_the_connect_rate() {
+    let hub = TestHub::with(|s| {
+        s.limits.connect_rate = 0.01;
+        s.limits.connect_burst = 3;
+    })
+    .await;
+    let forged = {
+        let claims = hub_protocol::Claims {
+            sub: "pi-forged".into(),
+            role: "agent".into(),
+            exp: hub::auth::unix_now() + 600,
+            iat: None,
+            nbf: None,
+            iss: None,
+            aud: None,
+            groups: None,
+            channels: None,
+        };
+        let key = jsonwebtoken::EncodingKey::from_secret(b"not-the-hub-secret-not-the-hub-secret");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    };
+    for i in 0..40 {
+        let path = if i % 2 == 0 {
+            "/ws".to_owned()
+        } else {
+            format!("/ws?token={forged}")
+        };
+        let refused = common::connect(hub.addr, &path, None).await.err().unwrap();
+        assert_eq!(refused.status, 401, "{:?}", refused.body);
+    }
+    // The devices reconnecting after an outage still get the whole budget.
+    for i in 0..3 {
+        hub.agent(&format!("pi-{i}"), &[]).await;
+    }
+    let refused = hub
+        .try_connect(&hub.token("pi-3", Role::Agent))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (429, Some("connect_rate"))
+    );
+}
+
+#[tokio::test]
+async fn one_identity_cannot_take_more_than_its_share_of_connections() {
+    let hub = TestHub::with(|s| {
+        s.limits.max_connections_per_agent = 2;
+        s.limits.max_connections_per_viewer = 3;
+    })
+    .await;
+    let agents = [hub.agent("pi-1", &[]).await, hub.agent("pi-1", &[]).await];
+    let mut viewers = Vec::new();
+    for _ in 0..3 {
+        viewers.push(hub.viewer("wall", &[]).await);
+    }
+    for (token, what) in [
+        (hub.token("pi-1", Role::Agent), "a third connection of pi-1"),
+        (
+            hub.token("wall", Role::Viewer),
+            "a fourth connection of wall",
+        ),
+    ] {
+        let refused = hub.try_connect(&token).await.err().unwrap();
+        assert_eq!(
+            (refused.status, refused.body["error"].as_str()),
+            (429, Some("identity_connections")),
+            "{what}"
+        );
+    }
+    hub.agent("pi-2", &[]).await;
+    hub.viewer("other", &[]).await;
+    drop(agents);
+    drop(viewers.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    hub.agent("pi-1", &[]).await;
+    hub.viewer("wall", &[]).await;
+    assert_eq!(
+        hub.metric("hub_connections_refused_total{reason=\"identity_connections\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_device_gets_its_publish_rate_once_across_all_its_connections() {
+    let hub = TestHub::with(|s| {
+        s.limits.publish_rate = 0.001;
+        s.limits.publish_burst = 5;
+    })
+    .await;
+    let mut first = hub.agent("pi-1", &[]).await;
+    let mut second = hub.agent("pi-1", &[]).await;
+    let mut acked = 0;
+    for seq in 1..=10u64 {
+        let agent = if seq % 2 == 0 {
+            &mut first
+        } else {
+            &mut second
+        };
+        match agent.publish(seq, json!({"n": seq})).await["type"].as_str() {
+            Some("ack") => acked += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(acked, 5, "the burst is the device's, not each connection's");
+    let mut other = hub.agent("pi-2", &[]).await;
+    assert_eq!(other.publish(1, json!({"n": 1})).await["type"], "ack");
 }
 
 #[tokio::test]
