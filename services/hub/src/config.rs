@@ -211,6 +211,9 @@ pub struct Limits {
     pub connect_burst: u32,
     /// Frames queued per connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Bytes queued per connection (replays included) before it counts as a slow consumer. A
+    /// resume whose replay alone is larger is answered `recovered: false`.
+    pub outbound_queue_bytes: usize,
     /// Kernel send buffer per connection, in bytes; absent: the kernel's autotuning (up to
     /// `net.ipv4.tcp_wmem`, 4 MiB by default). Bounding it bounds kernel memory per connection and
     /// makes a stalled client count as slow sooner.
@@ -230,6 +233,7 @@ impl Default for Limits {
             connect_rate: 5_000.0,
             connect_burst: 10_000,
             outbound_queue: 1024,
+            outbound_queue_bytes: 8 * 1024 * 1024,
             socket_send_buffer: None,
         }
     }
@@ -377,7 +381,7 @@ impl Settings {
             ));
         }
         let l = &self.limits;
-        let positive: [(&'static str, bool); 10] = [
+        let positive: [(&'static str, bool); 11] = [
             ("limits.max_message_bytes", l.max_message_bytes >= 128),
             ("limits.max_subscriptions", l.max_subscriptions > 0),
             ("limits.publish_rate", l.publish_rate > 0.0),
@@ -394,12 +398,17 @@ impl Settings {
             ("limits.connect_rate", l.connect_rate > 0.0),
             ("limits.connect_burst", l.connect_burst > 0),
             ("limits.outbound_queue", l.outbound_queue > 0),
+            (
+                "limits.outbound_queue_bytes",
+                l.outbound_queue_bytes >= 64 * 1024,
+            ),
         ];
         for (key, ok) in positive {
             if !ok {
                 return Err(invalid(
                     key,
-                    "must be greater than zero (max_message_bytes: at least 128)",
+                    "must be greater than zero (max_message_bytes: at least 128, \
+                     outbound_queue_bytes: at least 65536)",
                 ));
             }
         }

@@ -45,7 +45,12 @@ pub async fn serve(
     // fastwebsockets refuses frames of `max` bytes or more; ours is inclusive.
     reader.set_max_message_size(settings.limits.max_message_bytes + 1);
 
-    let (outbox, rx) = Outbox::new(state.next_connection_id(), settings.limits.outbound_queue);
+    let limits = &settings.limits;
+    let (outbox, rx) = Outbox::bounded(
+        state.next_connection_id(),
+        limits.outbound_queue,
+        limits.outbound_queue_bytes,
+    );
     let liveness = Arc::new(Liveness::default());
     let writer = tokio::spawn(writer::run(
         write,

@@ -1,10 +1,12 @@
 //! The bounded outbound queue of one connection and the handle others use to close it.
 //!
-//! Everything a connection sends goes through its [`Outbox`]: fan-out, replies and pongs. The
-//! queue is bounded; whoever finds it full closes the connection as a slow consumer instead of
-//! waiting, so a stalled client never slows a publisher or another subscriber and never grows
-//! memory.
+//! Everything a connection sends goes through its [`Outbox`]: fan-out, replays, replies and
+//! pongs. The queue is bounded in items and in bytes; whoever finds it full closes the connection
+//! as a slow consumer instead of waiting, so a stalled client never slows a publisher or another
+//! subscriber and never grows memory (a replay packs many frames into one item, so the item bound
+//! alone would let a client that stops reading pin hundreds of MiB).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -87,6 +89,9 @@ pub enum SendError {
 struct Closer {
     reason: OnceLock<CloseReason>,
     token: CancellationToken,
+    /// Bytes queued and not yet taken by the writer.
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
 }
 
 /// Sending side of a connection's queue. Cloning it is cheap (two reference counts).
@@ -98,11 +103,19 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(id: u64, capacity: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    /// A queue of at most `items` items, whatever their size.
+    pub fn new(id: u64, items: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+        Self::bounded(id, items, usize::MAX)
+    }
+
+    /// A queue of at most `items` items holding at most `max_bytes` bytes.
+    pub fn bounded(id: u64, items: usize, max_bytes: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(items);
         let closer = Arc::new(Closer {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
         });
         (Outbox { id, tx, closer }, rx)
     }
@@ -111,21 +124,43 @@ impl Outbox {
         self.id
     }
 
-    /// Queues `item` without waiting. A full queue closes the connection as a slow consumer.
+    /// The most bytes this queue holds: a replay larger than this is never attempted.
+    pub fn max_bytes(&self) -> usize {
+        self.closer.max_bytes
+    }
+
+    /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a
+    /// slow consumer.
     pub fn push(&self, item: Outbound) -> Result<(), SendError> {
         // The reason is set before the token is cancelled, and reading it is one atomic load;
         // `CancellationToken::is_cancelled` takes a mutex, once per delivery per subscriber.
         if self.is_closed() {
             return Err(SendError::Closed);
         }
+        let len = item.frames.len();
+        let queued = &self.closer.queued_bytes;
+        if queued.fetch_add(len, Ordering::Relaxed).saturating_add(len) > self.closer.max_bytes {
+            queued.fetch_sub(len, Ordering::Relaxed);
+            self.close(CloseReason::Hub(CloseCode::SlowConsumer));
+            return Err(SendError::SlowConsumer);
+        }
         match self.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                queued.fetch_sub(len, Ordering::Relaxed);
                 self.close(CloseReason::Hub(CloseCode::SlowConsumer));
                 Err(SendError::SlowConsumer)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                queued.fetch_sub(len, Ordering::Relaxed);
+                Err(SendError::Closed)
+            }
         }
+    }
+
+    /// The writer took an item of `bytes` bytes off the queue.
+    pub fn taken(&self, bytes: usize) {
+        self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Starts closing the connection; the first reason given wins.
@@ -164,6 +199,23 @@ mod tests {
         for code in CloseCode::ALL {
             assert!(DISCONNECT_REASONS.contains(&code.reason()), "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_queue_over_its_bytes_closes_as_slow_consumer() {
+        let (outbox, _rx) = Outbox::bounded(1, 100, 10);
+        let item = |n: usize| Outbound::control(Bytes::from(vec![b'x'; n]));
+        assert!(outbox.push(item(6)).is_ok());
+        outbox.taken(6);
+        assert!(
+            outbox.push(item(10)).is_ok(),
+            "what the writer took is free again"
+        );
+        assert_eq!(outbox.push(item(1)), Err(SendError::SlowConsumer));
+        assert_eq!(
+            outbox.close_reason(),
+            Some(CloseReason::Hub(CloseCode::SlowConsumer))
+        );
     }
 
     #[test]

@@ -174,10 +174,10 @@ pub async fn run<W: AsyncWrite + Unpin>(
             item = rx.recv() => {
                 let Some(item) = item else { break };
                 metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
-                batch.add(item, &mut pending);
+                batch.add(item, &mut pending, &outbox);
                 while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(item) => batch.add(item, &mut pending),
+                        Ok(item) => batch.add(item, &mut pending, &outbox),
                         Err(_) => break,
                     }
                 }
@@ -205,7 +205,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         // frame; nothing new can be queued once the outbox is closed.
         let mut rest = Batch::default();
         while let Ok(item) = rx.try_recv() {
-            rest.add(item, &mut pending);
+            rest.add(item, &mut pending, &outbox);
         }
         let reason = outbox
             .close_reason()
@@ -228,7 +228,9 @@ struct Batch {
 }
 
 impl Batch {
-    fn add(&mut self, item: Outbound, pending: &mut Pending) {
+    /// Takes `item` off the queue into what the next write sends.
+    fn add(&mut self, item: Outbound, pending: &mut Pending, outbox: &Outbox) {
+        outbox.taken(item.frames.len());
         self.items += 1;
         self.frames += u64::from(item.count);
         self.bytes += item.frames.len();

@@ -548,3 +548,75 @@ async fn after_a_refused_publish_later_seqs_are_refused_until_it_is_resent() {
     }
     assert_eq!(offsets(&fleet.messages(4).await), [1, 2, 3, 4]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_stops_reading_cannot_pin_memory_with_replays() {
+    let hub = TestHub::with(|s| {
+        s.limits.outbound_queue_bytes = 1024 * 1024;
+        s.limits.socket_send_buffer = Some(32 * 1024);
+        s.limits.publish_rate = 100_000.0;
+    })
+    .await;
+    let epoch = hub.viewer("v", &[]).await.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut agent = hub.agent("pi-1", &[]).await;
+    let pad = "x".repeat(1000);
+    for seq in 1..=400 {
+        agent.publish(seq, json!({"n": seq, "pad": pad})).await;
+    }
+    // ~400 KB of history replayed on every resubscribe, to a client that reads nothing.
+    let path = format!("/ws?token={}", hub.token("greedy", Role::Viewer));
+    let mut greedy = common::connect_with(hub.addr, &path, None, Some(4096))
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        greedy
+            .send(json!({"type": "subscribe", "channel": "fleet",
+                "since": {"epoch": epoch, "offset": 0}}))
+            .await;
+        greedy
+            .send(json!({"type": "unsubscribe", "channel": "fleet"}))
+            .await;
+    }
+    hub.wait_for_metric("hub_slow_consumer_disconnects_total", 1.0)
+        .await;
+    assert_healthy(&hub).await;
+}
+
+#[tokio::test]
+async fn a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recovered() {
+    let hub = TestHub::with(|s| {
+        s.limits.outbound_queue_bytes = 64 * 1024;
+        s.limits.publish_rate = 100_000.0;
+    })
+    .await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    let pad = "x".repeat(1000);
+    let mut viewer = hub.viewer("v", &[]).await;
+    let epoch = viewer.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for seq in 1..=100 {
+        agent.publish(seq, json!({"n": seq, "pad": pad})).await;
+    }
+    viewer.messages(100).await;
+    let mut late = hub.viewer("late", &[]).await;
+    let far = late.subscribe("fleet", Some((&epoch, 0))).await;
+    assert_eq!(
+        (far["recovered"].as_bool(), far["offset"].as_u64()),
+        (Some(false), Some(100))
+    );
+    let mut near = hub.viewer("near", &[]).await;
+    let close = near.subscribe("fleet", Some((&epoch, 95))).await;
+    assert_eq!(close["recovered"], true);
+    assert_eq!(offsets(&near.messages(5).await), [96, 97, 98, 99, 100]);
+    agent.publish(101, json!({"n": 101})).await;
+    assert_eq!(
+        offsets(&late.messages(1).await),
+        [101],
+        "live after the hole"
+    );
+}

@@ -236,12 +236,6 @@ impl Inner {
             ch.trim(&self.history, now);
             ch.active = now;
             let (recovered, from) = ch.recovery(since);
-            let subscribed = frame::server(&ServerFrame::Subscribed {
-                channel: name.into(),
-                epoch: ch.epoch.as_str().into(),
-                offset: ch.offset,
-                recovered,
-            });
             let replay: Vec<&Bytes> = match from {
                 Some(from) => ch
                     .history
@@ -251,6 +245,13 @@ impl Inner {
                     .collect(),
                 None => Vec::new(),
             };
+            let (recovered, replay) = super::within_budget(recovered, replay, outbox);
+            let subscribed = frame::server(&ServerFrame::Subscribed {
+                channel: name.into(),
+                epoch: ch.epoch.as_str().into(),
+                offset: ch.offset,
+                recovered,
+            });
             for item in pack(subscribed, &replay) {
                 outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
             }

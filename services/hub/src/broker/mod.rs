@@ -92,6 +92,22 @@ pub trait Broker: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
 }
 
+/// A replay larger than the subscriber's whole queue could never be queued: the resume is then
+/// answered as one history cannot cover (`recovered: false`, nothing replayed), instead of
+/// closing the client as a slow consumer every time it comes back.
+pub(crate) fn within_budget<B: AsRef<[u8]>>(
+    recovered: bool,
+    replay: Vec<B>,
+    subscriber: &Outbox,
+) -> (bool, Vec<B>) {
+    let bytes: usize = replay.iter().map(|f| f.as_ref().len()).sum();
+    if bytes > subscriber.max_bytes() / 2 {
+        (false, Vec::new())
+    } else {
+        (recovered, replay)
+    }
+}
+
 /// Packs the `subscribed` frame and the replay into as few queue items as fit [`REPLAY_CHUNK`].
 pub(crate) fn pack(subscribed: Bytes, replay: &[&Bytes]) -> Vec<Outbound> {
     if replay.is_empty() {

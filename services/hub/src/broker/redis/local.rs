@@ -288,6 +288,7 @@ impl Local {
             }
             _ => (false, Vec::new()),
         };
+        let (recovered, replay) = crate::broker::within_budget(recovered, replay, outbox);
         let subscribed = frame::server(&ServerFrame::Subscribed {
             channel: channel.into(),
             epoch: ch.epoch.as_str().into(),
