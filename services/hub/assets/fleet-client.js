@@ -39,8 +39,9 @@
  *               `missedFrom` (in `previousEpoch`) up to `offset` (in `epoch`) are lost; live
  *               messages continue from `offset + 1`. `missedFrom` is null when unknown.
  * - `recovered` (channel, {replayed, epoch, offset}) — a resume the hub fully replayed.
- * - `error`     (frame) — an `error` frame from the hub; a refused subscribe is also dropped
- *               from the client's channel list (frame.channel is set then).
+ * - `error`     (frame) — an `error` frame from the hub (frame.channel is set for a refused
+ *               subscribe). A subscribe refused as `unavailable` or `rate_limited` is asked for
+ *               again 0.5-1.5 s later; one refused for good is dropped from the channel list.
  *
  * Properties: `state`, `hub`, `expiresAt` (token exp, seconds), `channels` (Map snapshot
  * channel → {epoch, offset} | null), `stats` → {messages, messagesPerSecond, dropped}.
@@ -420,6 +421,16 @@ export class FleetClient {
         const early = ch.early;
         ch.early = [];
         for (const f of early) this.#onMessage(f);
+      } else if (frame.code === 'unavailable' || frame.code === 'rate_limited') {
+        // The hub cannot take it now (its broker, its channel table, the subscribe rate): the
+        // channel stays wanted and is asked for again shortly, on this connection or the next.
+        ch.pending = null;
+        const ws = this.#ws;
+        this.#opts.setTimeout(() => {
+          if (this.#ws === ws && this.#gotHello && this.#channels.get(ref) === ch && !ch.pending) {
+            this.#sendSubscribe(ref);
+          }
+        }, 500 + Math.floor(this.#opts.random() * 1000));
       } else {
         // forbidden / invalid_channel / too_many_subscriptions: retrying will not help.
         this.#channels.delete(ref);

@@ -197,6 +197,14 @@ pub struct Limits {
     /// Largest inbound message (after reassembling fragments), in bytes.
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
+    /// Subscribes and unsubscribes per second per connection (token bucket with
+    /// `subscribe_burst`): what one client can make the broker create and drop.
+    pub subscribe_rate: f64,
+    pub subscribe_burst: u32,
+    /// Channels this hub holds state for at most: with the embedded broker every channel with
+    /// history or subscribers, with Redis every channel its clients watch. A subscribe or a
+    /// publication that needs a new channel past it is answered `unavailable`.
+    pub max_channels: usize,
     /// Sustained publishes per second per device, across all its connections to this hub.
     pub publish_rate: f64,
     pub publish_burst: u32,
@@ -225,6 +233,9 @@ impl Default for Limits {
         Limits {
             max_message_bytes: 64 * 1024,
             max_subscriptions: 128,
+            subscribe_rate: 20.0,
+            subscribe_burst: 256,
+            max_channels: 100_000,
             publish_rate: 100.0,
             publish_burst: 200,
             max_connections: 100_000,
@@ -381,9 +392,12 @@ impl Settings {
             ));
         }
         let l = &self.limits;
-        let positive: [(&'static str, bool); 11] = [
+        let positive: [(&'static str, bool); 14] = [
             ("limits.max_message_bytes", l.max_message_bytes >= 128),
             ("limits.max_subscriptions", l.max_subscriptions > 0),
+            ("limits.subscribe_rate", l.subscribe_rate > 0.0),
+            ("limits.subscribe_burst", l.subscribe_burst > 0),
+            ("limits.max_channels", l.max_channels > 0),
             ("limits.publish_rate", l.publish_rate > 0.0),
             ("limits.publish_burst", l.publish_burst > 0),
             ("limits.max_connections", l.max_connections > 0),

@@ -168,6 +168,10 @@ pub struct Metrics {
     pub delivery_drops: Counter,
     pub slow_consumer_disconnects: Counter,
     pub subscriptions: Gauge,
+    /// Channels this hub's broker holds state for (`limits.max_channels` caps it).
+    pub channels: Gauge,
+    /// New channels refused because the table was full.
+    pub channel_table_full: Counter,
     pub recoveries: CounterVec,
     pub publish_to_deliver: Histogram,
     /// Items waiting in a connection's outbound queue when its writer wakes.
@@ -202,6 +206,8 @@ impl Metrics {
             delivery_drops: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             subscriptions: Gauge::default(),
+            channels: Gauge::default(),
+            channel_table_full: Counter::default(),
             recoveries: CounterVec::new("result", RECOVERY_RESULTS),
             publish_to_deliver: Histogram::latency(),
             outbound_queue_depth: Histogram::depth(),
@@ -291,6 +297,16 @@ impl Metrics {
                 "hub_subscriptions",
                 "Active subscriptions.",
                 Level(self.subscriptions.get()),
+            ),
+            f(
+                "hub_channels",
+                "Channels this hub holds state for (limits.max_channels caps them).",
+                Level(self.channels.get()),
+            ),
+            f(
+                "hub_channel_table_full_total",
+                "Subscribes and publications refused because the channel table was full.",
+                Count(&self.channel_table_full),
             ),
             f(
                 "hub_recoveries_total",

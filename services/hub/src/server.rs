@@ -131,7 +131,11 @@ impl Server {
                 metrics.clone(),
                 export.roots.enabled(),
             )?),
-            None => Arc::new(MemoryBroker::new(settings.history.clone(), metrics.clone())),
+            None => Arc::new(MemoryBroker::new(
+                settings.history.clone(),
+                settings.limits.max_channels,
+                metrics.clone(),
+            )),
         };
         let listener =
             listen(settings.listen).map_err(|e| ServerError::Bind(settings.listen, e))?;

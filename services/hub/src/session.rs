@@ -16,7 +16,7 @@ use tracing::{Span, info_span, warn};
 use crate::auth::Identity;
 use crate::broker::{BrokerError, Publication, PublishOutcome};
 use crate::frame;
-use crate::limits::Share;
+use crate::limits::{Share, TokenBucket};
 use crate::outbox::{Outbound, Outbox};
 use crate::server::AppState;
 
@@ -25,6 +25,9 @@ pub struct Session {
     state: Arc<AppState>,
     outbox: Outbox,
     subscriptions: HashSet<String>,
+    /// Subscribes and unsubscribes: each can make the broker create or drop channel state.
+    changes: TokenBucket,
+    changes_refused_in_row: u32,
     publisher: Option<Publisher>,
 }
 
@@ -54,11 +57,15 @@ impl Session {
             refused_in_row: 0,
             awaiting_resend: None,
         });
+        let limits = &state.settings.limits;
+        let changes = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst);
         Session {
             identity,
             state,
             outbox,
             subscriptions: HashSet::new(),
+            changes,
+            changes_refused_in_row: 0,
             publisher,
         }
     }
@@ -96,6 +103,20 @@ impl Session {
                 return self.error(e.code(), &e.to_string(), echo.seq, echo.reference);
             }
         };
+        if matches!(
+            frame,
+            ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. }
+        ) && !self.changes.try_take(Instant::now())
+        {
+            self.changes_refused_in_row += 1;
+            // A client that keeps churning after being told is cut off.
+            if self.changes_refused_in_row > self.state.settings.limits.subscribe_burst {
+                return Err(CloseCode::RateLimited);
+            }
+            let message = "subscription changes above limits.subscribe_rate; retry later";
+            return self.error(ErrorCode::RateLimited, message, None, frame.reference());
+        }
+        self.changes_refused_in_row = 0;
         match frame {
             ClientFrame::Subscribe {
                 channel,
@@ -206,7 +227,7 @@ impl Session {
                 Ok(())
             }
             Err(BrokerError::SlowConsumer) => Err(CloseCode::SlowConsumer),
-            Err(e @ BrokerError::Unavailable(_)) => {
+            Err(e @ (BrokerError::Unavailable(_) | BrokerError::ChannelTableFull { .. })) => {
                 self.error(ErrorCode::Unavailable, &e.to_string(), None, reference)
             }
         }

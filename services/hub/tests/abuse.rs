@@ -557,15 +557,15 @@ async fn a_viewer_that_stops_reading_cannot_pin_memory_with_replays() {
         s.limits.publish_rate = 100_000.0;
     })
     .await;
-    let epoch = hub.viewer("v", &[]).await.subscribe("fleet", None).await["epoch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let mut agent = hub.agent("pi-1", &[]).await;
     let pad = "x".repeat(1000);
     for seq in 1..=400 {
         agent.publish(seq, json!({"n": seq, "pad": pad})).await;
     }
+    let epoch = hub.viewer("v", &[]).await.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // ~400 KB of history replayed on every resubscribe, to a client that reads nothing.
     let path = format!("/ws?token={}", hub.token("greedy", Role::Viewer));
     let mut greedy = common::connect_with(hub.addr, &path, None, Some(4096))
@@ -619,4 +619,95 @@ async fn a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recovered
         [101],
         "live after the hole"
     );
+}
+
+#[tokio::test]
+async fn subscription_changes_past_the_rate_are_refused_then_cut_off_with_4029() {
+    let hub = TestHub::with(|s| {
+        s.limits.subscribe_rate = 0.001;
+        s.limits.subscribe_burst = 10;
+    })
+    .await;
+    let mut churner = hub.viewer("churner", &[]).await;
+    for i in 0..5 {
+        churner.subscribe(&format!("devices.d{i}"), None).await;
+        churner
+            .send(json!({"type": "unsubscribe", "channel": format!("devices.d{i}")}))
+            .await;
+        churner.expect("unsubscribed").await;
+    }
+    churner
+        .send(json!({"type": "subscribe", "channel": "devices.d9", "ref": "r9"}))
+        .await;
+    let refused = churner.expect("error").await;
+    assert_eq!(
+        (&refused["code"], &refused["ref"]),
+        (&json!("rate_limited"), &json!("r9"))
+    );
+    for i in 0..20 {
+        churner
+            .send(json!({"type": "subscribe", "channel": format!("devices.x{i}")}))
+            .await;
+    }
+    assert_eq!(churner.expect_close().await, 4029);
+    // Another connection has its own budget.
+    hub.viewer("calm", &["fleet"]).await;
+}
+
+#[tokio::test]
+async fn subscribing_to_names_nobody_publishes_leaves_nothing_behind() {
+    let hub = TestHub::start().await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    assert_eq!(
+        hub.metric("hub_channels").await,
+        2.0,
+        "devices.pi-1 and fleet"
+    );
+    let mut viewer = hub.viewer("v", &[]).await;
+    for i in 0..50 {
+        viewer.subscribe(&format!("devices.ghost-{i}"), None).await;
+    }
+    viewer.subscribe("devices.pi-1", None).await;
+    assert_eq!(hub.metric("hub_channels").await, 52.0);
+    drop(viewer);
+    hub.wait_for_metric("hub_channels", 2.0).await;
+}
+
+#[tokio::test]
+async fn the_channel_table_is_bounded_with_a_clear_error() {
+    let hub = TestHub::with(|s| s.limits.max_channels = 4).await;
+    let mut first = hub.agent("pi-1", &[]).await;
+    assert_eq!(first.publish(1, json!({"n": 1})).await["type"], "ack");
+    let mut viewer = hub.viewer("v", &[]).await;
+    viewer.subscribe("devices.a", None).await;
+    viewer.subscribe("devices.b", None).await;
+    viewer
+        .send(json!({"type": "subscribe", "channel": "devices.c", "ref": 3}))
+        .await;
+    let full = viewer.expect("error").await;
+    assert_eq!(
+        (&full["code"], &full["ref"]),
+        (&json!("unavailable"), &json!(3))
+    );
+    assert!(
+        full["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_channels")
+    );
+    // A publication needing a new channel is refused whole, and kept by its agent.
+    let mut second = hub.agent("pi-2", &[]).await;
+    let refused = second.publish(1, json!({"n": 1})).await;
+    assert_eq!(
+        (&refused["code"], &refused["seq"]),
+        (&json!("unavailable"), &json!(1))
+    );
+    assert_eq!(hub.metric("hub_channel_table_full_total").await, 2.0);
+
+    viewer
+        .send(json!({"type": "unsubscribe", "channel": "devices.a"}))
+        .await;
+    viewer.expect("unsubscribed").await;
+    assert_eq!(second.publish(1, json!({"n": 1})).await["type"], "ack");
 }

@@ -502,3 +502,65 @@ async fn a_group_named_twice_in_a_token_is_published_to_once() {
         Event::Timeout
     ));
 }
+
+fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query(&mut redis.connection())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_to_a_channel_nobody_publishes_leaves_no_lasting_key() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    let mut viewer = hub.viewer("v", &["devices.ghost"]).await;
+    let ttl = pttl(&redis, "tl:{devices.ghost}:meta");
+    assert!(ttl > 0 && ttl <= 60_000, "PTTL {ttl}");
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    assert!(
+        pttl(&redis, "tl:{fleet}:meta") > 3_600_000,
+        "published channels keep meta_ttl"
+    );
+    viewer
+        .send(json!({"type": "unsubscribe", "channel": "devices.ghost"}))
+        .await;
+    viewer.expect("unsubscribed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_channel_keeps_its_epoch_until_its_first_reading() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis_with(&redis, |s| s.history.meta_ttl = Duration::from_secs(2)).await;
+    let mut viewer = hub.connect(&hub.token("v", Role::Viewer)).await;
+    let epoch = viewer.subscribe("devices.pi-late", None).await["epoch"].clone();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut agent = hub.agent("pi-late", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    let first = viewer.expect("message").await;
+    assert_eq!((&first["epoch"], &first["offset"]), (&epoch, &json!(1)));
+}
+
+#[tokio::test]
+async fn the_channel_table_of_a_hub_is_bounded() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis_with(&redis, |s| s.limits.max_channels = 2).await;
+    let mut viewer = hub.viewer("v", &["fleet", "devices.a"]).await;
+    viewer
+        .send(json!({"type": "subscribe", "channel": "devices.b", "ref": 1}))
+        .await;
+    let full = viewer.expect("error").await;
+    assert_eq!(full["code"], "unavailable");
+    assert!(
+        full["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_channels")
+    );
+    viewer
+        .send(json!({"type": "unsubscribe", "channel": "devices.a"}))
+        .await;
+    viewer.expect("unsubscribed").await;
+    viewer.subscribe("devices.b", None).await;
+}

@@ -27,6 +27,8 @@ struct Inner {
     channels: RwLock<HashMap<Box<str>, Mutex<Channel>>>,
     devices: Mutex<HashMap<Box<str>, DeviceSeq>>,
     history: HistorySettings,
+    /// At most this many channels are held (`limits.max_channels`).
+    max_channels: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -101,11 +103,12 @@ impl Channel {
 
 impl MemoryBroker {
     /// Creates the broker and its housekeeping task (needs a Tokio runtime).
-    pub fn new(history: HistorySettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(history: HistorySettings, max_channels: usize, metrics: Arc<Metrics>) -> Self {
         let inner = Arc::new(Inner {
             channels: RwLock::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
             history,
+            max_channels,
             metrics,
         });
         let period =
@@ -151,7 +154,40 @@ impl Inner {
         Some(f(ch.get_mut().unwrap_or_else(PoisonError::into_inner)))
     }
 
-    fn publish(&self, p: &Publication<'_>) -> PublishOutcome {
+    /// Makes room for every channel in `names` that does not exist yet, or refuses them all, so
+    /// that a publication is stored in all its channels or in none. Racing creators can pass the
+    /// bound by as many channels as there are of them at once; it bounds memory, not a count.
+    fn ensure_room(&self, names: &[String]) -> Result<(), BrokerError> {
+        {
+            let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+            if names.iter().all(|n| map.contains_key(n.as_str())) {
+                return Ok(());
+            }
+        }
+        let mut map = self
+            .channels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let missing = names
+            .iter()
+            .filter(|n| !map.contains_key(n.as_str()))
+            .count();
+        if map.len() + missing > self.max_channels {
+            self.metrics.channel_table_full.inc();
+            return Err(BrokerError::ChannelTableFull {
+                max: self.max_channels,
+            });
+        }
+        let now = Instant::now();
+        for name in names {
+            map.entry(name.as_str().into())
+                .or_insert_with(|| Mutex::new(Channel::new(now)));
+        }
+        self.metrics.channels.set(map.len() as i64);
+        Ok(())
+    }
+
+    fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
         let now = Instant::now();
         // Held across the appends so that two connections of one device cannot interleave.
         let mut devices = lock(&self.devices);
@@ -160,8 +196,9 @@ impl Inner {
             if let Some(d) = devices.get_mut(p.device) {
                 d.seen = now;
             }
-            return PublishOutcome::Duplicate;
+            return Ok(PublishOutcome::Duplicate);
         }
+        self.ensure_room(p.channels)?;
         for channel in p.channels {
             self.with_channel(channel, true, |ch| self.append(ch, channel, p, now));
         }
@@ -182,7 +219,7 @@ impl Inner {
                 );
             }
         }
-        PublishOutcome::Accepted
+        Ok(PublishOutcome::Accepted)
     }
 
     /// The device's last accepted seq, forgotten `meta_ttl` after its last publish whether or not
@@ -232,6 +269,7 @@ impl Inner {
         outbox: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let now = Instant::now();
+        self.ensure_room(std::slice::from_ref(&name.to_owned()))?;
         self.with_channel(name, true, |ch| {
             ch.trim(&self.history, now);
             ch.active = now;
@@ -266,6 +304,30 @@ impl Inner {
         .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
     }
 
+    /// Stops delivery to `subscriber`. A channel nobody ever published to goes with its last
+    /// subscriber: subscribing to made-up names leaves nothing behind.
+    fn unsubscribe(&self, name: &str, subscriber: u64) {
+        let unused = self.with_channel(name, false, |ch| {
+            ch.subscribers.remove(subscriber);
+            ch.subscribers.is_empty() && ch.offset == 0
+        });
+        if unused != Some(true) {
+            return;
+        }
+        let mut map = self
+            .channels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let still_unused = map.get_mut(name).is_some_and(|ch| {
+            let ch = ch.get_mut().unwrap_or_else(PoisonError::into_inner);
+            ch.subscribers.is_empty() && ch.offset == 0
+        });
+        if still_unused {
+            map.remove(name);
+            self.metrics.channels.set(map.len() as i64);
+        }
+    }
+
     fn sweep(&self, now: Instant) {
         let meta_ttl = self.history.meta_ttl;
         let mut map = self
@@ -279,6 +341,7 @@ impl Inner {
                 && ch.history.is_empty()
                 && now.saturating_duration_since(ch.active) > meta_ttl)
         });
+        self.metrics.channels.set(map.len() as i64);
         drop(map);
         lock(&self.devices).retain(|_, d| now.saturating_duration_since(d.seen) <= meta_ttl);
     }
@@ -297,7 +360,7 @@ async fn sweep(inner: Weak<Inner>, period: Duration) {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, publication: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
-        Ok(self.inner.publish(publication))
+        self.inner.publish(publication)
     }
 
     async fn subscribe(
@@ -310,8 +373,7 @@ impl Broker for MemoryBroker {
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
-        self.inner
-            .with_channel(channel, false, |ch| ch.subscribers.remove(subscriber));
+        self.inner.unsubscribe(channel, subscriber);
     }
 
     async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
@@ -339,6 +401,7 @@ mod tests {
         };
         MemoryBroker::new(
             history,
+            1000,
             Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
         )
     }
@@ -354,7 +417,7 @@ mod tests {
             received_at: Instant::now(),
             traced: false,
         };
-        b.inner.publish(&p)
+        b.inner.publish(&p).unwrap()
     }
 
     /// Splits queued items back into the JSON texts of their frames.
@@ -490,6 +553,7 @@ mod tests {
         };
         let b = MemoryBroker::new(
             history,
+            1000,
             Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
         );
         publish(&b, 1);

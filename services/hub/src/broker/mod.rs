@@ -69,6 +69,9 @@ pub enum BrokerError {
     /// The subscriber's queue could not take the replay; it is being closed as a slow consumer.
     #[error("subscriber too slow to take the replay")]
     SlowConsumer,
+    /// A new channel would pass `limits.max_channels`; nothing was stored, retry later.
+    #[error("this hub holds state for {max} channels already (limits.max_channels); retry later")]
+    ChannelTableFull { max: usize },
 }
 
 #[async_trait]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame};
 
 use super::store::Entry;
-use crate::broker::{SubscribeOutcome, pack};
+use crate::broker::{BrokerError, SubscribeOutcome, pack};
 use crate::fanout::Subscribers;
 use crate::frame;
 use crate::metrics::Metrics;
@@ -97,9 +97,17 @@ impl Local {
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Notes a subscribe in flight, so the channel is kept while it joins.
-    pub fn register(&self, channel: &str) {
-        self.lock().entry(channel.to_owned()).or_default().joining += 1;
+    /// Notes a subscribe in flight, so the channel is kept while it joins; refused when it would
+    /// be one channel more than `max`.
+    pub fn register(&self, channel: &str, max: usize) -> Result<(), BrokerError> {
+        let mut map = self.lock();
+        if !map.contains_key(channel) && map.len() >= max {
+            self.metrics.channel_table_full.inc();
+            return Err(BrokerError::ChannelTableFull { max });
+        }
+        map.entry(channel.to_owned()).or_default().joining += 1;
+        self.metrics.channels.set(map.len() as i64);
+        Ok(())
     }
 
     /// Ends a subscribe that failed; true if the channel is now unused and was dropped.
@@ -112,6 +120,7 @@ impl Local {
         let unused = ch.unused();
         if unused {
             map.remove(channel);
+            self.metrics.channels.set(map.len() as i64);
         }
         unused
     }
@@ -126,6 +135,7 @@ impl Local {
         let unused = ch.unused();
         if unused {
             map.remove(channel);
+            self.metrics.channels.set(map.len() as i64);
         }
         unused
     }
@@ -233,12 +243,10 @@ impl Local {
         outbox: &Outbox,
         history: Option<&[Entry]>,
         give_up: bool,
-    ) -> Result<Attach, crate::broker::BrokerError> {
+    ) -> Result<Attach, BrokerError> {
         let mut map = self.lock();
         let Some(ch) = map.get_mut(channel).filter(|c| c.live) else {
-            return Err(crate::broker::BrokerError::Unavailable(
-                "channel is not live".into(),
-            ));
+            return Err(BrokerError::Unavailable("channel is not live".into()));
         };
         let (recovered, replay): (bool, Vec<Bytes>) = match since {
             Some(pos) if !give_up && pos.epoch == ch.epoch => {
@@ -297,9 +305,7 @@ impl Local {
         });
         let replay_refs: Vec<&Bytes> = replay.iter().collect();
         for item in pack(subscribed, &replay_refs) {
-            outbox
-                .push(item)
-                .map_err(|_| crate::broker::BrokerError::SlowConsumer)?;
+            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
         }
         ch.subscribers.insert(outbox.clone());
         ch.joining = ch.joining.saturating_sub(1);

@@ -29,6 +29,9 @@ use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
 use crate::config::{ConfigError, Settings};
 use crate::metrics::Metrics;
 
+/// How long Redis keeps the epoch of a channel nobody has published to once no hub watches it.
+const IDLE_CHANNEL_TTL: Duration = Duration::from_secs(60);
+
 pub struct RedisBroker {
     store: Arc<Store>,
     local: Arc<Local>,
@@ -37,6 +40,7 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
     timeout: Duration,
     traces: bool,
+    max_channels: usize,
 }
 
 impl RedisBroker {
@@ -70,6 +74,7 @@ impl RedisBroker {
         let store = Arc::new(Store::new(
             pool,
             settings.history.clone(),
+            IDLE_CHANNEL_TTL.max(10 * broker.position_check),
             broker.timeout,
             metrics.clone(),
         ));
@@ -95,6 +100,7 @@ impl RedisBroker {
             metrics,
             timeout: broker.timeout,
             traces,
+            max_channels: settings.limits.max_channels,
         })
     }
 
@@ -199,7 +205,7 @@ impl Broker for RedisBroker {
         since: Option<&Position>,
         subscriber: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        self.local.register(channel);
+        self.local.register(channel, self.max_channels)?;
         let result = match self.join(channel).await {
             Ok(()) => self.attach(channel, since, subscriber).await,
             Err(e) => Err(e),

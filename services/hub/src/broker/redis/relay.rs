@@ -279,6 +279,13 @@ impl Relay {
         for chunk in positions.chunks(256) {
             let names: Vec<String> = chunk.iter().map(|(n, _, _)| n.clone()).collect();
             let remote = self.store.positions(&names).await?;
+            let idle: Vec<&str> = chunk
+                .iter()
+                .zip(&remote)
+                .filter(|(_, r)| r.as_ref().is_some_and(|(_, offset)| *offset == 0))
+                .map(|((name, _, _), _)| name.as_str())
+                .collect();
+            self.store.keep_idle(&idle).await?;
             for ((channel, epoch, offset), remote) in chunk.iter().zip(remote) {
                 let Some((remote_epoch, remote_offset)) = remote else {
                     continue;

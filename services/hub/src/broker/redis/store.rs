@@ -87,12 +87,21 @@ redis.call('PEXPIRE', seqs, meta_ttl)
 return offsets
 "#;
 
-/// The channel's `(epoch, offset)`, giving it an epoch if it has none.
+/// The channel's `(epoch, offset)`, giving it an epoch if it has none. A channel nobody has
+/// published to yet is kept only `ARGV[3]` ms (the relay extends that while it is watched), so a
+/// subscribe to a made-up name leaves no key for `meta_ttl`; a published one gets `ARGV[2]` ms.
 const POSITION: &str = r#"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 local v = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
-return {v[1], v[2] or '0'}
+local offset = v[2] or '0'
+if created == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+elseif offset == '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3], 'GT')
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return {v[1], offset}
 "#;
 
 /// Gives the channel a new epoch if it still has `ARGV[1]` and its offset is below `ARGV[2]`:
@@ -183,6 +192,9 @@ pub struct Store {
     position: Script,
     rewound: Script,
     history: HistorySettings,
+    /// How long a channel nobody has published to keeps its epoch unless a hub watching it
+    /// extends it.
+    idle_ttl: Duration,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -192,18 +204,22 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl Store {
+    /// `idle_ttl` must be well above how often the relay checks positions (it extends it then).
     pub fn new(
         pool: Pool,
         history: HistorySettings,
+        idle_ttl: Duration,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let idle_ttl = idle_ttl.min(history.meta_ttl);
         Store {
             pool,
             publish: Script::new(PUBLISH),
             position: Script::new(POSITION),
             rewound: Script::new(REWOUND),
             history,
+            idle_ttl,
             timeout,
             metrics,
         }
@@ -261,7 +277,8 @@ impl Store {
         let mut call = self.position.prepare_invoke();
         call.key(meta_key(channel))
             .arg(crate::broker::memory::new_epoch())
-            .arg(self.history.meta_ttl.as_millis() as u64);
+            .arg(self.history.meta_ttl.as_millis() as u64)
+            .arg(self.idle_ttl.as_millis() as u64);
         let (epoch, offset): (String, u64) =
             self.run(async |conn| call.invoke_async(conn).await).await?;
         Ok((epoch, offset))
@@ -303,6 +320,25 @@ impl Store {
             .into_iter()
             .map(|(e, o)| e.map(|e| (e, o.unwrap_or(0))))
             .collect())
+    }
+
+    /// Keeps the epochs of watched channels nobody has published to yet from expiring under their
+    /// subscribers (`PEXPIRE … GT`: never shortens a key's life).
+    pub async fn keep_idle(&self, channels: &[&str]) -> Result<(), BrokerError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.idle_ttl.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("PEXPIRE")
+                .arg(meta_key(channel))
+                .arg(ttl)
+                .arg("GT")
+                .ignore();
+        }
+        self.run(async |conn| pipe.query_async::<()>(conn).await)
+            .await
     }
 
     /// History entries with offsets in `(after, upto]` that are younger than the history TTL.
