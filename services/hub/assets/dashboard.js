@@ -159,7 +159,9 @@ function readingTime(data, now) {
 }
 
 function ingestFleet(data, from) {
-  const id = typeof data?.device === 'string' ? data.device : from;
+  // Who published is `from`, set by the hub from the agent's verified token. `data` is whatever
+  // the agent wrote: a `device` field in it proves nothing, and any agent could name another.
+  const id = from;
   if (typeof id !== 'string' || !id) return;
   const now = Date.now();
   const dev = getDevice(id);

@@ -130,6 +130,41 @@ async function main() {
     await shot("2-fleet");
     console.log(`ok   signed in; 3 devices live; served by ${hubNode}`);
 
+    // 2b. A reading is credited to the agent that published it (`from`), whatever its data says:
+    // an agent naming another device in `data.device` paints only its own card.
+    const spoofer = execFileSync(hubBin, ["token", "--sub", "pi-spoof", "--role", "agent", "--ttl", "1h"],
+      { env: { ...process.env, ...hubEnv } }).toString().trim();
+    const agentPage = await browser.newPage();
+    await agentPage.goto(`${base}/healthz`);
+    const acked = await agentPage.evaluate(async ({ port, token }) => {
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/ws?token=${token}`);
+      const frames = [];
+      ws.onmessage = (ev) => frames.push(JSON.parse(ev.data));
+      const next = async (type) => {
+        for (let i = 0; i < 100; i++) {
+          const f = frames.find((x) => x.type === type);
+          if (f) return f;
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        return null;
+      };
+      const hello = await next("hello");
+      ws.send(JSON.stringify({ type: "publish", seq: hello.last_seq + 1,
+        data: { device: "demo-01", sensor: "spoof", metrics: { spoofed: { value: 666, unit: "" } } } }));
+      const ack = await next("ack");
+      ws.close();
+      return ack !== null;
+    }, { port, token: spoofer });
+    assert.ok(acked, "the spoofing reading was accepted (it is the agent's own)");
+    const spoofCard = page.locator('[data-testid="device-card"][data-device="pi-spoof"]');
+    await spoofCard.waitFor({ state: "visible", timeout: 15_000 });
+    await until("the reading on its publisher's card", async () =>
+      (await spoofCard.locator('[data-metric="spoofed"]').count()) === 1);
+    const demoCard = page.locator('[data-testid="device-card"][data-device="demo-01"]');
+    assert.equal(await demoCard.locator('[data-metric="spoofed"]').count(), 0, "demo-01 is not painted");
+    await agentPage.close();
+    console.log("ok   a reading is credited to its publisher (from), not to data.device");
+
     // 3. A device's detail view: its charts grow without a reload.
     await page.locator('[data-testid="device-card"][data-device="demo-01"]').click();
     await testid("device-detail").waitFor({ state: "visible" });
