@@ -112,7 +112,7 @@ http {
 CONF
   nginx -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log"
   nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" -g 'daemon off;' \
-    </dev/null >/dev/null 2>&1 &
+    </dev/null >"$dir/nginx-access.log" 2>&1 &
   wait_for 10 test -s "$dir/nginx.pid"
   echo "NGINX_ADDR=127.0.0.1:$port" >> "$dir/cluster.env"
   echo "CLUSTER_DIR=$dir" >> "$dir/cluster.env"

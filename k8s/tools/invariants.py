@@ -276,6 +276,25 @@ def main() -> int:
             and float(a.get("nginx.ingress.kubernetes.io/proxy-send-timeout", 0)) >= 3600,
             f"Ingress {ingress['metadata']['name']} has cookie affinity and 3600 s timeouts",
         )
+    for ingress in by_kind.get("Ingress", []):
+        a = ingress["metadata"].get("annotations", {})
+        c.check(
+            a.get("nginx.ingress.kubernetes.io/enable-access-log") == "false",
+            f"Ingress {ingress['metadata']['name']} logs no request line (tokens ride in the query)",
+        )
+    # The nginx front door: every log line without the query, and the dashboard reachable.
+    formats = dict(re.findall(r"log_format\s+(\S+)\s+((?:'[^']*'\s*)+);", proxy))
+    logs = re.findall(r"^\s*access_log\s+([^;]+);", proxy, re.M)
+    leaky = [n for n, f in formats.items() if re.search(r"\$(request\b|request_uri|args|query_string|arg_token)", f)]
+    c.check(
+        not leaky and bool(logs) and all(l.strip() == "off" or l.split()[-1] in formats for l in logs),
+        "the front door's access log never holds the query string",
+        f"formats {sorted(formats)}, leaky {leaky}, access_log {logs}",
+    )
+    c.check(
+        re.search(r"limit_req\s+zone=", proxy) is not None and re.search(r"limit_conn\s+\S+\s+\d+", proxy) is not None,
+        "the front door limits requests and connections per client address",
+    )
     for route in by_kind.get("HTTPRoute", []):
         rules = route["spec"].get("rules", [])
         c.check(

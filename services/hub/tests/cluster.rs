@@ -300,3 +300,51 @@ async fn redis_restarting_mid_stream_loses_no_acknowledged_reading() {
         assert_exactly_once(seen, 300);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_door_serves_the_dashboard_and_logs_no_token() {
+    let cluster = Cluster::start();
+    let token = cluster.token("wall", Role::Viewer);
+    for path in ["/", "/dashboard.js", "/dashboard.css", "/fleet-client.js"] {
+        let (status, body) = common::http_get(cluster.nginx, &format!("{path}?token={token}")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!body.is_empty(), "{path}");
+    }
+    for inside in ["/metrics", "/readyz", "/healthz"] {
+        assert_eq!(common::http_get(cluster.nginx, inside).await.0, 404, "{inside} is not public");
+    }
+    let mut viewer = connect(cluster.nginx, &format!("/ws?client=wall-1&token={token}"), None)
+        .await
+        .unwrap();
+    viewer.subscribe("fleet", None).await;
+    drop(viewer);
+    let log = cluster.dir.path().join("nginx-access.log");
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("GET /ws") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("GET /ws") && text.contains("GET /dashboard.js"), "{text}");
+    assert!(!text.contains(&token) && !text.contains("token="), "a token in the access log:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_past_the_front_doors_request_limit_gets_429() {
+    let cluster = Cluster::start();
+    // Far past the burst (500) within a second, all from 127.0.0.1: nginx answers some itself.
+    let mut statuses = std::collections::BTreeMap::new();
+    let tasks: Vec<_> = (0..800)
+        .map(|_| {
+            let addr = cluster.nginx;
+            tokio::spawn(async move { connect(addr, "/ws", None).await.err().map(|r| r.status) })
+        })
+        .collect();
+    for task in tasks {
+        *statuses.entry(task.await.unwrap()).or_insert(0) += 1;
+    }
+    assert!(statuses.get(&Some(429)).copied().unwrap_or(0) > 0, "{statuses:?}");
+    assert!(statuses.get(&Some(401)).copied().unwrap_or(0) > 0, "the hubs answered the rest: {statuses:?}");
+}
