@@ -117,7 +117,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let mut message = Reassembly::new(state.settings.limits.max_message_bytes);
     let pong_outbox = outbox.clone();
+    // fastwebsockets answers a ping through this and never returns it: the ping is a sign of
+    // life all the same.
     let mut send_pong = move |ping: Frame<'_>| {
+        liveness.heard();
         std::future::ready(pong_outbox.push(Outbound::control(frame::pong(&ping.payload))))
     };
     loop {

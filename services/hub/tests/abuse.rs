@@ -483,6 +483,34 @@ async fn a_device_gets_its_publish_rate_once_across_all_its_connections() {
 }
 
 #[tokio::test]
+async fn a_peer_that_sends_its_own_pings_is_alive_without_answering_the_hubs() {
+    let hub = TestHub::with(|s| {
+        s.ws.ping_interval = Duration::from_millis(200);
+        s.ws.pong_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut pinger = hub.viewer("pinger", &["fleet"]).await;
+    pinger.ws.set_auto_pong(false);
+    let until = tokio::time::Instant::now() + Duration::from_millis(2000);
+    while tokio::time::Instant::now() < until {
+        pinger
+            .send_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hi")))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still open: it answers what it is sent.
+    let mut agent = hub.agent("pi-1", &[]).await;
+    agent.publish(1, json!({"n": 1})).await;
+    loop {
+        match pinger.next().await {
+            Event::Frame(f) if f["type"] == "message" => break,
+            Event::Frame(_) => continue,
+            other => panic!("the pinging client was closed: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_closed_with_4002() {
     let hub = TestHub::with(|s| {
         s.ws.ping_interval = Duration::from_millis(200);
