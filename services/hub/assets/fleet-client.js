@@ -490,6 +490,7 @@ export function closeReason(code) {
     1006: 'connection lost',
     1009: 'message too big',
     1012: 'hub restarting',
+    1013: 'hub cannot serve this now',
     4000: 'no hello from hub',
     4001: 'token expired',
     4002: 'ping timeout',
