@@ -494,7 +494,12 @@ async fn a_peer_that_sends_its_own_pings_is_alive_without_answering_the_hubs() {
     let until = tokio::time::Instant::now() + Duration::from_millis(2000);
     while tokio::time::Instant::now() < until {
         pinger
-            .send_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hi")))
+            .send_frame(Frame::new(
+                true,
+                OpCode::Ping,
+                None,
+                Payload::Borrowed(b"hi"),
+            ))
             .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -306,16 +306,25 @@ async fn the_front_door_serves_the_dashboard_and_logs_no_token() {
     let cluster = Cluster::start();
     let token = cluster.token("wall", Role::Viewer);
     for path in ["/", "/dashboard.js", "/dashboard.css", "/fleet-client.js"] {
-        let (status, body) = common::http_get(cluster.nginx, &format!("{path}?token={token}")).await;
+        let (status, body) =
+            common::http_get(cluster.nginx, &format!("{path}?token={token}")).await;
         assert_eq!(status, 200, "{path}");
         assert!(!body.is_empty(), "{path}");
     }
     for inside in ["/metrics", "/readyz", "/healthz"] {
-        assert_eq!(common::http_get(cluster.nginx, inside).await.0, 404, "{inside} is not public");
+        assert_eq!(
+            common::http_get(cluster.nginx, inside).await.0,
+            404,
+            "{inside} is not public"
+        );
     }
-    let mut viewer = connect(cluster.nginx, &format!("/ws?client=wall-1&token={token}"), None)
-        .await
-        .unwrap();
+    let mut viewer = connect(
+        cluster.nginx,
+        &format!("/ws?client=wall-1&token={token}"),
+        None,
+    )
+    .await
+    .unwrap();
     viewer.subscribe("fleet", None).await;
     drop(viewer);
     let log = cluster.dir.path().join("nginx-access.log");
@@ -327,8 +336,14 @@ async fn the_front_door_serves_the_dashboard_and_logs_no_token() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(text.contains("GET /ws") && text.contains("GET /dashboard.js"), "{text}");
-    assert!(!text.contains(&token) && !text.contains("token="), "a token in the access log:\n{text}");
+    assert!(
+        text.contains("GET /ws") && text.contains("GET /dashboard.js"),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&token) && !text.contains("token="),
+        "a token in the access log:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +360,12 @@ async fn one_address_past_the_front_doors_request_limit_gets_429() {
     for task in tasks {
         *statuses.entry(task.await.unwrap()).or_insert(0) += 1;
     }
-    assert!(statuses.get(&Some(429)).copied().unwrap_or(0) > 0, "{statuses:?}");
-    assert!(statuses.get(&Some(401)).copied().unwrap_or(0) > 0, "the hubs answered the rest: {statuses:?}");
+    assert!(
+        statuses.get(&Some(429)).copied().unwrap_or(0) > 0,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&Some(401)).copied().unwrap_or(0) > 0,
+        "the hubs answered the rest: {statuses:?}"
+    );
 }
