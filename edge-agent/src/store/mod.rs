@@ -61,8 +61,9 @@
 //!   followed by their length fields), with a warning. Recovery never panics on bad data.
 //! * A missing or unreadable state file means "nothing acknowledged" (with a warning unless
 //!   the directory is new); at worst everything still on disk is resent. The seq floor went with
-//!   it, so [`Log::numbering_lost`] says that the log's seqs can no longer be trusted to be above
-//!   what the hub has (the uplink then numbers as for a new or wiped disk).
+//!   it: the records still on disk keep their true seqs, but new ones may get seqs the hub has
+//!   seen, so [`Log::numbering_lost`] says up to which seq the log's numbering is its own (the
+//!   uplink renumbers what lies above it when the hub knows more).
 //! * `last_seq = max(last record seq, seq floor, acked)`: after an unclean stop the
 //!   reservation, after a clean one the last appended seq.
 //! * Segments that are empty or fully acknowledged are deleted.
@@ -232,8 +233,9 @@ pub struct Log {
     /// Size of all segment files.
     total_bytes: u64,
     max_payload: usize,
-    /// No state file could be read at open (a new directory, or one lost or damaged).
-    numbering_lost: bool,
+    /// No state file could be read at open (a new directory, or one lost or damaged): the
+    /// highest seq on disk then, up to which the numbering is known to be the log's own.
+    numbering_lost: Option<u64>,
     /// Seqs passed over at open: the reservation left by an unclean stop (and, after a power
     /// cut, records that had not been synced).
     skipped_at_open: u64,
@@ -262,7 +264,7 @@ impl Log {
         let lock = lock_dir(&dir)?;
         let files = list_dir(&dir)?;
 
-        let (state, numbering_lost) = match state::load(&dir)? {
+        let (state, state_lost) = match state::load(&dir)? {
             Loaded::Valid(state) => (state, false),
             Loaded::Missing => {
                 if !files.is_empty() {
@@ -326,7 +328,7 @@ impl Log {
             pending_bytes: 0,
             total_bytes: 0,
             max_payload,
-            numbering_lost,
+            numbering_lost: state_lost.then_some(prev_seq),
             skipped_at_open: state.seq_floor.saturating_sub(last_appended),
             frame_buf: Vec::new(),
             _lock: lock,
@@ -382,7 +384,9 @@ impl Log {
         if seq > self.state.seq_floor {
             // Durable before the record exists: no later start may hand out this seq again.
             self.persist(State {
-                seq_floor: seq.saturating_add(SEQ_RESERVATION),
+                seq_floor: seq
+                    .saturating_add(SEQ_RESERVATION)
+                    .min(hub_protocol::MAX_SEQ),
                 ..self.state
             })?;
         }
@@ -478,53 +482,51 @@ impl Log {
 
     /// A record at `offset` of the segment at `path` no longer verifies. What follows it in
     /// that segment cannot be trusted either (its length fields may be damaged too), so the
-    /// segment ends there, as recovery would end an older one: the loss is counted first, then
-    /// the file is cut and the segment read again. A damaged active segment is sealed; the next
-    /// append starts a new one.
+    /// segment ends before it, as recovery would end an older one: what still verifies before
+    /// `offset` is kept, the unacknowledged records lost are counted (durably, before the file is
+    /// cut), then the file is cut. A damaged active segment is sealed; the next append starts a
+    /// new one.
     fn cut_damaged_segment(&mut self, path: &Path, offset: u64) -> Result<(), StoreError> {
         let Some(position) = self.segments().position(|s| s.path == path) else {
             return Ok(());
         };
-        let sealed = self.sealed.len();
-        let (base_seq, len) = {
-            let segment = self.sealed.get(position).or_else(|| {
-                self.active
-                    .as_ref()
-                    .map(|a| &a.segment)
-                    .filter(|_| position == sealed)
-            });
-            match segment {
-                Some(s) => (s.base_seq, s.len),
-                None => return Ok(()),
-            }
+        let Some((base_seq, len)) = self.segments().nth(position).map(|s| (s.base_seq, s.len))
+        else {
+            return Ok(());
         };
-        let offset = offset.clamp(SEGMENT_HEADER_LEN, len);
-        let lost = segment::count_lost_frames(path, offset, len, self.state.acked)?;
+        let prev_seq = match position.checked_sub(1).and_then(|i| self.sealed.get(i)) {
+            Some(previous) => previous.last_seq,
+            None => 0,
+        };
+        let cut = offset.clamp(SEGMENT_HEADER_LEN, len);
+        let kept = segment::scan_within(path, base_seq, prev_seq, cut)?
+            .map(|scanned| scanned.segment)
+            .filter(|segment| !segment.is_empty());
+        let kept_len = kept.as_ref().map(|s| s.len);
+        let pending_before = self.pending_records;
+        if position == self.sealed.len() {
+            // The active segment: its file handle goes; what is kept of it is sealed.
+            self.active = None;
+        } else {
+            self.sealed.remove(position);
+        }
+        if let Some(segment) = kept {
+            self.sealed.insert(position, segment);
+        }
+        self.recompute_pending()?;
+        let lost = pending_before.saturating_sub(self.pending_records);
         warn!(path = %path.display(), offset, lost_records = lost,
             "a record in the log no longer verifies; dropping the rest of its segment");
         self.persist(State {
             dropped_total: self.state.dropped_total + lost,
             ..self.state
         })?;
-        if position == sealed {
-            // The active segment: its file handle goes; it is sealed below.
-            self.active = None;
-        } else {
-            self.sealed.remove(position);
-        }
-        segment::truncate(path, offset)?;
-        let prev_seq = match position.checked_sub(1).and_then(|i| self.sealed.get(i)) {
-            Some(previous) => previous.last_seq,
-            None => 0,
-        };
-        match segment::scan(path, base_seq, prev_seq)? {
-            Some(scanned) if !scanned.segment.is_empty() => {
-                self.sealed.insert(position, scanned.segment);
-            }
-            _ => segment::remove(path)?,
+        match kept_len {
+            Some(len) => segment::truncate(path, len)?,
+            None => segment::remove(path)?,
         }
         self.total_bytes = self.segments().map(|s| s.len).sum();
-        self.recompute_pending()
+        Ok(())
     }
 
     /// Acknowledges every record with `seq` up to and including `seq` (clamped to
@@ -612,10 +614,10 @@ impl Log {
         self.skipped_at_open
     }
 
-    /// Whether no state file (and so no seq floor) could be read at open: a new directory, or
-    /// one whose state file was lost or damaged. The log's seqs may then be below what the hub
-    /// has already accepted from this device.
-    pub fn numbering_lost(&self) -> bool {
+    /// When no state file (and so no seq floor) could be read at open (a new directory, or one
+    /// whose state file was lost or damaged): the highest seq then on disk. Records up to it carry
+    /// their own seqs; seqs above it may have been handed out before and be known to the hub.
+    pub fn numbering_lost(&self) -> Option<u64> {
         self.numbering_lost
     }
 

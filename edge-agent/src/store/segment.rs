@@ -177,6 +177,15 @@ impl<'a> FrameReader<'a> {
         }
     }
 
+    /// A file that ends before the data the log knows of was cut from outside: damage at the
+    /// current record, like a checksum mismatch, not an I/O failure.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), StoreError> {
+        match self.inner.read_exact(buf) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(self.corrupt()),
+            other => other.ctx("reading", self.path),
+        }
+    }
+
     /// Header of the next frame, or `None` at the end of the valid data.
     pub(super) fn peek(&mut self) -> Result<Option<FrameHeader>, StoreError> {
         if let Some(header) = self.peeked {
@@ -189,7 +198,7 @@ impl<'a> FrameReader<'a> {
         if self.end - self.offset < FRAME_HEADER_LEN {
             return Err(self.corrupt());
         }
-        self.inner.read_exact(&mut buf).ctx("reading", self.path)?;
+        self.read_exact(&mut buf)?;
         let header = FrameHeader::decode(&buf);
         if header.frame_len() > self.end - self.offset {
             return Err(self.corrupt());
@@ -215,9 +224,7 @@ impl<'a> FrameReader<'a> {
             return Ok(None);
         };
         let mut payload = vec![0u8; header.len as usize];
-        self.inner
-            .read_exact(&mut payload)
-            .ctx("reading", self.path)?;
+        self.read_exact(&mut payload)?;
         if record_crc(header.seq, &payload) != header.crc {
             return Err(self.corrupt());
         }
@@ -275,8 +282,22 @@ pub(super) fn scan(
     name_seq: u64,
     prev_seq: u64,
 ) -> Result<Option<Scanned>, StoreError> {
+    scan_within(path, name_seq, prev_seq, u64::MAX)
+}
+
+/// [`scan`] of the first `limit` bytes only, as if the file ended there.
+pub(super) fn scan_within(
+    path: &Path,
+    name_seq: u64,
+    prev_seq: u64,
+    limit: u64,
+) -> Result<Option<Scanned>, StoreError> {
     let file = File::open(path).ctx("opening", path)?;
-    let file_len = file.metadata().ctx("reading metadata of", path)?.len();
+    let file_len = file
+        .metadata()
+        .ctx("reading metadata of", path)?
+        .len()
+        .min(limit);
     if file_len < SEGMENT_HEADER_LEN {
         return Ok(None);
     }

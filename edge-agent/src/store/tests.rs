@@ -664,8 +664,8 @@ impl Rng {
 fn random_appends_acks_and_restarts_return_every_unacked_record_exactly_once() {
     let mut total_dropped = 0;
     for seed in 1..=12u64 {
-        let dir = TempDir::new().unwrap();
-        let cfg = StoreConfig {
+        let mut dir = TempDir::new().unwrap();
+        let mut cfg = StoreConfig {
             dir: dir.path().to_path_buf(),
             max_bytes: 3 * SEGMENT,
             segment_bytes: SEGMENT,
@@ -707,8 +707,19 @@ fn random_appends_acks_and_restarts_return_every_unacked_record_exactly_once() {
                     if rng.below(2) == 0 {
                         log.sync().unwrap();
                     }
-                    drop(log);
+                    if rng.below(2) == 0 {
+                        drop(log);
+                    } else {
+                        // Killed: the files as they are, and no close. Appends continue above
+                        // the reservation.
+                        let killed = after_power_cut(dir.path(), &[]);
+                        drop(log);
+                        dir = killed;
+                        cfg.dir = dir.path().to_path_buf();
+                    }
                     log = Log::open(cfg.clone()).unwrap();
+                    assert!(log.last_seq() >= last, "seed {seed} step {step}");
+                    last = log.last_seq();
                     // An unsynced cursor may lag; never beyond, and records never go missing.
                     assert!(log.acked_seq() <= acked, "seed {seed} step {step}");
                     let replay = read_all(&mut log);
@@ -793,21 +804,28 @@ fn a_clean_close_gives_back_the_reserved_seqs() {
     assert_eq!(log.last_seq(), 3);
     assert_eq!(log.skipped_at_open(), 0);
     assert_eq!(log.next_seq().unwrap(), 4);
-    assert!(!log.numbering_lost());
+    assert_eq!(log.numbering_lost(), None);
     append_range(&mut log, 4..=5);
 }
 
 #[test]
-fn a_log_without_its_state_file_says_its_numbering_is_lost() {
+fn a_log_without_its_state_file_says_up_to_which_seq_its_numbering_is_its_own() {
     let dir = TempDir::new().unwrap();
-    assert!(
+    assert_eq!(
         Log::open(config(dir.path())).unwrap().numbering_lost(),
+        Some(0),
         "new"
     );
     append_range(&mut Log::open(config(dir.path())).unwrap(), 1..=3);
-    assert!(!Log::open(config(dir.path())).unwrap().numbering_lost());
+    assert_eq!(
+        Log::open(config(dir.path())).unwrap().numbering_lost(),
+        None
+    );
     fs::remove_file(dir.path().join("state")).unwrap();
-    assert!(Log::open(config(dir.path())).unwrap().numbering_lost());
+    assert_eq!(
+        Log::open(config(dir.path())).unwrap().numbering_lost(),
+        Some(3)
+    );
 }
 
 #[test]
@@ -840,7 +858,31 @@ fn a_record_that_rots_after_open_is_cut_with_the_rest_of_its_segment_counted_and
         log.read_after(active_first - 1, 10, usize::MAX).unwrap()[0].seq,
         601
     );
+
+    // A sealed segment cut short from outside: what it still holds is read, the rest counted.
+    let dropped = log.stats().dropped_total;
+    let second = log.sealed[1].path.clone();
+    let (second_first, second_count) = (log.sealed[1].base_seq, log.sealed[1].count);
+    let half = fs::metadata(&second).unwrap().len() / 2;
+    OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .unwrap()
+        .set_len(half)
+        .unwrap();
+    let records = log.read_after(0, usize::MAX, usize::MAX).unwrap();
+    let kept = records
+        .iter()
+        .filter(|r| (second_first..second_first + second_count).contains(&r.seq))
+        .count() as u64;
+    assert!(kept > 0 && kept < second_count, "{kept} of {second_count}");
+    assert_eq!(log.stats().dropped_total, dropped + second_count - kept);
     drop(log);
     let mut log = Log::open(config(dir.path())).unwrap();
     assert_eq!(read_all(&mut log).last().unwrap().seq, 601);
+    assert_eq!(
+        log.stats().dropped_total,
+        dropped + second_count - kept,
+        "counted once"
+    );
 }

@@ -98,8 +98,8 @@ impl Uplink {
             settings.connect_timeout,
         )?;
         let marker = storage_dir.join(SYNCED_MARKER);
-        forget_hub_if_numbering_lost(&log.lock().unwrap_or_else(|p| p.into_inner()), &marker)
-            .with_context(|| format!("cannot remove {}", marker.display()))?;
+        note_numbering_lost(&log.lock().unwrap_or_else(|p| p.into_inner()), &marker)
+            .with_context(|| format!("cannot write {}", marker.display()))?;
         Ok(Uplink {
             settings,
             dialer,
@@ -236,14 +236,61 @@ pub enum HelloError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// A log that lost its state file lost its seq floor: it may now hand out seqs the hub has seen,
-/// so it counts as never having met a hub, and renumbers at the next hello as a new log would.
-pub fn forget_hub_if_numbering_lost(log: &Log, marker: &Path) -> std::io::Result<()> {
-    if log.numbering_lost() && marker.exists() {
-        warn!("the log lost its state file: its readings are renumbered at the next hello");
-        std::fs::remove_file(marker)?;
+/// What the `hub-synced` marker says about the log's seqs: absent, the log never met a hub;
+/// empty, every seq is the log's own; a number, the seqs up to it are (the state file was lost
+/// later, and seqs above it may have been handed out before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    NeverMet,
+    Own,
+    OwnUpTo(u64),
+}
+
+impl Numbering {
+    fn read(marker: &Path) -> Numbering {
+        match std::fs::read_to_string(marker) {
+            Ok(text) if text.trim().is_empty() => Numbering::Own,
+            // Unreadable counts as never met: renumbering may resend, never loses.
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_or(Numbering::NeverMet, Numbering::OwnUpTo),
+            Err(_) => Numbering::NeverMet,
+        }
     }
-    Ok(())
+
+    /// Seqs up to this are known to be the log's own.
+    fn own_up_to(self) -> u64 {
+        match self {
+            Numbering::NeverMet => 0,
+            Numbering::Own => u64::MAX,
+            Numbering::OwnUpTo(seq) => seq,
+        }
+    }
+}
+
+/// Writes the marker durably (temp file, fsync, rename).
+fn write_marker(marker: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = marker.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, marker)
+}
+
+/// A log that lost its state file lost its seq floor: its records keep their own seqs, but seqs
+/// above the last one on disk may be handed out again while the hub knows them. The marker then
+/// says up to which seq the numbering is the log's own, for the next hello to renumber the rest.
+pub fn note_numbering_lost(log: &Log, marker: &Path) -> std::io::Result<()> {
+    let (Some(up_to), true) = (log.numbering_lost(), marker.exists()) else {
+        return Ok(());
+    };
+    let bound = Numbering::read(marker).own_up_to().min(up_to);
+    warn!(
+        own_up_to = bound,
+        "the log lost its state file: seqs above it are renumbered at the next hello"
+    );
+    write_marker(marker, &bound.to_string())
 }
 
 /// Applies what the hub's `hello` says (`last_seq`: the highest seq it has accepted from this
@@ -259,33 +306,49 @@ pub fn forget_hub_if_numbering_lost(log: &Log, marker: &Path) -> std::io::Result
 ///   sent ([`HelloError::NoLastSeq`]); one that has met a hub sends as usual and lets the acks
 ///   speak. A missing `last_seq` is never read as 0.
 pub fn reconcile(log: &mut Log, marker: &Path, last_seq: Option<u64>) -> Result<(), HelloError> {
-    let met = marker.exists();
+    let numbering = Numbering::read(marker);
     let last_seq = match last_seq {
         Some(seq) if seq >= hub_protocol::MAX_SEQ => {
             return Err(HelloError::ImpossibleLastSeq(seq));
         }
         Some(seq) => seq,
-        None if met => return Ok(()),
+        None if numbering == Numbering::Own => return Ok(()),
         None => return Err(HelloError::NoLastSeq),
     };
-    if !met && last_seq > log.acked_seq() && log.stats().pending_records > 0 {
-        let pending = log.read_after(log.acked_seq(), usize::MAX, usize::MAX)?;
-        let old_last = log.last_seq();
-        log.raise_seq_floor(last_seq.max(old_last))?;
-        // Copies first, then forget the originals: a crash in between resends originals
-        // the hub calls duplicates, never loses one. The copies go above the originals, so
-        // the seqs between the hub's last one and the originals' last one are passed over.
-        for record in &pending {
-            let seq = log.next_seq()?;
-            log.append(seq, &record.payload)?;
+    let own = numbering.own_up_to();
+    if last_seq > own {
+        // The hub knows seqs this log may have handed out again. What it holds up to `own` is
+        // the log's own and accepted; the rest gets new seqs above everything.
+        let accepted = own.min(log.last_seq());
+        if accepted > log.acked_seq() {
+            log.ack(accepted)?;
         }
-        log.ack(old_last)?;
-        log.sync()?;
-        warn!(
-            readings = pending.len(),
+        if log.stats().pending_records > 0 {
+            let pending = log.read_after(log.acked_seq(), usize::MAX, usize::MAX)?;
+            let old_last = log.last_seq();
+            log.raise_seq_floor(last_seq.max(old_last))?;
+            // Copies first, then forget the originals: a crash in between resends originals
+            // the hub calls duplicates, never loses one. The copies go above the originals, so
+            // the seqs between the hub's last one and the originals' last one are passed over.
+            for record in &pending {
+                let seq = log.next_seq()?;
+                log.append(seq, &record.payload)?;
+            }
+            log.ack(old_last)?;
+            log.sync()?;
+            warn!(
+                readings = pending.len(),
+                hub_last_seq = last_seq,
+                skipped_seqs = old_last.saturating_sub(last_seq),
+                "the hub knows seqs this log may have used: renumbered"
+            );
+        }
+    }
+    if last_seq > log.last_seq() {
+        info!(
             hub_last_seq = last_seq,
-            skipped_seqs = old_last.saturating_sub(last_seq),
-            "this log never met the hub and the hub knows later seqs: renumbered"
+            skipped_seqs = last_seq - log.last_seq(),
+            "the hub knows later seqs from this device; continuing above them"
         );
     }
     log.raise_seq_floor(last_seq)?;
@@ -293,7 +356,9 @@ pub fn reconcile(log: &mut Log, marker: &Path, last_seq: Option<u64>) -> Result<
     if accepted > log.acked_seq() {
         log.ack(accepted)?;
     }
-    if !met && let Err(e) = std::fs::write(marker, b"") {
+    if numbering != Numbering::Own
+        && let Err(e) = write_marker(marker, "")
+    {
         warn!(error = %e, path = %marker.display(), "cannot write the hub-synced marker");
     }
     Ok(())
@@ -766,29 +831,56 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_log_that_lost_its_state_file_renumbers_like_a_new_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let marker = dir.path().join(SYNCED_MARKER);
-        let mut log = open(dir.path());
+    /// A log that met the hub, holds r1..r5 acknowledged and r6 pending, and loses its state file.
+    fn lost_state_file(dir: &Path) -> (Log, std::path::PathBuf) {
+        let marker = dir.join(SYNCED_MARKER);
+        let mut log = open(dir);
         reconcile(&mut log, &marker, Some(0)).unwrap();
         for n in 1..=5 {
             append(&mut log, &format!("r{n}"));
         }
-        log.ack(5).unwrap(); // all sent and acknowledged
+        log.ack(5).unwrap();
         append(&mut log, "r6");
         drop(log);
-        std::fs::remove_file(dir.path().join("state")).unwrap();
+        std::fs::remove_file(dir.join("state")).unwrap();
+        let log = open(dir);
+        note_numbering_lost(&log, &marker).unwrap();
+        (log, marker)
+    }
 
-        let mut log = open(dir.path());
-        forget_hub_if_numbering_lost(&log, &marker).unwrap();
-        assert!(!marker.exists());
+    fn pending_seqs(log: &mut Log) -> Vec<(u64, String)> {
+        let acked = log.acked_seq();
+        log.read_after(acked, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.seq, String::from_utf8(r.payload).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_log_that_lost_its_state_file_sends_again_nothing_the_hub_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, marker) = lost_state_file(dir.path());
         reconcile(&mut log, &marker, Some(5)).unwrap();
-        let left = log
-            .read_after(log.acked_seq(), usize::MAX, usize::MAX)
-            .unwrap();
-        let kept: Vec<&[u8]> = left.iter().map(|r| &r.payload[..]).collect();
-        assert!(kept.contains(&&b"r6"[..]), "{kept:?}");
-        assert!(left.iter().all(|r| r.seq > 5), "above what the hub has");
+        assert_eq!(pending_seqs(&mut log), [(6, "r6".to_owned())]);
+    }
+
+    #[test]
+    fn a_log_that_lost_its_state_file_renumbers_what_may_collide_with_the_hubs_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, marker) = lost_state_file(dir.path());
+        // Taken after the loss, numbered 7; the hub had 7..9 from before (a power cut took them).
+        append(&mut log, "new");
+        reconcile(&mut log, &marker, Some(9)).unwrap();
+        assert_eq!(
+            pending_seqs(&mut log),
+            [(10, "new".to_owned())],
+            "r6 (6 <= 9) was accepted"
+        );
+        drop(log);
+        let mut log = open(dir.path());
+        assert_eq!(Numbering::read(&marker), Numbering::Own);
+        reconcile(&mut log, &marker, Some(10)).unwrap();
+        assert!(pending_seqs(&mut log).is_empty());
     }
 }
