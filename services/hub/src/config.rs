@@ -197,8 +197,8 @@ pub struct Limits {
     /// Largest inbound message (after reassembling fragments), in bytes.
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
-    /// Subscribes and unsubscribes per second per connection (token bucket with
-    /// `subscribe_burst`): what one client can make the broker create and drop.
+    /// Subscribes per second per connection (token bucket with `subscribe_burst`): how fast one
+    /// client can make the broker create channel state.
     pub subscribe_rate: f64,
     pub subscribe_burst: u32,
     /// Channels this hub holds state for at most: with the embedded broker every channel with
@@ -421,10 +421,21 @@ impl Settings {
             if !ok {
                 return Err(invalid(
                     key,
-                    "must be greater than zero (max_message_bytes: at least 128, \
-                     outbound_queue_bytes: at least 65536)",
+                    "must be greater than zero (max_message_bytes: at least 128)",
                 ));
             }
+        }
+        // A queue that cannot hold two of the largest messages would cut every subscriber of a
+        // channel the first time a device sends one.
+        let largest = l.max_message_bytes.saturating_add(512);
+        if l.outbound_queue_bytes < largest.saturating_mul(2) {
+            return Err(invalid(
+                "limits.outbound_queue_bytes",
+                format!(
+                    "must hold at least two of the largest messages: 2 x (limits.max_message_bytes + 512) = {}",
+                    largest.saturating_mul(2)
+                ),
+            ));
         }
         if self.ws.ping_interval.is_zero() {
             return Err(invalid("ws.ping_interval", "must be greater than zero"));
@@ -530,6 +541,20 @@ mod tests {
     }
 
     const GOOD: &str = "a-secret-of-at-least-thirty-two-bytes";
+
+    #[test]
+    fn a_queue_too_small_for_the_largest_message_is_refused() {
+        let e = Settings::load_from(
+            None,
+            env(&[
+                ("HUB_AUTH__HS256_SECRET", GOOD),
+                ("HUB_LIMITS__OUTBOUND_QUEUE_BYTES", "65536"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("limits.outbound_queue_bytes"), "{e}");
+    }
 
     #[test]
     fn a_short_hs256_secret_is_refused_naming_the_key() {

@@ -25,7 +25,7 @@ pub struct Session {
     state: Arc<AppState>,
     outbox: Outbox,
     subscriptions: HashSet<String>,
-    /// Subscribes and unsubscribes: each can make the broker create or drop channel state.
+    /// Subscribes: each can make the broker create channel state.
     changes: TokenBucket,
     changes_refused_in_row: u32,
     publisher: Option<Publisher>,
@@ -103,17 +103,16 @@ impl Session {
                 return self.error(e.code(), &e.to_string(), echo.seq, echo.reference);
             }
         };
-        if matches!(
-            frame,
-            ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. }
-        ) && !self.changes.try_take(Instant::now())
+        // Subscribes only: an unsubscribe frees what a subscribe took, and refusing it would
+        // leave a client believing it had left.
+        if matches!(frame, ClientFrame::Subscribe { .. }) && !self.changes.try_take(Instant::now())
         {
             self.changes_refused_in_row += 1;
             // A client that keeps churning after being told is cut off.
             if self.changes_refused_in_row > self.state.settings.limits.subscribe_burst {
                 return Err(CloseCode::RateLimited);
             }
-            let message = "subscription changes above limits.subscribe_rate; retry later";
+            let message = "subscribes above limits.subscribe_rate; retry later";
             return self.error(ErrorCode::RateLimited, message, None, frame.reference());
         }
         self.changes_refused_in_row = 0;

@@ -564,3 +564,10 @@ async fn the_channel_table_of_a_hub_is_bounded() {
     viewer.expect("unsubscribed").await;
     viewer.subscribe("devices.b", None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recovered() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis_with(&redis, common::small_queue).await;
+    common::a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recovered(&hub).await;
+}

@@ -155,9 +155,11 @@ impl Inner {
     }
 
     /// Makes room for every channel in `names` that does not exist yet, or refuses them all, so
-    /// that a publication is stored in all its channels or in none. Racing creators can pass the
-    /// bound by as many channels as there are of them at once; it bounds memory, not a count.
-    fn ensure_room(&self, names: &[String]) -> Result<(), BrokerError> {
+    /// that a publication is stored in all its channels or in none. `limit` is the table size
+    /// this caller may fill: subscribes (any viewer can invent names) leave the last quarter of
+    /// `max_channels` to publications. Racing creators can pass the bound by as many channels as
+    /// there are of them at once; it bounds memory, not a count.
+    fn ensure_room(&self, names: &[String], limit: usize) -> Result<(), BrokerError> {
         {
             let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
             if names.iter().all(|n| map.contains_key(n.as_str())) {
@@ -172,7 +174,7 @@ impl Inner {
             .iter()
             .filter(|n| !map.contains_key(n.as_str()))
             .count();
-        if map.len() + missing > self.max_channels {
+        if map.len() + missing > limit {
             self.metrics.channel_table_full.inc();
             return Err(BrokerError::ChannelTableFull {
                 max: self.max_channels,
@@ -198,7 +200,7 @@ impl Inner {
             }
             return Ok(PublishOutcome::Duplicate);
         }
-        self.ensure_room(p.channels)?;
+        self.ensure_room(p.channels, self.max_channels)?;
         for channel in p.channels {
             self.with_channel(channel, true, |ch| self.append(ch, channel, p, now));
         }
@@ -269,7 +271,8 @@ impl Inner {
         outbox: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let now = Instant::now();
-        self.ensure_room(std::slice::from_ref(&name.to_owned()))?;
+        let for_subscribes = self.max_channels - self.max_channels / 4;
+        self.ensure_room(std::slice::from_ref(&name.to_owned()), for_subscribes)?;
         self.with_channel(name, true, |ch| {
             ch.trim(&self.history, now);
             ch.active = now;

@@ -691,3 +691,44 @@ pub async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel(hub: &Te
         }
     }
 }
+
+/// A 64 KiB outbound queue (16 KiB messages): a replay of 32 KiB or more never fits.
+pub fn small_queue(s: &mut Settings) {
+    s.limits.max_message_bytes = 16 * 1024;
+    s.limits.outbound_queue_bytes = 64 * 1024;
+    s.limits.publish_rate = 100_000.0;
+}
+
+/// On a hub with [`small_queue`]: a resume whose replay is over half the queue is answered
+/// `recovered: false` (and live messages follow), one that fits is replayed.
+pub async fn a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recovered(
+    hub: &TestHub,
+) {
+    let mut agent = hub.agent("pi-1", &[]).await;
+    let pad = "x".repeat(1000);
+    let mut viewer = hub.viewer("v", &[]).await;
+    let epoch = viewer.subscribe("fleet", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for seq in 1..=100 {
+        agent.publish(seq, json!({"n": seq, "pad": pad})).await;
+    }
+    viewer.messages(100).await;
+    let mut late = hub.viewer("late", &[]).await;
+    let far = late.subscribe("fleet", Some((&epoch, 0))).await;
+    assert_eq!(
+        (far["recovered"].as_bool(), far["offset"].as_u64()),
+        (Some(false), Some(100))
+    );
+    let mut near = hub.viewer("near", &[]).await;
+    let close = near.subscribe("fleet", Some((&epoch, 95))).await;
+    assert_eq!(close["recovered"], true);
+    assert_eq!(offsets(&near.messages(5).await), [96, 97, 98, 99, 100]);
+    agent.publish(101, json!({"n": 101})).await;
+    assert_eq!(
+        offsets(&late.messages(1).await),
+        [101],
+        "live after the hole"
+    );
+}

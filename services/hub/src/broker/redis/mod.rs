@@ -142,8 +142,9 @@ impl RedisBroker {
         let mut history: Option<Vec<store::Entry>> = None;
         let deadline = tokio::time::Instant::now() + 2 * self.timeout;
         let mut beyond_redis = false;
+        let mut beyond_budget = false;
         loop {
-            let give_up = beyond_redis || tokio::time::Instant::now() >= deadline;
+            let give_up = beyond_redis || beyond_budget || tokio::time::Instant::now() >= deadline;
             match self
                 .local
                 .attach(channel, since, outbox, history.as_deref(), give_up)?
@@ -152,7 +153,15 @@ impl RedisBroker {
                 Attach::NeedHistory { after, upto } => {
                     let read = history.get_or_insert_with(Vec::new);
                     let from = read.last().map_or(after, |e| e.offset).max(after);
-                    read.extend(self.store.range(channel, from, Some(upto)).await?);
+                    let held: usize = read.iter().map(|e| e.message.len()).sum();
+                    let budget = (outbox.max_bytes() / 2).saturating_sub(held);
+                    let (more, too_big) = self
+                        .store
+                        .range_within(channel, from, Some(upto), budget)
+                        .await?;
+                    read.extend(more);
+                    // A replay the subscriber's queue could never take: attach without it.
+                    beyond_budget |= too_big;
                 }
                 Attach::Behind { upto } => {
                     if let Some((epoch, _)) = self.local.position(channel) {

@@ -348,24 +348,54 @@ impl Store {
         after: u64,
         upto: Option<u64>,
     ) -> Result<Vec<Entry>, BrokerError> {
+        Ok(self.range_within(channel, after, upto, usize::MAX).await?.0)
+    }
+
+    /// As [`Store::range`], read in chunks and stopped once the messages pass `max_bytes`: then
+    /// the second value is true and the entries are only the start of the range. A replay that
+    /// could never be queued is not loaded whole to find that out.
+    pub async fn range_within(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Entry>, bool), BrokerError> {
+        const CHUNK: usize = 512;
         let key = log_key(channel);
         let end = upto.map_or("+".to_owned(), |u| format!("{u}-0"));
-        let start = format!("({after}-0");
-        let value: Value = self
-            .run(async |conn| {
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(&start)
-                    .arg(&end)
-                    .query_async(conn)
-                    .await
-            })
-            .await?;
         let oldest = now_ms().saturating_sub(self.history.ttl.as_millis() as u64);
-        Ok(parse_range(value)
-            .into_iter()
-            .filter(|e| e.at_ms >= oldest)
-            .collect())
+        let (mut entries, mut bytes, mut from) = (Vec::new(), 0usize, after);
+        loop {
+            let start = format!("({from}-0");
+            let value: Value = self
+                .run(async |conn| {
+                    redis::cmd("XRANGE")
+                        .arg(&key)
+                        .arg(&start)
+                        .arg(&end)
+                        .arg("COUNT")
+                        .arg(CHUNK)
+                        .query_async(conn)
+                        .await
+                })
+                .await?;
+            let full = matches!(&value, Value::Array(items) if items.len() == CHUNK);
+            for entry in parse_range(value) {
+                from = from.max(entry.offset);
+                if entry.at_ms < oldest {
+                    continue;
+                }
+                bytes = bytes.saturating_add(entry.message.len());
+                entries.push(entry);
+            }
+            if bytes > max_bytes {
+                return Ok((entries, true));
+            }
+            if !full {
+                return Ok((entries, false));
+            }
+        }
     }
 
     /// The last `seq` accepted from `device`.
