@@ -27,6 +27,17 @@ pub(crate) fn after_power_cut(dir: &Path, synced: &[(PathBuf, u64)]) -> TempDir 
 
 /// Lengths of the segment files now (call right after `sync`).
 pub(crate) fn synced_lengths(dir: &Path) -> Vec<(PathBuf, u64)> {
+    segment_files(dir)
+        .into_iter()
+        .map(|p| {
+            let len = fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .collect()
+}
+
+/// The segment files in `dir`, oldest first.
+pub(crate) fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -34,10 +45,4 @@ pub(crate) fn synced_lengths(dir: &Path) -> Vec<(PathBuf, u64)> {
         .collect();
     files.sort();
     files
-        .into_iter()
-        .map(|p| {
-            let len = fs::metadata(&p).unwrap().len();
-            (p, len)
-        })
-        .collect()
 }

@@ -1,12 +1,12 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use super::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
-use super::testing::{after_power_cut, synced_lengths};
+use super::testing::{after_power_cut, segment_files, synced_lengths};
 use super::*;
 
 const SEGMENT: u64 = 4096;
@@ -43,16 +43,6 @@ fn read_all(log: &mut Log) -> Vec<Record> {
 
 fn seqs(records: &[Record]) -> Vec<u64> {
     records.iter().map(|r| r.seq).collect()
-}
-
-fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<_> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    files.sort();
-    files
 }
 
 fn segment_bytes_on_disk(dir: &Path) -> u64 {

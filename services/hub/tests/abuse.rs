@@ -377,21 +377,11 @@ async fn a_flood_of_upgrades_without_a_valid_token_does_not_use_up_the_connect_r
         s.limits.connect_burst = 3;
     })
     .await;
-    let forged = {
-        let claims = hub_protocol::Claims {
-            sub: "pi-forged".into(),
-            role: "agent".into(),
-            exp: hub::auth::unix_now() + 600,
-            iat: None,
-            nbf: None,
-            iss: None,
-            aud: None,
-            groups: None,
-            channels: None,
-        };
-        let key = jsonwebtoken::EncodingKey::from_secret(b"not-the-hub-secret-not-the-hub-secret");
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
-    };
+    let forged = common::sign_with(
+        &common::claims("pi-forged", "agent", hub::auth::unix_now() + 600),
+        jsonwebtoken::Algorithm::HS256,
+        "not-the-hub-secret-not-the-hub-secret",
+    );
     for i in 0..40 {
         let path = if i % 2 == 0 {
             "/ws".to_owned()

@@ -4,34 +4,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SECRET, TestHub, connect};
+use common::{SECRET, TestHub, claims, connect, sign_with};
 use hub::auth::unix_now;
 use hub::token::TokenRequest;
 use hub_protocol::{Claims, Role};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-
-fn claims(sub: &str, role: &str, exp: u64) -> Claims {
-    Claims {
-        sub: sub.into(),
-        role: role.into(),
-        exp,
-        iat: None,
-        nbf: None,
-        iss: None,
-        aud: None,
-        groups: None,
-        channels: None,
-    }
-}
-
-fn sign_with(claims: &Claims, alg: Algorithm, secret: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::new(alg),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
+use jsonwebtoken::Algorithm;
 
 async fn refusal(hub: &TestHub, token: &str) -> (u16, String) {
     match hub.try_connect(token).await {

@@ -732,3 +732,28 @@ pub async fn a_resume_whose_replay_would_not_fit_the_queue_is_answered_not_recov
         "live after the hole"
     );
 }
+
+/// Claims with just the required fields.
+pub fn claims(sub: &str, role: &str, exp: u64) -> Claims {
+    Claims {
+        sub: sub.into(),
+        role: role.into(),
+        exp,
+        iat: None,
+        nbf: None,
+        iss: None,
+        aud: None,
+        groups: None,
+        channels: None,
+    }
+}
+
+/// `claims` signed with an HMAC `secret` of our choosing (not necessarily the hub's).
+pub fn sign_with(claims: &Claims, alg: jsonwebtoken::Algorithm, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
