@@ -159,10 +159,10 @@ impl Inner {
     /// this caller may fill: subscribes (any viewer can invent names) leave the last quarter of
     /// `max_channels` to publications. Racing creators can pass the bound by as many channels as
     /// there are of them at once; it bounds memory, not a count.
-    fn ensure_room(&self, names: &[String], limit: usize) -> Result<(), BrokerError> {
+    fn ensure_room(&self, names: &[impl AsRef<str>], limit: usize) -> Result<(), BrokerError> {
         {
             let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-            if names.iter().all(|n| map.contains_key(n.as_str())) {
+            if names.iter().all(|n| map.contains_key(n.as_ref())) {
                 return Ok(());
             }
         }
@@ -172,7 +172,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner);
         let missing = names
             .iter()
-            .filter(|n| !map.contains_key(n.as_str()))
+            .filter(|n| !map.contains_key(n.as_ref()))
             .count();
         if map.len() + missing > limit {
             self.metrics.channel_table_full.inc();
@@ -182,7 +182,7 @@ impl Inner {
         }
         let now = Instant::now();
         for name in names {
-            map.entry(name.as_str().into())
+            map.entry(name.as_ref().into())
                 .or_insert_with(|| Mutex::new(Channel::new(now)));
         }
         self.metrics.channels.set(map.len() as i64);
@@ -272,7 +272,7 @@ impl Inner {
     ) -> Result<SubscribeOutcome, BrokerError> {
         let now = Instant::now();
         let for_subscribes = self.max_channels - self.max_channels / 4;
-        self.ensure_room(std::slice::from_ref(&name.to_owned()), for_subscribes)?;
+        self.ensure_room(&[name], for_subscribes)?;
         self.with_channel(name, true, |ch| {
             ch.trim(&self.history, now);
             ch.active = now;
