@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
-use hub_protocol::{CloseCode, ErrorCode, ServerFrame};
+use hub_protocol::{CloseCode, ErrorCode, Retry, ServerFrame};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -60,10 +60,17 @@ pub struct Uplink {
     roots: observability::RootSampler,
 }
 
-/// How a connection ended, which decides how long to wait before the next.
-#[derive(Debug)]
+/// How a connection attempt ended, which decides how long to wait before the next
+/// ([`retry_delay`]).
+#[derive(Debug, PartialEq)]
 enum End {
     Shutdown,
+    /// The token source failed.
+    NoToken(String),
+    /// The hub refused the token (401/403): a new one must be provisioned.
+    TokenRefused(String),
+    /// No connection: the hub is unreachable or refused the upgrade for another reason.
+    Unreachable(String),
     /// The hub closed with this code.
     Closed(u16),
     /// Nothing heard for `dead_after`, or the socket failed.
@@ -116,60 +123,11 @@ impl Uplink {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.settings.backoff_base, self.settings.backoff_cap);
         loop {
-            let delay = match (self.token)() {
-                Err(e) => {
-                    error!(error = %e, "no token; retrying");
-                    self.settings.auth_backoff
-                }
-                Ok(token) => match self.dialer.connect(&token).await {
-                    Err(e) if e.is_auth_refusal() => {
-                        error!(error = %e, retry_in = ?self.settings.auth_backoff,
-                            "the hub refused this device's token; provision a new one");
-                        self.settings.auth_backoff
-                    }
-                    Err(e) => {
-                        let delay = backoff.next_delay();
-                        warn!(error = %e, retry_in = ?delay, "cannot connect to the hub");
-                        delay
-                    }
-                    Ok((ws, node)) => {
-                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        info!(hub = node.as_deref().unwrap_or("?"), "connected");
-                        let started = Instant::now();
-                        let end = self.session(ws, &shutdown).await;
-                        if started.elapsed() > Duration::from_secs(30) {
-                            backoff.reset();
-                        }
-                        match end {
-                            End::Shutdown => return,
-                            End::Closed(code) => {
-                                let known = CloseCode::from_u16(code);
-                                if known.is_some_and(CloseCode::reconnect_soon)
-                                    || known == Some(CloseCode::TokenExpired)
-                                {
-                                    let delay = backoff::soon();
-                                    info!(code, retry_in = ?delay, "the hub closed the link");
-                                    delay
-                                } else {
-                                    let delay = backoff.next_delay();
-                                    warn!(code, retry_in = ?delay, "the hub closed the link");
-                                    delay
-                                }
-                            }
-                            End::Forbidden(why) => {
-                                error!(reason = %why, retry_in = ?self.settings.auth_backoff,
-                                    "the hub does not accept readings with this token");
-                                self.settings.auth_backoff
-                            }
-                            End::Lost(why) | End::Protocol(why) => {
-                                let delay = backoff.next_delay();
-                                warn!(reason = %why, retry_in = ?delay, "link lost");
-                                delay
-                            }
-                        }
-                    }
-                },
+            let end = self.attempt(&shutdown, &mut backoff).await;
+            let Some(delay) = retry_delay(&end, &mut backoff, self.settings.auth_backoff) else {
+                return;
             };
+            report(&end, delay);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -177,7 +135,29 @@ impl Uplink {
         }
     }
 
-    async fn session(&self, ws: connect::HubSocket, shutdown: &CancellationToken) -> End {
+    /// One connection, from getting the token to the end of the link.
+    async fn attempt(&self, shutdown: &CancellationToken, backoff: &mut Backoff) -> End {
+        let token = match (self.token)() {
+            Ok(token) => token,
+            Err(e) => return End::NoToken(format!("{e:#}")),
+        };
+        match self.dialer.connect(&token).await {
+            Err(e) if e.is_auth_refusal() => End::TokenRefused(e.to_string()),
+            Err(e) => End::Unreachable(e.to_string()),
+            Ok((ws, node)) => {
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                info!(hub = node.as_deref().unwrap_or("?"), "connected");
+                let started = Instant::now();
+                let end = self.link(ws, shutdown).await;
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff.reset();
+                }
+                end
+            }
+        }
+    }
+
+    async fn link(&self, ws: connect::HubSocket, shutdown: &CancellationToken) -> End {
         let (mut reader, mut writer): (
             WebSocketRead<ReadHalf<Upgraded>>,
             WebSocketWrite<WriteHalf<Upgraded>>,
@@ -683,6 +663,47 @@ impl Bucket {
     }
 }
 
+/// How long to wait after `end` before connecting again; `None` after a shutdown. A close code
+/// is answered as the protocol's one table says ([`Retry`]); a token the hub refuses, or
+/// readings it will not take, wait the long `auth_backoff`: a person must fix them, and
+/// retrying sooner only loads the hub.
+fn retry_delay(end: &End, backoff: &mut Backoff, auth_backoff: Duration) -> Option<Duration> {
+    Some(match end {
+        End::Shutdown => return None,
+        End::Closed(code) => match Retry::after_close(*code) {
+            // The agent's token source is read again on every attempt: that is its new token.
+            Retry::Soon | Retry::NewToken => backoff::soon(),
+            Retry::Backoff => backoff.next_delay(),
+            Retry::Never => auth_backoff,
+        },
+        End::NoToken(_) | End::TokenRefused(_) | End::Forbidden(_) => auth_backoff,
+        End::Unreachable(_) | End::Lost(_) | End::Protocol(_) => backoff.next_delay(),
+    })
+}
+
+/// Logs why the link ended and when it is tried again.
+fn report(end: &End, retry_in: Duration) {
+    match end {
+        End::Shutdown => {}
+        End::NoToken(e) => error!(error = %e, ?retry_in, "no token; retrying"),
+        End::TokenRefused(e) => error!(error = %e, ?retry_in,
+            "the hub refused this device's token; provision a new one"),
+        End::Unreachable(e) => warn!(error = %e, ?retry_in, "cannot connect to the hub"),
+        End::Closed(code) => match Retry::after_close(*code) {
+            Retry::Soon | Retry::NewToken => info!(code, ?retry_in, "the hub closed the link"),
+            Retry::Backoff => warn!(code, ?retry_in, "the hub closed the link"),
+            Retry::Never => error!(
+                code,
+                ?retry_in,
+                "the hub closed the link for something this agent sent; it needs a fix"
+            ),
+        },
+        End::Forbidden(why) => error!(reason = %why, ?retry_in,
+            "the hub does not accept readings with this token"),
+        End::Lost(why) | End::Protocol(why) => warn!(reason = %why, ?retry_in, "link lost"),
+    }
+}
+
 fn close_code(payload: &[u8]) -> u16 {
     match payload {
         [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
@@ -701,6 +722,61 @@ mod tests {
     use super::*;
     use crate::store::testing::{after_power_cut, synced_lengths};
     use crate::store::{FsyncPolicy, StoreConfig};
+
+    /// The delays `retry_delay` gives for `end`, twice in a row: shows whether it grows.
+    fn delays(end: End) -> (Option<Duration>, Option<Duration>, u128) {
+        let auth = Duration::from_secs(300);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let first = retry_delay(&end, &mut backoff, auth);
+        let second = retry_delay(&end, &mut backoff, auth);
+        (first, second, backoff.ceiling().as_millis())
+    }
+
+    #[test]
+    fn a_hub_restart_and_an_expired_token_reconnect_within_a_second_without_growing() {
+        for code in [CloseCode::ServiceRestart, CloseCode::TokenExpired] {
+            let (first, second, ceiling) = delays(End::Closed(code.as_u16()));
+            assert!(first.unwrap() <= Duration::from_secs(1), "{code:?}");
+            assert!(second.unwrap() <= Duration::from_secs(1), "{code:?}");
+            assert_eq!(ceiling, 100, "{code:?}: the backoff did not grow");
+        }
+    }
+
+    #[test]
+    fn other_closes_and_lost_links_back_off_exponentially() {
+        let ends = [
+            End::Closed(CloseCode::SlowConsumer.as_u16()),
+            End::Closed(CloseCode::PingTimeout.as_u16()),
+            End::Closed(CloseCode::TryAgainLater.as_u16()),
+            End::Closed(CloseCode::RateLimited.as_u16()),
+            End::Closed(1006),
+            End::Lost("eof".into()),
+            End::Unreachable("refused".into()),
+            End::Protocol("no hello".into()),
+        ];
+        for end in ends {
+            let (first, second, ceiling) = delays(end);
+            assert!(first.unwrap() <= Duration::from_millis(100));
+            assert!(second.unwrap() <= Duration::from_millis(200));
+            assert_eq!(ceiling, 400, "two attempts doubled the ceiling twice");
+        }
+    }
+
+    #[test]
+    fn what_a_person_must_fix_waits_the_auth_backoff() {
+        let auth = Some(Duration::from_secs(300));
+        let ends = [
+            End::Closed(CloseCode::MessageTooBig.as_u16()),
+            End::Closed(CloseCode::ProtocolError.as_u16()),
+            End::TokenRefused("401".into()),
+            End::Forbidden("publish".into()),
+            End::NoToken("no file".into()),
+        ];
+        for end in ends {
+            assert_eq!(delays(end), (auth, auth, 100));
+        }
+        assert_eq!(delays(End::Shutdown), (None, None, 100));
+    }
 
     fn open(dir: &Path) -> Log {
         Log::open(StoreConfig {

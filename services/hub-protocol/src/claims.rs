@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// The role a token grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
 pub enum Role {
     /// A device: publishes its own readings.
     Agent,
@@ -21,11 +22,11 @@ impl Role {
         }
     }
 
+    /// Every role's name, as [`Role::as_str`] gives it.
+    pub const NAMES: &'static [&'static str] = <Role as strum::VariantNames>::VARIANTS;
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Agent => "agent",
-            Role::Viewer => "viewer",
-        }
+        self.into()
     }
 }
 

@@ -3,7 +3,23 @@
 use serde::{Deserialize, Serialize};
 
 /// WebSocket close codes the hub sends. 1000-1015 are RFC 6455 / IANA codes; 4000-4999 are ours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Each code's reason (its snake_case name: the close frame's text and a metric label) and its
+/// [`Retry`] advice are derived here and nowhere else: docs/protocol.md, the agent and
+/// `fleet-client.js` follow [`CloseCode::retry`], and tests hold each of them to it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::FromRepr,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
 #[repr(u16)]
 pub enum CloseCode {
     Normal = 1000,
@@ -24,62 +40,81 @@ pub enum CloseCode {
     RateLimited = 4029,
 }
 
+/// What a client does after the hub closed its connection with a code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Retry {
+    /// Reconnect at once, after 0-1 s of jitter, and resume: the pool is healthy, this hub
+    /// just went away. The backoff does not grow.
+    Soon,
+    /// Reconnect after the next exponential backoff delay (full jitter), and resume.
+    Backoff,
+    /// The token is spent: get a fresh one, then reconnect at once and resume. A client with no
+    /// way to get one stops.
+    NewToken,
+    /// Reconnecting as it is would fail the same way: the client (or its configuration) must
+    /// change first. A person is told; an unattended agent retries only after its long
+    /// `auth_backoff`.
+    Never,
+}
+
 impl CloseCode {
-    pub const ALL: [CloseCode; 13] = [
-        CloseCode::Normal,
-        CloseCode::ProtocolError,
-        CloseCode::UnsupportedData,
-        CloseCode::InvalidPayload,
-        CloseCode::PolicyViolation,
-        CloseCode::MessageTooBig,
-        CloseCode::InternalError,
-        CloseCode::ServiceRestart,
-        CloseCode::TryAgainLater,
-        CloseCode::TokenExpired,
-        CloseCode::PingTimeout,
-        CloseCode::SlowConsumer,
-        CloseCode::RateLimited,
-    ];
+    /// Every code, in numeric order.
+    pub const ALL: &'static [CloseCode] = <CloseCode as strum::VariantArray>::VARIANTS;
+    /// Every code's [`reason`](CloseCode::reason), in the order of [`ALL`](CloseCode::ALL).
+    pub const REASONS: &'static [&'static str] = <CloseCode as strum::VariantNames>::VARIANTS;
 
     pub fn as_u16(self) -> u16 {
         self as u16
     }
 
     pub fn from_u16(code: u16) -> Option<CloseCode> {
-        Self::ALL.into_iter().find(|c| c.as_u16() == code)
+        Self::from_repr(code)
     }
 
     /// Short reason sent in the close frame and used as a metric label.
     pub fn reason(self) -> &'static str {
-        match self {
-            CloseCode::Normal => "normal",
-            CloseCode::ProtocolError => "protocol_error",
-            CloseCode::UnsupportedData => "unsupported_data",
-            CloseCode::InvalidPayload => "invalid_payload",
-            CloseCode::PolicyViolation => "policy_violation",
-            CloseCode::MessageTooBig => "message_too_big",
-            CloseCode::InternalError => "internal_error",
-            CloseCode::ServiceRestart => "service_restart",
-            CloseCode::TryAgainLater => "try_again_later",
-            CloseCode::TokenExpired => "token_expired",
-            CloseCode::PingTimeout => "ping_timeout",
-            CloseCode::SlowConsumer => "slow_consumer",
-            CloseCode::RateLimited => "rate_limited",
-        }
+        self.into()
     }
 
-    /// Whether a client should reconnect soon (with jitter) rather than back off long.
-    pub fn reconnect_soon(self) -> bool {
-        matches!(
-            self,
-            CloseCode::ServiceRestart | CloseCode::SlowConsumer | CloseCode::PingTimeout
-        )
+    /// The reconnect advice: the one table every client follows.
+    pub fn retry(self) -> Retry {
+        match self {
+            CloseCode::ServiceRestart => Retry::Soon,
+            CloseCode::Normal
+            | CloseCode::InternalError
+            | CloseCode::TryAgainLater
+            | CloseCode::PingTimeout
+            // Reconnecting at once would replay into the same full queue.
+            | CloseCode::SlowConsumer
+            | CloseCode::RateLimited => Retry::Backoff,
+            CloseCode::TokenExpired => Retry::NewToken,
+            CloseCode::ProtocolError
+            | CloseCode::UnsupportedData
+            | CloseCode::InvalidPayload
+            | CloseCode::PolicyViolation
+            | CloseCode::MessageTooBig => Retry::Never,
+        }
+    }
+}
+
+impl Retry {
+    /// The advice for a close code the client received, known or not. Codes the hub never
+    /// sends (1001 going away, 1006 no close frame, others' 4xxx) mean a lost link: backoff.
+    pub fn after_close(code: u16) -> Retry {
+        CloseCode::from_u16(code).map_or(Retry::Backoff, CloseCode::retry)
+    }
+
+    /// Its name in docs/protocol.md and `fleet-client.js`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 
 /// The `code` of an `error` frame. The connection stays open after every one of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ErrorCode {
     /// Not a JSON object, a missing or mistyped field, or `data` not an object.
     BadFrame,
@@ -100,17 +135,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BadFrame => "bad_frame",
-            ErrorCode::UnknownType => "unknown_type",
-            ErrorCode::InvalidChannel => "invalid_channel",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-            ErrorCode::AlreadySubscribed => "already_subscribed",
-            ErrorCode::NotSubscribed => "not_subscribed",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::Unavailable => "unavailable",
-        }
+        self.into()
     }
 }
 
@@ -120,10 +145,25 @@ mod tests {
 
     #[test]
     fn close_codes_round_trip() {
-        for code in CloseCode::ALL {
+        for &code in CloseCode::ALL {
             assert_eq!(CloseCode::from_u16(code.as_u16()), Some(code));
         }
         assert_eq!(CloseCode::from_u16(1001), None);
+        assert_eq!(CloseCode::REASONS.len(), CloseCode::ALL.len());
+        assert_eq!(CloseCode::TryAgainLater.reason(), "try_again_later");
+        assert_eq!(CloseCode::REASONS[9], CloseCode::TokenExpired.reason());
+    }
+
+    #[test]
+    fn only_a_restart_is_retried_at_once_and_unknown_codes_back_off() {
+        let soon: Vec<_> = CloseCode::ALL
+            .iter()
+            .filter(|c| c.retry() == Retry::Soon)
+            .collect();
+        assert_eq!(soon, [&CloseCode::ServiceRestart]);
+        assert_eq!(Retry::after_close(4001), Retry::NewToken);
+        assert_eq!(Retry::after_close(1006), Retry::Backoff);
+        assert_eq!(Retry::after_close(1009), Retry::Never);
     }
 
     #[test]

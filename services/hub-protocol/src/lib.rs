@@ -24,7 +24,7 @@ pub mod server;
 pub use channel::{ChannelError, ChannelPattern};
 pub use claims::{Claims, Role};
 pub use client::{ClientFrame, Position};
-pub use codes::{CloseCode, ErrorCode};
+pub use codes::{CloseCode, ErrorCode, Retry};
 pub use server::ServerFrame;
 
 /// The largest `seq` a publication may carry: 2^53 - 1, the largest integer every JSON client

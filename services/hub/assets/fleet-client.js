@@ -19,9 +19,12 @@
  * - Before the first connection and after each failed one (socket closed before `hello`, or close
  *   4001) it validates the token with a plain `GET /ws?token=…`: 401/403 means refused (state
  *   `auth_refused`, `reason` = the hub's `message`, no more retries); 426 means the token is fine.
- * - Reconnects with exponential backoff and full jitter (base 500 ms, cap 30 s; the attempt
- *   counter resets after a connection that lived 10 s). After close 1012 (hub restart) or a
- *   `draining` refusal it retries within 0-1 s.
+ * - Follows the protocol's reconnect table (`CLOSE_RETRY`, docs/protocol.md "Close codes"):
+ *   `soon` (1012, hub restart; also a `draining` refusal) retries within 0-1 s; `backoff`
+ *   reconnects with exponential backoff and full jitter (base 500 ms, cap 30 s; the attempt
+ *   counter resets after a connection that lived 10 s), as does any code not in the table;
+ *   `new_token` (4001) checks the token and stops unless it is still good; `never` (the hub
+ *   closed for something this client sent) stops in state `closed`.
  * - Keeps the last `(epoch, offset)` of every channel from each `subscribed`/`message` frame and
  *   resubscribes every channel with `since` after a reconnect, so the hub replays what was missed.
  * - Never delivers a message twice or out of order: in one epoch, offsets <= the last seen are
@@ -46,6 +49,31 @@
  * Properties: `state`, `hub`, `expiresAt` (token exp, seconds), `channels` (Map snapshot
  * channel → {epoch, offset} | null), `stats` → {messages, messagesPerSecond, dropped}.
  */
+
+/**
+ * What to do after each close code the hub sends: the protocol's one reconnect table
+ * (`CloseCode::retry` in hub-protocol; a Rust test holds this copy to it). Other codes: 'backoff'.
+ */
+export const CLOSE_RETRY = Object.freeze({
+  1000: 'backoff',
+  1002: 'never',
+  1003: 'never',
+  1007: 'never',
+  1008: 'never',
+  1009: 'never',
+  1011: 'backoff',
+  1012: 'soon',
+  1013: 'backoff',
+  4001: 'new_token',
+  4002: 'backoff',
+  4008: 'backoff',
+  4029: 'backoff',
+});
+
+/** The advice for a close code: one of 'soon' | 'backoff' | 'new_token' | 'never'. */
+export function retryAfterClose(code) {
+  return CLOSE_RETRY[code] ?? 'backoff';
+}
 
 /** Backoff parameters (milliseconds). */
 export const BACKOFF = Object.freeze({ baseMs: 500, capMs: 30_000, stableMs: 10_000, restartJitterMs: 1000 });
@@ -258,13 +286,15 @@ export class FleetClient {
     for (const ch of this.#channels.values()) { ch.pending = null; ch.early = []; }
 
     const why = { code, reason: reason || closeReason(code) };
-    if (code === 1012) return this.#scheduleRetry(why, true);
-    if (!hadHello || code === 4001) {
+    const retry = retryAfterClose(code);
+    if (retry === 'soon') return this.#scheduleRetry(why, true);
+    if (retry === 'never') return this.#stop(why);
+    if (!hadHello || retry === 'new_token') {
       this.#setState('connecting', why);
       const verdict = await this.#checkToken();
       if (gen !== this.#gen || this.#stopped) return;
       if (verdict.refused) return this.#refuse(verdict);
-      if (code === 4001 && verdict.status !== 426) {
+      if (retry === 'new_token' && verdict.status !== 426) {
         return this.#refuse({ reason: 'token has expired', code: 'expired' });
       }
       if (verdict.error === 'draining') return this.#scheduleRetry({ code, reason: 'hub draining' }, true);
@@ -291,6 +321,14 @@ export class FleetClient {
     this.#gen++;
     this.#clearTimers();
     this.#setState('auth_refused', { reason, code, status });
+  }
+
+  /** Stops after a close that reconnecting would only repeat; `connect()` starts again. */
+  #stop(why) {
+    this.#stopped = true;
+    this.#gen++;
+    this.#clearTimers();
+    this.#setState('closed', why);
   }
 
   /**

@@ -1,7 +1,6 @@
 //! Token verification: every WebSocket upgrade is authenticated before it is accepted.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hub_protocol::channel::is_valid_segment;
 use hub_protocol::{ChannelPattern, Claims, Role};
@@ -10,8 +9,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::{AuthSettings, ConfigError};
 
-/// Why a token was refused. Each variant is a metric label and the `error` of the HTTP body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a token was refused. Each variant's snake_case name is a metric label and the `error` of
+/// the HTTP body.
+#[derive(
+    Debug, Clone, PartialEq, Eq, thiserror::Error, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum AuthError {
     #[error("no token: send `Authorization: Bearer <jwt>` or the `token` query parameter")]
     Missing,
@@ -35,42 +38,12 @@ pub enum AuthError {
     RoleForbidden(String),
 }
 
-/// Metric label values of [`AuthError::reason`], in a fixed order.
-pub const AUTH_FAILURE_REASONS: &[&str] = &[
-    "missing",
-    "malformed",
-    "bad_signature",
-    "wrong_algorithm",
-    "expired",
-    "not_yet_valid",
-    "wrong_issuer",
-    "wrong_audience",
-    "invalid_claims",
-    "role_forbidden",
-];
-
 impl AuthError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            AuthError::Missing => "missing",
-            AuthError::Malformed => "malformed",
-            AuthError::BadSignature => "bad_signature",
-            AuthError::WrongAlgorithm => "wrong_algorithm",
-            AuthError::Expired => "expired",
-            AuthError::NotYetValid => "not_yet_valid",
-            AuthError::WrongIssuer => "wrong_issuer",
-            AuthError::WrongAudience => "wrong_audience",
-            AuthError::InvalidClaims(_) => "invalid_claims",
-            AuthError::RoleForbidden(_) => "role_forbidden",
-        }
-    }
+    /// Every [`reason`](AuthError::reason), in declaration order.
+    pub const REASONS: &'static [&'static str] = <AuthError as strum::VariantNames>::VARIANTS;
 
-    /// 401 when the token proves nothing, 403 when it is valid but grants no access.
-    pub fn status(&self) -> u16 {
-        match self {
-            AuthError::RoleForbidden(_) => 403,
-            _ => 401,
-        }
+    pub fn reason(&self) -> &'static str {
+        self.into()
     }
 }
 
@@ -221,11 +194,4 @@ fn map_error(kind: &ErrorKind) -> AuthError {
         ErrorKind::Json(e) => AuthError::InvalidClaims(e.to_string()),
         _ => AuthError::Malformed,
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

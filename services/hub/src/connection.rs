@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
-use hub_protocol::{CloseCode, Role};
+use hub_protocol::CloseCode;
 use tokio::io::AsyncRead;
 use tracing::debug;
 
@@ -15,8 +15,8 @@ use crate::auth::Identity;
 use crate::frame;
 use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
-use crate::server::AppState;
-use crate::session::Session;
+use crate::session::{self, Session, SessionLimits};
+use crate::state::AppState;
 use crate::writer::{self, Liveness, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
@@ -69,19 +69,18 @@ pub async fn serve(
     let role = identity.role;
     let metrics = &state.metrics;
     metrics.connections_opened.inc(role.as_str());
-    let gauge = match role {
-        Role::Agent => &metrics.connections_agent,
-        Role::Viewer => &metrics.connections_viewer,
-    };
+    let gauge = metrics.connections.get(role.as_str());
     gauge.inc();
     debug!(id = outbox.id(), sub = %identity.sub, role = role.as_str(), "connected");
 
-    let mut session = Session::new(
-        identity,
-        state.clone(),
-        outbox.clone(),
-        permit.share().clone(),
-    );
+    let context = session::Context {
+        broker: state.broker.clone(),
+        metrics: state.metrics.clone(),
+        roots: state.roots,
+        node_id: state.node_id.clone(),
+        limits: SessionLimits::from(&state.settings.limits),
+    };
+    let mut session = Session::new(identity, outbox.clone(), permit.share().clone(), context);
     match session.start().await {
         Ok(()) => read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await,
         Err(code) => outbox.close(CloseReason::Hub(code)),

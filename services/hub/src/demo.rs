@@ -7,10 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::Publication;
-use crate::server::AppState;
+use crate::broker::{Broker, Publication};
 
 /// One simulated device: a few slowly drifting metrics.
 struct Device {
@@ -72,7 +72,12 @@ impl Device {
 }
 
 /// Publishes a reading per device every `interval` until shutdown.
-pub async fn run(state: Arc<AppState>, devices: usize, interval: Duration) {
+pub async fn run(
+    broker: Arc<dyn Broker>,
+    shutdown: CancellationToken,
+    devices: usize,
+    interval: Duration,
+) {
     info!(devices, ?interval, "demo devices publishing");
     let mut fleet: Vec<Device> = (1..=devices).map(Device::new).collect();
     let boot_id = format!("demo-{:016x}", rand::random::<u64>());
@@ -81,7 +86,7 @@ pub async fn run(state: Arc<AppState>, devices: usize, interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = state.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
         // Unix milliseconds: increasing across hub restarts, so Redis' dedup never takes a new
@@ -103,7 +108,7 @@ pub async fn run(state: Arc<AppState>, devices: usize, interval: Duration) {
                 received_at: Instant::now(),
                 traced: false,
             };
-            if let Err(e) = state.broker.publish(&publication).await {
+            if let Err(e) = broker.publish(&publication).await {
                 warn!(device = %device.id, error = %e, "demo reading not published");
             }
         }

@@ -24,6 +24,7 @@ pub struct Delivery {
 }
 
 impl Subscribers {
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.list.len()
     }
@@ -32,6 +33,7 @@ impl Subscribers {
         self.list.is_empty()
     }
 
+    #[cfg(test)]
     pub fn contains(&self, id: u64) -> bool {
         self.index.contains_key(&id)
     }

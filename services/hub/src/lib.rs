@@ -5,38 +5,48 @@
 //! would lose a client's place in: channels have an epoch and gapless offsets, and a client that
 //! reconnects resumes with `since`.
 //!
-//! How it is built (see `docs/architecture.md` for the whole picture):
+//! How it is built (see `docs/architecture.md` for the whole picture), in the order data flows:
 //!
-//! - [`server`]: accept loop, routes (`/ws`, `/healthz`, `/readyz`, `/metrics`), the upgrade with
-//!   its admission checks, and the drain on shutdown.
+//! - [`server`]: the composition root. It builds the shared [`state::AppState`] (settings,
+//!   authenticator, broker, metrics, admission gate) and runs the accept loop and the drain on
+//!   shutdown. Nothing imports it back.
+//! - `routes`: `/ws` (the upgrade with its admission checks), `/healthz`, `/readyz`, `/metrics`
+//!   and the dashboard's files; every refusal is a `rejection::Rejection`, mapped to its
+//!   response in one place.
 //! - [`auth`]: token verification into an [`auth::Identity`]; [`token`] mints tokens.
-//! - [`connection`]: one task per connection reads frames and hands text to its [`session`],
-//!   which applies the protocol; a [`writer`] task per connection writes.
-//! - [`outbox`]: the bounded queue between everything that sends to a connection and its writer;
+//! - `connection`: one task per connection reads frames and hands text to its `session`, which
+//!   applies the protocol; a `writer` task per connection writes.
+//! - `outbox`: the bounded queue between everything that sends to a connection and its writer;
 //!   a full queue marks a slow consumer, which is closed rather than waited for.
-//! - [`broker`]: offsets, history, deduplication and fan-out behind the [`broker::Broker`] trait;
-//!   [`broker::MemoryBroker`] is the embedded one. [`fanout`] is the per-channel subscriber list.
-//! - [`frame`]: outbound WebSocket framing. A publication is encoded once, header and all, and
+//! - `broker`: offsets, history, deduplication and fan-out behind one `Broker` trait, embedded
+//!   in memory or on Redis for a pool; `fanout` is the per-channel subscriber list.
+//! - `frame`: outbound WebSocket framing. A publication is encoded once, header and all, and
 //!   the same bytes go to every subscriber.
-//! - [`limits`], [`metrics`], [`config`], [`shutdown`]: admission control, Prometheus metrics,
+//! - `limits`, `metrics`, [`config`], [`shutdown`]: admission control, Prometheus metrics,
 //!   settings, signals.
+//!
+//! Modules are private to the crate unless the binary, a test or another crate uses them.
 
-pub mod assets;
+mod assets;
 pub mod auth;
-pub mod broker;
+mod broker;
 pub mod config;
-pub mod connection;
-pub mod demo;
-pub mod fanout;
-pub mod frame;
-pub mod limits;
-pub mod metrics;
-pub mod outbox;
+mod connection;
+mod demo;
+mod fanout;
+mod frame;
+mod limits;
+mod metrics;
+mod outbox;
+mod rejection;
+mod routes;
 pub mod server;
-pub mod session;
+mod session;
 pub mod shutdown;
+mod state;
 pub mod token;
-pub mod writer;
+mod writer;
 
 pub use config::Settings;
 pub use server::Server;
+pub use state::OtelExport;

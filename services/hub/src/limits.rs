@@ -41,9 +41,13 @@ impl TokenBucket {
     }
 }
 
-/// Why a new connection was turned away by admission control.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a new connection was turned away by admission control. The snake_case names are the
+/// `error` of the HTTP body and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
 pub enum Refusal {
+    /// The hub is draining for shutdown (the server checks this before the gate).
+    Draining,
     /// The hub holds `limits.max_connections` already.
     MaxConnections,
     /// More than `limits.connect_rate` verified connections per second.
@@ -54,12 +58,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every [`reason`](Refusal::reason), in declaration order.
+    pub const REASONS: &'static [&'static str] = <Refusal as strum::VariantNames>::VARIANTS;
+
     pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::MaxConnections => "max_connections",
-            Refusal::ConnectRate => "connect_rate",
-            Refusal::IdentityConnections => "identity_connections",
-        }
+        self.into()
     }
 }
 
@@ -183,6 +186,7 @@ impl ConnectionGate {
         Ok(ConnectionPermit { slot, key, share })
     }
 
+    #[cfg(test)]
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }

@@ -134,7 +134,7 @@ fn serve(mut settings: Settings) -> anyhow::Result<()> {
         .context("cannot set up logs and telemetry")?
     };
     raise_fd_limit(settings.limits.max_connections);
-    let export = hub::server::OtelExport {
+    let export = hub::OtelExport {
         roots: telemetry.roots(),
         meter: telemetry.meter("hub"),
     };

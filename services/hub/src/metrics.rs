@@ -37,9 +37,6 @@ impl Gauge {
     pub fn dec(&self) {
         self.0.fetch_sub(1, Relaxed);
     }
-    pub fn add(&self, n: i64) {
-        self.0.fetch_add(n, Relaxed);
-    }
     pub fn set(&self, v: i64) {
         self.0.store(v, Relaxed);
     }
@@ -64,21 +61,48 @@ impl CounterVec {
         }
     }
 
-    /// Counts one event for `value`; a value outside the list counts under the last one.
+    /// Counts one event for `value`. A value outside the list is a bug that fails every test
+    /// (debug builds); a release build counts it under the last value rather than crash.
     pub fn inc(&self, value: &str) {
-        let i = self
-            .values
-            .iter()
-            .position(|v| *v == value)
-            .unwrap_or(self.values.len() - 1);
-        self.counters[i].inc();
+        let i = self.values.iter().position(|v| *v == value);
+        debug_assert!(i.is_some(), "`{value}` is not a `{}` label", self.label);
+        let i = i.unwrap_or(self.values.len().saturating_sub(1));
+        if let Some(counter) = self.counters.get(i) {
+            counter.inc();
+        }
     }
 
+    #[cfg(test)]
     pub fn get(&self, value: &str) -> u64 {
         self.values
             .iter()
             .position(|v| *v == value)
             .map_or(0, |i| self.counters[i].get())
+    }
+}
+
+/// Gauges with one label whose values are fixed when the family is made.
+pub struct GaugeVec {
+    label: &'static str,
+    values: &'static [&'static str],
+    gauges: Box<[Gauge]>,
+}
+
+impl GaugeVec {
+    pub fn new(label: &'static str, values: &'static [&'static str]) -> Self {
+        GaugeVec {
+            label,
+            values,
+            gauges: values.iter().map(|_| Gauge::default()).collect(),
+        }
+    }
+
+    /// The gauge of `value` (a bug in debug builds when `value` is not in the list).
+    pub fn get(&self, value: &str) -> &Gauge {
+        let i = self.values.iter().position(|v| *v == value);
+        debug_assert!(i.is_some(), "`{value}` is not a `{}` label", self.label);
+        let last = self.gauges.len().saturating_sub(1);
+        &self.gauges[i.unwrap_or(last)]
     }
 }
 
@@ -142,230 +166,104 @@ impl Histogram {
     }
 }
 
-pub const ROLES: &[&str] = &["agent", "viewer"];
-pub const REFUSALS: &[&str] = &[
-    "draining",
-    "max_connections",
-    "connect_rate",
-    "identity_connections",
-];
 pub const PUBLISH_RESULTS: &[&str] = &["accepted", "duplicate", "refused"];
 pub const RECOVERY_RESULTS: &[&str] = &["recovered", "not_recovered"];
 
-/// Every metric of one hub.
-pub struct Metrics {
-    pub connections_agent: Gauge,
-    pub connections_viewer: Gauge,
-    pub connections_opened: CounterVec,
-    pub disconnects: CounterVec,
-    pub refused: CounterVec,
-    pub auth_failures: CounterVec,
-    pub frames_received: Counter,
-    pub frames_sent: Counter,
-    pub bytes_sent: Counter,
-    pub publications: CounterVec,
-    pub deliveries: Counter,
-    pub delivery_drops: Counter,
-    pub slow_consumer_disconnects: Counter,
-    pub subscriptions: Gauge,
-    /// Channels this hub's broker holds state for (`limits.max_channels` caps it).
-    pub channels: Gauge,
-    /// New channels refused because the table was full.
-    pub channel_table_full: Counter,
-    pub recoveries: CounterVec,
-    pub publish_to_deliver: Histogram,
+/// Label values that other modules derive from their enums.
+pub struct Labels {
+    pub disconnect_reasons: &'static [&'static str],
+    pub refusals: &'static [&'static str],
+    pub auth_failures: &'static [&'static str],
+}
+
+/// Declares every metric once: its field, how it is made, its exposition name and help. The
+/// struct, its constructor and [`Metrics::families`] all come from this one list, in exposition
+/// order.
+macro_rules! metrics {
+    ($labels:ident; $($(#[$doc:meta])* $field:ident: $kind:ty = $make:expr, $name:literal, $help:literal;)*) => {
+        /// Every metric of one hub.
+        pub struct Metrics {
+            $($(#[$doc])* pub $field: $kind,)*
+        }
+
+        impl Metrics {
+            pub fn new($labels: Labels) -> Self {
+                Metrics { $($field: $make,)* }
+            }
+
+            /// Every metric family with its current values, in exposition order.
+            pub fn families(&self) -> Vec<Family<'_>> {
+                vec![$(Family { name: $name, help: $help, values: self.$field.values() },)*]
+            }
+        }
+    };
+}
+
+metrics! { labels;
+    connections: GaugeVec = GaugeVec::new("role", hub_protocol::Role::NAMES),
+        "hub_connections", "Open WebSocket connections.";
+    connections_opened: CounterVec = CounterVec::new("role", hub_protocol::Role::NAMES),
+        "hub_connections_opened_total", "WebSocket connections accepted.";
+    disconnects: CounterVec = CounterVec::new("reason", labels.disconnect_reasons),
+        "hub_disconnects_total", "WebSocket connections closed, by reason.";
+    refused: CounterVec = CounterVec::new("reason", labels.refusals),
+        "hub_connections_refused_total",
+        "Upgrades refused by admission control (draining, the connection cap, the connect rate, an identity's share).";
+    auth_failures: CounterVec = CounterVec::new("reason", labels.auth_failures),
+        "hub_auth_failures_total", "Upgrades refused by authentication.";
+    frames_received: Counter = Counter::default(),
+        "hub_frames_received_total", "WebSocket frames received.";
+    frames_sent: Counter = Counter::default(),
+        "hub_frames_sent_total", "WebSocket frames sent.";
+    bytes_sent: Counter = Counter::default(),
+        "hub_sent_bytes_total", "Bytes written to WebSocket connections.";
+    publications: CounterVec = CounterVec::new("result", PUBLISH_RESULTS),
+        "hub_publications_total", "Publish frames handled, by result.";
+    deliveries: Counter = Counter::default(),
+        "hub_deliveries_total", "Messages queued to subscribers.";
+    delivery_drops: Counter = Counter::default(),
+        "hub_delivery_drops_total", "Messages not queued because the subscriber was too slow.";
+    slow_consumer_disconnects: Counter = Counter::default(),
+        "hub_slow_consumer_disconnects_total", "Subscribers closed with 4008.";
+    subscriptions: Gauge = Gauge::default(),
+        "hub_subscriptions", "Active subscriptions.";
+    channels: Gauge = Gauge::default(),
+        "hub_channels", "Channels this hub holds state for (limits.max_channels caps them).";
+    channel_table_full: Counter = Counter::default(),
+        "hub_channel_table_full_total",
+        "Subscribes and publications refused because the channel table was full.";
+    recoveries: CounterVec = CounterVec::new("result", RECOVERY_RESULTS),
+        "hub_recoveries_total", "Subscribes with `since`, by outcome.";
+    publish_to_deliver: Histogram = Histogram::latency(),
+        "hub_publish_to_deliver_seconds",
+        "From receiving a publish to writing it to a subscriber's socket (oldest frame per write).";
     /// Items waiting in a connection's outbound queue when its writer wakes.
-    pub outbound_queue_depth: Histogram,
-    pub ready: Gauge,
-    pub broker_reconnects: Counter,
-    pub broker_messages: Counter,
-    pub broker_unwanted: Counter,
-    pub gap_fills: Counter,
-    pub history_misses: Counter,
-    pub redis_commands: Histogram,
-    pub redis_errors: Counter,
+    outbound_queue_depth: Histogram = Histogram::depth(),
+        "hub_outbound_queue_depth",
+        "Items waiting in a connection's outbound queue when its writer wakes (limits.outbound_queue is the most).";
+    redis_commands: Histogram = Histogram::latency(),
+        "hub_redis_command_seconds",
+        "Redis commands and scripts, from taking a pooled connection to the reply.";
+    redis_errors: Counter = Counter::default(),
+        "hub_redis_errors_total",
+        "Redis commands that failed or timed out (the caller answered unavailable).";
+    broker_messages: Counter = Counter::default(),
+        "hub_broker_messages_total", "Publications received from Redis pub/sub.";
+    broker_unwanted: Counter = Counter::default(),
+        "hub_broker_unwanted_messages_total",
+        "Publications received from Redis for channels no client of this hub watches.";
+    broker_reconnects: Counter = Counter::default(),
+        "hub_broker_reconnects_total", "Reconnects of the Redis pub/sub connection.";
+    gap_fills: Counter = Counter::default(),
+        "hub_gap_fills_total", "Offset gaps in pub/sub repaired from history.";
+    history_misses: Counter = Counter::default(),
+        "hub_history_misses_total",
+        "Live channels whose missed messages were gone from history (subscribers told recovered=false).";
+    ready: Gauge = Gauge::default(),
+        "hub_ready", "1 when the hub accepts new connections.";
 }
 
 impl Metrics {
-    pub fn new(
-        disconnect_reasons: &'static [&'static str],
-        auth_reasons: &'static [&'static str],
-    ) -> Self {
-        Metrics {
-            connections_agent: Gauge::default(),
-            connections_viewer: Gauge::default(),
-            connections_opened: CounterVec::new("role", ROLES),
-            disconnects: CounterVec::new("reason", disconnect_reasons),
-            refused: CounterVec::new("reason", REFUSALS),
-            auth_failures: CounterVec::new("reason", auth_reasons),
-            frames_received: Counter::default(),
-            frames_sent: Counter::default(),
-            bytes_sent: Counter::default(),
-            publications: CounterVec::new("result", PUBLISH_RESULTS),
-            deliveries: Counter::default(),
-            delivery_drops: Counter::default(),
-            slow_consumer_disconnects: Counter::default(),
-            subscriptions: Gauge::default(),
-            channels: Gauge::default(),
-            channel_table_full: Counter::default(),
-            recoveries: CounterVec::new("result", RECOVERY_RESULTS),
-            publish_to_deliver: Histogram::latency(),
-            outbound_queue_depth: Histogram::depth(),
-            ready: Gauge::default(),
-            broker_reconnects: Counter::default(),
-            broker_messages: Counter::default(),
-            broker_unwanted: Counter::default(),
-            gap_fills: Counter::default(),
-            history_misses: Counter::default(),
-            redis_commands: Histogram::latency(),
-            redis_errors: Counter::default(),
-        }
-    }
-
-    /// Every metric family with its current values, in exposition order.
-    pub fn families(&self) -> Vec<Family<'_>> {
-        use Values::*;
-        let f = |name, help, values| Family { name, help, values };
-        vec![
-            f(
-                "hub_connections",
-                "Open WebSocket connections.",
-                Gauges(
-                    "role",
-                    vec![
-                        ("agent", self.connections_agent.get()),
-                        ("viewer", self.connections_viewer.get()),
-                    ],
-                ),
-            ),
-            f(
-                "hub_connections_opened_total",
-                "WebSocket connections accepted.",
-                Labelled(&self.connections_opened),
-            ),
-            f(
-                "hub_disconnects_total",
-                "WebSocket connections closed, by reason.",
-                Labelled(&self.disconnects),
-            ),
-            f(
-                "hub_connections_refused_total",
-                "Upgrades refused by admission control (draining, the connection cap, the connect rate, an identity's share).",
-                Labelled(&self.refused),
-            ),
-            f(
-                "hub_auth_failures_total",
-                "Upgrades refused by authentication.",
-                Labelled(&self.auth_failures),
-            ),
-            f(
-                "hub_frames_received_total",
-                "WebSocket frames received.",
-                Count(&self.frames_received),
-            ),
-            f(
-                "hub_frames_sent_total",
-                "WebSocket frames sent.",
-                Count(&self.frames_sent),
-            ),
-            f(
-                "hub_sent_bytes_total",
-                "Bytes written to WebSocket connections.",
-                Count(&self.bytes_sent),
-            ),
-            f(
-                "hub_publications_total",
-                "Publish frames handled, by result.",
-                Labelled(&self.publications),
-            ),
-            f(
-                "hub_deliveries_total",
-                "Messages queued to subscribers.",
-                Count(&self.deliveries),
-            ),
-            f(
-                "hub_delivery_drops_total",
-                "Messages not queued because the subscriber was too slow.",
-                Count(&self.delivery_drops),
-            ),
-            f(
-                "hub_slow_consumer_disconnects_total",
-                "Subscribers closed with 4008.",
-                Count(&self.slow_consumer_disconnects),
-            ),
-            f(
-                "hub_subscriptions",
-                "Active subscriptions.",
-                Level(self.subscriptions.get()),
-            ),
-            f(
-                "hub_channels",
-                "Channels this hub holds state for (limits.max_channels caps them).",
-                Level(self.channels.get()),
-            ),
-            f(
-                "hub_channel_table_full_total",
-                "Subscribes and publications refused because the channel table was full.",
-                Count(&self.channel_table_full),
-            ),
-            f(
-                "hub_recoveries_total",
-                "Subscribes with `since`, by outcome.",
-                Labelled(&self.recoveries),
-            ),
-            f(
-                "hub_publish_to_deliver_seconds",
-                "From receiving a publish to writing it to a subscriber's socket (oldest frame per write).",
-                Distribution(&self.publish_to_deliver),
-            ),
-            f(
-                "hub_outbound_queue_depth",
-                "Items waiting in a connection's outbound queue when its writer wakes (limits.outbound_queue is the most).",
-                Distribution(&self.outbound_queue_depth),
-            ),
-            f(
-                "hub_redis_command_seconds",
-                "Redis commands and scripts, from taking a pooled connection to the reply.",
-                Distribution(&self.redis_commands),
-            ),
-            f(
-                "hub_redis_errors_total",
-                "Redis commands that failed or timed out (the caller answered unavailable).",
-                Count(&self.redis_errors),
-            ),
-            f(
-                "hub_broker_messages_total",
-                "Publications received from Redis pub/sub.",
-                Count(&self.broker_messages),
-            ),
-            f(
-                "hub_broker_unwanted_messages_total",
-                "Publications received from Redis for channels no client of this hub watches.",
-                Count(&self.broker_unwanted),
-            ),
-            f(
-                "hub_broker_reconnects_total",
-                "Reconnects of the Redis pub/sub connection.",
-                Count(&self.broker_reconnects),
-            ),
-            f(
-                "hub_gap_fills_total",
-                "Offset gaps in pub/sub repaired from history.",
-                Count(&self.gap_fills),
-            ),
-            f(
-                "hub_history_misses_total",
-                "Live channels whose missed messages were gone from history (subscribers told recovered=false).",
-                Count(&self.history_misses),
-            ),
-            f(
-                "hub_ready",
-                "1 when the hub accepts new connections.",
-                Level(self.ready.get()),
-            ),
-        ]
-    }
-
     /// The text exposition format 0.0.4 of every metric.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8 * 1024);
@@ -389,9 +287,9 @@ impl Metrics {
                         let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, c.get());
                     }
                 }
-                Values::Gauges(label, series) => {
-                    for (value, v) in series {
-                        let _ = writeln!(o, "{name}{{{label}=\"{value}\"}} {v}");
+                Values::Levels(v) => {
+                    for (value, g) in v.values.iter().zip(v.gauges.iter()) {
+                        let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, g.get());
                     }
                 }
                 Values::Distribution(h) => histogram(&mut o, name, h),
@@ -412,15 +310,50 @@ pub enum Values<'a> {
     Count(&'a Counter),
     Labelled(&'a CounterVec),
     Level(i64),
-    Gauges(&'static str, Vec<(&'static str, i64)>),
+    Levels(&'a GaugeVec),
     Distribution(&'a Histogram),
+}
+
+/// Each kind of metric says how its values are read.
+trait Observe {
+    fn values(&self) -> Values<'_>;
+}
+
+impl Observe for Counter {
+    fn values(&self) -> Values<'_> {
+        Values::Count(self)
+    }
+}
+
+impl Observe for Gauge {
+    fn values(&self) -> Values<'_> {
+        Values::Level(self.get())
+    }
+}
+
+impl Observe for CounterVec {
+    fn values(&self) -> Values<'_> {
+        Values::Labelled(self)
+    }
+}
+
+impl Observe for GaugeVec {
+    fn values(&self) -> Values<'_> {
+        Values::Levels(self)
+    }
+}
+
+impl Observe for Histogram {
+    fn values(&self) -> Values<'_> {
+        Values::Distribution(self)
+    }
 }
 
 impl Values<'_> {
     fn kind(&self) -> &'static str {
         match self {
             Values::Count(_) | Values::Labelled(_) => "counter",
-            Values::Level(_) | Values::Gauges(..) => "gauge",
+            Values::Level(_) | Values::Levels(_) => "gauge",
             Values::Distribution(_) => "histogram",
         }
     }
@@ -468,16 +401,16 @@ pub fn observe_with(meter: &Meter, metrics: Arc<Metrics>) {
                     })
                     .build();
             }
-            Values::Level(_) | Values::Gauges(..) => {
+            Values::Level(_) | Values::Levels(_) => {
                 meter
                     .i64_observable_gauge(name)
                     .with_description(help)
                     .with_callback(move |o| {
                         read(&m, name, |values| match values {
                             Values::Level(v) => o.observe(v, &[]),
-                            Values::Gauges(label, series) => {
-                                for (value, v) in series {
-                                    o.observe(v, &[KeyValue::new(label, value)]);
+                            Values::Levels(v) => {
+                                for (value, g) in v.values.iter().zip(v.gauges.iter()) {
+                                    o.observe(g.get(), &[KeyValue::new(v.label, *value)]);
                                 }
                             }
                             _ => {}
@@ -526,7 +459,11 @@ mod tests {
 
     #[test]
     fn histogram_renders_cumulative_buckets() {
-        let m = Metrics::new(&["normal", "other"], &["expired", "other"]);
+        let m = Metrics::new(Labels {
+            disconnect_reasons: &["normal"],
+            refusals: &["draining"],
+            auth_failures: &["expired"],
+        });
         m.publish_to_deliver.observe(Duration::from_micros(100));
         m.publish_to_deliver.observe(Duration::from_millis(3));
         m.publish_to_deliver.observe(Duration::from_secs(10));
@@ -541,10 +478,17 @@ mod tests {
     }
 
     #[test]
-    fn unknown_label_values_fall_into_the_last_one() {
+    fn label_values_are_counted_apart() {
         let v = CounterVec::new("reason", &["a", "other"]);
         v.inc("a");
-        v.inc("zzz");
-        assert_eq!((v.get("a"), v.get("other")), (1, 1));
+        v.inc("a");
+        v.inc("other");
+        assert_eq!((v.get("a"), v.get("other")), (2, 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "`zzz` is not a `reason` label")]
+    fn an_unknown_label_value_fails_the_tests() {
+        CounterVec::new("reason", &["a", "other"]).inc("zzz");
     }
 }

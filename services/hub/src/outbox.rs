@@ -49,34 +49,33 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    /// Metric label (see [`DISCONNECT_REASONS`]).
+    /// Metric label values of [`CloseReason::label`]: every close code's reason, then the two
+    /// endings the hub did not choose.
+    pub const LABELS: &'static [&'static str] = &{
+        const CODES: &[&str] = CloseCode::REASONS;
+        let mut all = [""; CloseCode::REASONS.len() + 2];
+        let mut i = 0;
+        while i < CODES.len() {
+            all[i] = CODES[i];
+            i += 1;
+        }
+        all[i] = PEER_CLOSED;
+        all[i + 1] = CONNECTION_LOST;
+        all
+    };
+
+    /// Metric label (one of [`CloseReason::LABELS`]).
     pub fn label(self) -> &'static str {
         match self {
             CloseReason::Hub(code) => code.reason(),
-            CloseReason::Peer(_) => "peer_closed",
-            CloseReason::Gone => "connection_lost",
+            CloseReason::Peer(_) => PEER_CLOSED,
+            CloseReason::Gone => CONNECTION_LOST,
         }
     }
 }
 
-/// Label values of the disconnect counter.
-pub const DISCONNECT_REASONS: &[&str] = &[
-    "normal",
-    "protocol_error",
-    "unsupported_data",
-    "invalid_payload",
-    "policy_violation",
-    "message_too_big",
-    "internal_error",
-    "service_restart",
-    "try_again_later",
-    "token_expired",
-    "ping_timeout",
-    "slow_consumer",
-    "rate_limited",
-    "peer_closed",
-    "connection_lost",
-];
+const PEER_CLOSED: &str = "peer_closed";
+const CONNECTION_LOST: &str = "connection_lost";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -103,6 +102,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    #[cfg(test)]
     /// A queue of at most `items` items, whatever their size.
     pub fn new(id: u64, items: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
         Self::bounded(id, items, usize::MAX)
@@ -196,8 +196,12 @@ mod tests {
 
     #[test]
     fn every_close_code_has_its_disconnect_label() {
-        for code in CloseCode::ALL {
-            assert!(DISCONNECT_REASONS.contains(&code.reason()), "{code:?}");
+        for &code in CloseCode::ALL {
+            let reason = CloseReason::Hub(code);
+            assert!(CloseReason::LABELS.contains(&reason.label()), "{code:?}");
+        }
+        for reason in [CloseReason::Peer(4000), CloseReason::Gone] {
+            assert!(CloseReason::LABELS.contains(&reason.label()), "{reason:?}");
         }
     }
 

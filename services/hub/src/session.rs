@@ -7,22 +7,55 @@ use std::time::Instant;
 
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
-use observability::in_span;
 use observability::propagation::{self, Remote};
+use observability::{RootSampler, in_span};
 use serde_json::value::RawValue;
 use tracing::field::Empty;
 use tracing::{Span, info_span, warn};
 
 use crate::auth::Identity;
-use crate::broker::{BrokerError, Publication, PublishOutcome};
+use crate::broker::{Broker, BrokerError, Publication, PublishOutcome};
+use crate::config::Limits;
 use crate::frame;
 use crate::limits::{Share, TokenBucket};
+use crate::metrics::Metrics;
 use crate::outbox::{Outbound, Outbox};
-use crate::server::AppState;
+
+/// What a session uses of its hub.
+pub struct Context {
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub roots: RootSampler,
+    /// Sent in `hello`.
+    pub node_id: Arc<str>,
+    pub limits: SessionLimits,
+}
+
+/// The limits a session enforces itself (`[limits]` in the settings).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub max_subscriptions: usize,
+    pub subscribe_rate: f64,
+    /// Also how many refused subscribes in a row close the connection.
+    pub subscribe_burst: u32,
+    /// How many refused publishes in a row close the connection.
+    pub publish_burst: u32,
+}
+
+impl From<&Limits> for SessionLimits {
+    fn from(limits: &Limits) -> Self {
+        SessionLimits {
+            max_subscriptions: limits.max_subscriptions,
+            subscribe_rate: limits.subscribe_rate,
+            subscribe_burst: limits.subscribe_burst,
+            publish_burst: limits.publish_burst,
+        }
+    }
+}
 
 pub struct Session {
     identity: Identity,
-    state: Arc<AppState>,
+    hub: Context,
     outbox: Outbox,
     subscriptions: HashSet<String>,
     /// Subscribes: each can make the broker create channel state.
@@ -45,23 +78,18 @@ struct Publisher {
 type Outcome = Result<(), CloseCode>;
 
 impl Session {
-    pub fn new(
-        identity: Identity,
-        state: Arc<AppState>,
-        outbox: Outbox,
-        share: Arc<Share>,
-    ) -> Self {
+    pub fn new(identity: Identity, outbox: Outbox, share: Arc<Share>, hub: Context) -> Self {
         let publisher = (identity.role == Role::Agent).then(|| Publisher {
             channels: publication_channels(&identity.sub, &identity.groups),
             share,
             refused_in_row: 0,
             awaiting_resend: None,
         });
-        let limits = &state.settings.limits;
+        let limits = &hub.limits;
         let changes = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst);
         Session {
             identity,
-            state,
+            hub,
             outbox,
             subscriptions: HashSet::new(),
             changes,
@@ -76,7 +104,7 @@ impl Session {
     /// the agent comes back later.
     pub async fn start(&mut self) -> Outcome {
         let last_seq = match self.identity.role {
-            Role::Agent => match self.state.broker.last_seq(&self.identity.sub).await {
+            Role::Agent => match self.hub.broker.last_seq(&self.identity.sub).await {
                 Ok(seq) => Some(seq),
                 Err(e) => {
                     warn!(sub = %self.identity.sub, error = %e,
@@ -87,7 +115,7 @@ impl Session {
             Role::Viewer => None,
         };
         self.send(&ServerFrame::Hello {
-            hub: self.state.node_id.as_str().into(),
+            hub: (*self.hub.node_id).into(),
             sub: self.identity.sub.as_str().into(),
             role: self.identity.role.as_str().into(),
             last_seq,
@@ -109,7 +137,7 @@ impl Session {
         {
             self.changes_refused_in_row += 1;
             // A client that keeps churning after being told is cut off.
-            if self.changes_refused_in_row > self.state.settings.limits.subscribe_burst {
+            if self.changes_refused_in_row > self.hub.limits.subscribe_burst {
                 return Err(CloseCode::RateLimited);
             }
             let message = "subscribes above limits.subscribe_rate; retry later";
@@ -122,7 +150,7 @@ impl Session {
                 since,
                 reference,
             } => {
-                let span = self.state.child_span(|| {
+                let span = self.hub.roots.child_span(|| {
                     info_span!(
                         "subscribe",
                         channel = %channel,
@@ -156,12 +184,12 @@ impl Session {
                 // else, or for an unreadable one, maybe a trace of our own.
                 let span = match traceparent.as_deref().map(propagation::remote_parent) {
                     Some(Remote::Recorded(parent)) => {
-                        let span = self.state.remote_child_span(make);
+                        let span = self.hub.roots.remote_child_span(make);
                         propagation::adopt(&span, parent);
                         span
                     }
                     Some(Remote::NotRecorded) => Span::none(),
-                    Some(Remote::Invalid) | None => self.state.root_span(make),
+                    Some(Remote::Invalid) | None => self.hub.roots.root_span(make),
                 };
                 let traced = !span.is_disabled();
                 let publish = self.publish(seq, data, device.as_deref(), reference, traced);
@@ -191,8 +219,8 @@ impl Session {
                 ErrorCode::AlreadySubscribed,
                 &format!("already subscribed to `{channel}`"),
             ))
-        } else if self.subscriptions.len() >= self.state.settings.limits.max_subscriptions {
-            let max = self.state.settings.limits.max_subscriptions;
+        } else if self.subscriptions.len() >= self.hub.limits.max_subscriptions {
+            let max = self.hub.limits.max_subscriptions;
             Some(refuse(
                 ErrorCode::TooManySubscriptions,
                 &format!("at most {max} subscriptions per connection"),
@@ -204,7 +232,7 @@ impl Session {
             return self.error(code, &message, None, reference);
         }
         match self
-            .state
+            .hub
             .broker
             .subscribe(channel, since, &self.outbox)
             .await
@@ -214,7 +242,7 @@ impl Session {
                 span.record("recovered", outcome.recovered);
                 span.record("replayed", outcome.replayed);
                 self.subscriptions.insert(channel.to_owned());
-                let metrics = &self.state.metrics;
+                let metrics = &self.hub.metrics;
                 metrics.subscriptions.inc();
                 if since.is_some() {
                     metrics.recoveries.inc(if outcome.recovered {
@@ -237,8 +265,8 @@ impl Session {
             let message = format!("not subscribed to `{channel}`");
             return self.error(ErrorCode::NotSubscribed, &message, None, reference);
         }
-        self.state.broker.unsubscribe(channel, self.outbox.id());
-        self.state.metrics.subscriptions.dec();
+        self.hub.broker.unsubscribe(channel, self.outbox.id());
+        self.hub.metrics.subscriptions.dec();
         self.send(&ServerFrame::Unsubscribed {
             channel: channel.into(),
         })
@@ -253,7 +281,7 @@ impl Session {
         reference: Option<&RawValue>,
         traced: bool,
     ) -> Outcome {
-        let metrics = &self.state.metrics;
+        let metrics = &self.hub.metrics;
         let Some(publisher) = self.publisher.as_mut() else {
             metrics.publications.inc("refused");
             return self.error(
@@ -275,7 +303,7 @@ impl Session {
             Some((first, code)) if seq > first => {
                 metrics.publications.inc("refused");
                 publisher.refused_in_row += 1;
-                if publisher.refused_in_row > self.state.settings.limits.publish_burst {
+                if publisher.refused_in_row > self.hub.limits.publish_burst {
                     return Err(CloseCode::RateLimited);
                 }
                 let message = format!("publish {first} was refused; resend from it");
@@ -294,7 +322,7 @@ impl Session {
             metrics.publications.inc("refused");
             publisher.refused_in_row += 1;
             // An agent that keeps flooding after being told is cut off.
-            if publisher.refused_in_row > self.state.settings.limits.publish_burst {
+            if publisher.refused_in_row > self.hub.limits.publish_burst {
                 return Err(CloseCode::RateLimited);
             }
             publisher.awaiting_resend = Some((seq, ErrorCode::RateLimited));
@@ -314,7 +342,7 @@ impl Session {
             received_at: now,
             traced,
         };
-        match self.state.broker.publish(&publication).await {
+        match self.hub.broker.publish(&publication).await {
             Ok(outcome) => {
                 let duplicate = outcome == PublishOutcome::Duplicate;
                 let result = if duplicate { "duplicate" } else { "accepted" };
@@ -357,8 +385,8 @@ impl Session {
     /// Leaves every channel.
     pub fn finish(&mut self) {
         for channel in self.subscriptions.drain() {
-            self.state.broker.unsubscribe(&channel, self.outbox.id());
-            self.state.metrics.subscriptions.dec();
+            self.hub.broker.unsubscribe(&channel, self.outbox.id());
+            self.hub.metrics.subscriptions.dec();
         }
     }
 }

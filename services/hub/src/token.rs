@@ -1,11 +1,10 @@
 //! Minting tokens from the configured key (`hub token`), for first runs, demos and tests.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hub_protocol::{Claims, Role};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use crate::auth::unix_now;
 use crate::config::AuthSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,4 +80,11 @@ pub fn sign(auth: &AuthSettings, claims: &Claims) -> Result<String, MintError> {
 /// Mints a token for `request`.
 pub fn mint(auth: &AuthSettings, request: &TokenRequest) -> Result<String, MintError> {
     sign(auth, &request.claims(auth))
+}
+
+/// Seconds since the Unix epoch, the unit of `exp`, `iat` and `nbf`.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -378,7 +378,7 @@ async fn a_flood_of_upgrades_without_a_valid_token_does_not_use_up_the_connect_r
     })
     .await;
     let forged = common::sign_with(
-        &common::claims("pi-forged", "agent", hub::auth::unix_now() + 600),
+        &common::claims("pi-forged", "agent", hub::token::unix_now() + 600),
         jsonwebtoken::Algorithm::HS256,
         "not-the-hub-secret-not-the-hub-secret",
     );

@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::{SECRET, TestHub, claims, connect, sign_with};
-use hub::auth::unix_now;
 use hub::token::TokenRequest;
+use hub::token::unix_now;
 use hub_protocol::{Claims, Role};
 use jsonwebtoken::Algorithm;
 

@@ -128,6 +128,27 @@ impl RootSampler {
             Some(r) => rand::random::<f64>() < r,
         }
     }
+
+    /// A span that starts a trace, built only if this trace is sampled; else a disabled span
+    /// that costs nothing.
+    pub fn root_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.sample() { make() } else { Span::none() }
+    }
+
+    /// A span inside the current one, built only if that one is.
+    pub fn child_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.enabled && !Span::current().is_disabled() {
+            make()
+        } else {
+            Span::none()
+        }
+    }
+
+    /// A span for a trace sampled elsewhere (its parent comes from a `traceparent`): built
+    /// whenever spans are exported.
+    pub fn remote_child_span(&self, make: impl FnOnce() -> Span) -> Span {
+        if self.enabled { make() } else { Span::none() }
+    }
 }
 
 impl Telemetry {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame};
 
-use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome, pack};
+use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome, new_epoch, pack};
 use crate::config::HistorySettings;
 use crate::fanout::Subscribers;
 use crate::frame;
@@ -53,10 +53,6 @@ struct Channel {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-pub fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl Channel {
@@ -118,6 +114,7 @@ impl MemoryBroker {
     }
 
     /// Number of channels held (tests, metrics).
+    #[cfg(test)]
     pub fn channel_count(&self) -> usize {
         self.inner
             .channels
@@ -392,8 +389,10 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::AUTH_FAILURE_REASONS;
-    use crate::outbox::DISCONNECT_REASONS;
+    use crate::auth::AuthError;
+    use crate::limits::Refusal;
+    use crate::metrics::Labels;
+    use crate::outbox::CloseReason;
     use hub_protocol::ServerFrame;
     use serde_json::value::RawValue;
 
@@ -405,7 +404,11 @@ mod tests {
         MemoryBroker::new(
             history,
             1000,
-            Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
+            Arc::new(Metrics::new(Labels {
+                disconnect_reasons: CloseReason::LABELS,
+                refusals: Refusal::REASONS,
+                auth_failures: AuthError::REASONS,
+            })),
         )
     }
 
@@ -557,7 +560,11 @@ mod tests {
         let b = MemoryBroker::new(
             history,
             1000,
-            Arc::new(Metrics::new(DISCONNECT_REASONS, AUTH_FAILURE_REASONS)),
+            Arc::new(Metrics::new(Labels {
+                disconnect_reasons: CloseReason::LABELS,
+                refusals: Refusal::REASONS,
+                auth_failures: AuthError::REASONS,
+            })),
         );
         publish(&b, 1);
         assert_eq!(b.channel_count(), 2);

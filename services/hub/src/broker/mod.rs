@@ -44,6 +44,12 @@ pub struct Publication<'a> {
     pub traced: bool,
 }
 
+/// A fresh epoch: 64 random bits, so a channel that lost its history is never taken for the one
+/// before.
+pub fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
     Accepted,

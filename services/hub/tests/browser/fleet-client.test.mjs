@@ -2,7 +2,7 @@
 // A fake WebSocket records what the client sends; fake timers run when the test says.
 // Run: node services/hub/tests/browser/fleet-client.test.mjs
 import assert from 'node:assert/strict';
-import { FleetClient } from '../../assets/fleet-client.js';
+import { BACKOFF, FleetClient } from '../../assets/fleet-client.js';
 
 class FakeSocket {
   static last = null;
@@ -27,10 +27,12 @@ function harness() {
   });
   const errors = [];
   client.on('error', (frame) => errors.push(frame));
+  const states = [];
+  client.on('state', (s) => states.push(s));
   const runTimers = (maxMs) => {
     for (const t of timers.splice(0)) if (t.ms <= maxMs) t.fn(); else timers.push(t);
   };
-  return { client, errors, runTimers };
+  return { client, errors, states, runTimers };
 }
 
 async function connected(client) {
@@ -74,6 +76,35 @@ const tests = {
     ws.onclose({ code: 1006, reason: '' });
     runTimers(2000);
     assert.deepEqual(ws.subscribes(), ['fleet'], 'the next connection resubscribes instead');
+  },
+
+  async 'a hub restart is retried within a second and the backoff does not grow'() {
+    const { client, states } = harness();
+    const ws = await connected(client);
+    ws.onclose({ code: 1012, reason: '' });
+    const last = states.at(-1);
+    assert.equal(last.state, 'reconnecting');
+    assert.equal(last.retryInMs, 0.5 * BACKOFF.restartJitterMs);
+  },
+
+  async 'a slow consumer backs off like a lost link'() {
+    const { client, states } = harness();
+    const ws = await connected(client);
+    ws.onclose({ code: 4008, reason: '' });
+    await new Promise((r) => setTimeout(r, 10));
+    const last = states.at(-1);
+    assert.equal(last.state, 'reconnecting');
+    assert.equal(last.retryInMs, 0.5 * BACKOFF.baseMs, 'the first backoff step, not the restart jitter');
+  },
+
+  async 'a close for something the client sent stops instead of repeating it'() {
+    const { client, states, runTimers } = harness();
+    const ws = await connected(client);
+    ws.onclose({ code: 1009, reason: 'message too big' });
+    assert.equal(states.at(-1).state, 'closed');
+    assert.equal(states.at(-1).code, 1009);
+    runTimers(60_000);
+    assert.equal(FakeSocket.last, ws, 'no new connection');
   },
 };
 

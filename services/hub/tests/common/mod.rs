@@ -3,14 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, Role as WsRole, WebSocket};
 use http_body_util::{BodyExt, Empty};
 use hub::Settings;
-use hub::server::AppState;
 use hub::token::{TokenRequest, mint, sign};
 use hub_protocol::{Claims, Role, ServerFrame};
 use hyper::upgrade::Upgraded;
@@ -25,7 +23,6 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 pub struct TestHub {
     pub addr: SocketAddr,
-    pub state: Arc<AppState>,
     pub settings: Settings,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -50,13 +47,11 @@ impl TestHub {
             .await
             .expect("hub binds");
         let addr = server.local_addr().unwrap();
-        let state = server.state();
         let stop = CancellationToken::new();
         let signal = stop.clone();
         let task = tokio::spawn(server.run(async move { signal.cancelled().await }));
         TestHub {
             addr,
-            state,
             settings,
             stop,
             task,

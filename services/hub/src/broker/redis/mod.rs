@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hub_protocol::Position;
+use observability::RootSampler;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, Span, info_span};
 
@@ -39,18 +40,19 @@ pub struct RedisBroker {
     connected: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     timeout: Duration,
-    traces: bool,
+    /// Spans are exported: traced publications carry their trace context through Redis.
+    roots: RootSampler,
     max_channels: usize,
 }
 
 impl RedisBroker {
-    /// Sets up the pool and starts the relay; Redis need not be reachable yet. With `traces`,
-    /// traced publications carry their trace context through Redis to every hub.
+    /// Sets up the pool and starts the relay; Redis need not be reachable yet. When `roots`
+    /// exports spans, traced publications carry their trace context through Redis to every hub.
     pub fn new(
         settings: &Settings,
         url: &str,
         metrics: Arc<Metrics>,
-        traces: bool,
+        roots: RootSampler,
     ) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             key: "broker.url",
@@ -90,7 +92,7 @@ impl RedisBroker {
             metrics.clone(),
             broker,
         )
-        .tracing(traces);
+        .tracing(roots);
         tokio::spawn(relay.run());
         Ok(RedisBroker {
             store,
@@ -99,7 +101,7 @@ impl RedisBroker {
             connected,
             metrics,
             timeout: broker.timeout,
-            traces,
+            roots,
             max_channels: settings.limits.max_channels,
         })
     }
@@ -190,8 +192,9 @@ impl Broker for RedisBroker {
     async fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
         // Traced only inside a traced publish (the current span then is the publish's own, not
         // the connection's); its context rides in the envelope to every hub.
-        let span = if self.traces && p.traced {
-            info_span!("redis.publish", channels = p.channels.len())
+        let span = if p.traced {
+            self.roots
+                .child_span(|| info_span!("redis.publish", channels = p.channels.len()))
         } else {
             Span::none()
         };

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use observability::RootSampler;
 use observability::propagation::{self, Remote};
 use redis::aio::PubSubSink;
 use tokio::sync::{mpsc, oneshot};
@@ -45,8 +46,8 @@ pub struct Relay {
     pub position_check: Duration,
     pub timeout: Duration,
     pub routing: Routing,
-    /// Continue traces that arrive in envelopes.
-    pub traces: bool,
+    /// Continues the traces that arrive in envelopes when spans are exported.
+    pub roots: RootSampler,
     /// Redis topics this connection is subscribed to.
     subscribed: HashSet<String>,
 }
@@ -79,14 +80,14 @@ impl Relay {
             position_check: settings.position_check,
             timeout: settings.timeout,
             routing: settings.routing,
-            traces: false,
+            roots: RootSampler::off(),
             subscribed: HashSet::new(),
         }
     }
 
-    /// Continues the traces that envelopes carry (OpenTelemetry export is on).
-    pub fn tracing(mut self, traces: bool) -> Self {
-        self.traces = traces;
+    /// Continues the traces that envelopes carry when `roots` exports spans.
+    pub fn tracing(mut self, roots: RootSampler) -> Self {
+        self.roots = roots;
         self
     }
 
@@ -248,14 +249,16 @@ impl Relay {
         let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         // One span per traced publication, never per delivery.
         let span = match envelope.traceparent.map(propagation::remote_parent) {
-            Some(Remote::Recorded(parent)) if self.traces => {
-                let span = info_span!(
-                    parent: None,
-                    "relay.deliver",
-                    channel,
-                    offset = envelope.offset,
-                    age_ms = age.as_millis() as u64,
-                );
+            Some(Remote::Recorded(parent)) => {
+                let span = self.roots.remote_child_span(|| {
+                    info_span!(
+                        parent: None,
+                        "relay.deliver",
+                        channel,
+                        offset = envelope.offset,
+                        age_ms = age.as_millis() as u64,
+                    )
+                });
                 propagation::adopt(&span, parent);
                 span
             }

@@ -263,7 +263,7 @@ impl Store {
             .arg(now_ms())
             .arg(self.history.size)
             .arg(self.history.meta_ttl.as_millis() as u64)
-            .arg(crate::broker::memory::new_epoch())
+            .arg(crate::broker::new_epoch())
             .arg(data.get())
             .arg(traceparent.unwrap_or(""));
         for channel in channels {
@@ -276,7 +276,7 @@ impl Store {
     pub async fn position(&self, channel: &str) -> Result<(String, u64), BrokerError> {
         let mut call = self.position.prepare_invoke();
         call.key(meta_key(channel))
-            .arg(crate::broker::memory::new_epoch())
+            .arg(crate::broker::new_epoch())
             .arg(self.history.meta_ttl.as_millis() as u64)
             .arg(self.idle_ttl.as_millis() as u64);
         let (epoch, offset): (String, u64) =
@@ -297,7 +297,7 @@ impl Store {
             .key(log_key(channel))
             .arg(epoch)
             .arg(delivered)
-            .arg(crate::broker::memory::new_epoch());
+            .arg(crate::broker::new_epoch());
         let epoch: Option<String> = self.run(async |conn| call.invoke_async(conn).await).await?;
         Ok(epoch.unwrap_or_default())
     }

@@ -1,0 +1,116 @@
+//! What every request and connection of one hub shares, built once from the settings.
+//!
+//! This module depends only on the parts it assembles (config, auth, broker, metrics, limits);
+//! the HTTP side and the connections depend on it, never the other way round.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use observability::RootSampler;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::broker::{Broker, MemoryBroker, RedisBroker};
+use crate::config::{ConfigError, Settings};
+use crate::limits::{ConnectionGate, IdentityLimits, Refusal};
+use crate::metrics::{Labels, Metrics};
+use crate::outbox::CloseReason;
+
+/// What `observability::init` turned on, for the hub to use.
+#[derive(Default)]
+pub struct OtelExport {
+    pub roots: RootSampler,
+    /// Set when metrics go over OTLP too: the hub's metrics are observed through it.
+    pub meter: Option<opentelemetry::metrics::Meter>,
+}
+
+/// Everything a request or connection handler needs, shared by all of them.
+pub(crate) struct AppState {
+    pub settings: Settings,
+    pub node_id: Arc<str>,
+    pub auth: Authenticator,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub gate: Arc<ConnectionGate>,
+    /// Cancelled when the drain starts: every connection closes with 1012.
+    pub shutdown: CancellationToken,
+    /// Which new traces start here; off when spans are not exported, and then the
+    /// per-connection and per-publication spans are not even built.
+    pub roots: RootSampler,
+    /// The connection tasks, waited for by the drain.
+    pub connections: TaskTracker,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// Assembles the hub's parts: metrics, the authenticator, the broker the settings name
+    /// (Redis with `broker.url`, else the embedded one) and the admission gate.
+    pub fn build(settings: Settings, export: OtelExport) -> Result<AppState, ConfigError> {
+        let metrics = Arc::new(Metrics::new(Labels {
+            disconnect_reasons: CloseReason::LABELS,
+            refusals: Refusal::REASONS,
+            auth_failures: AuthError::REASONS,
+        }));
+        if let Some(meter) = &export.meter {
+            crate::metrics::observe_with(meter, metrics.clone());
+        }
+        let auth = Authenticator::from_settings(&settings.auth)?;
+        let broker: Arc<dyn Broker> = match &settings.broker.url {
+            Some(url) => Arc::new(RedisBroker::new(
+                &settings,
+                url,
+                metrics.clone(),
+                export.roots,
+            )?),
+            None => Arc::new(MemoryBroker::new(
+                settings.history.clone(),
+                settings.limits.max_channels,
+                metrics.clone(),
+            )),
+        };
+        let limits = &settings.limits;
+        let gate = ConnectionGate::new(
+            limits.max_connections,
+            limits.connect_rate,
+            limits.connect_burst,
+            IdentityLimits {
+                agent_connections: limits.max_connections_per_agent,
+                viewer_connections: limits.max_connections_per_viewer,
+                publish_rate: limits.publish_rate,
+                publish_burst: limits.publish_burst,
+            },
+        );
+        Ok(AppState {
+            node_id: settings.resolved_node_id().into(),
+            auth,
+            broker,
+            metrics,
+            gate,
+            shutdown: CancellationToken::new(),
+            roots: export.roots,
+            connections: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            settings,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Readiness off and new upgrades refused from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
