@@ -217,11 +217,12 @@ async fn a_publish_is_traced_as_its_traceparent_says_and_only_then_through_redis
             ("HUB_TELEMETRY__SAMPLE_RATIO", "1.0"),
         ],
     );
-    let dialer = edge_agent::uplink::Dialer::new(&hub.url(), None, Duration::from_secs(2)).unwrap();
-    let (mut ws, _) = dialer
+    let dialer = hub_client::Dialer::new(&hub.url(), common::dial_options()).unwrap();
+    let mut ws = dialer
         .connect(&hub.token("pi-raw", "agent", "1h"))
         .await
-        .unwrap();
+        .unwrap()
+        .socket;
     let unrecorded_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let traceparents = [
         format!(r#""00-{unrecorded_trace}-00f067aa0ba902b7-00""#),

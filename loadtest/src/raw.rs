@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use fastwebsockets::{OpCode, Role};
+use fastwebsockets::{Frame, OpCode, Payload, Role};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -19,22 +19,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
-/// A server frame (FIN, text, unmasked) around `payload`.
+/// A server frame (FIN, text, unmasked) around `payload`, framed by fastwebsockets.
 pub fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n < 65536 => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    // `write` sizes the buffer for the longest header and returns the part it used.
+    let used = Frame::text(Payload::Borrowed(payload))
+        .write(&mut out)
+        .len();
+    out.truncate(used);
     out
 }
 
@@ -171,4 +163,17 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr).await?;
     eprintln!("raw server listening addr={}", listener.local_addr()?);
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_text_frame_is_header_then_payload() {
+        assert_eq!(super::text_frame(b"hi"), [0x81, 2, b'h', b'i']);
+        let long = super::text_frame(&[b'x'; 300]);
+        assert_eq!(
+            (&long[..4], long.len()),
+            (&[0x81, 126, 0x01, 0x2c][..], 304)
+        );
+    }
 }

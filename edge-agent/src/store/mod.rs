@@ -263,60 +263,10 @@ impl Log {
         fs::create_dir_all(&dir).ctx("creating directory", &dir)?;
         let lock = lock_dir(&dir)?;
         let files = list_dir(&dir)?;
+        let (state, state_lost) = load_state(&dir, !files.is_empty())?;
+        let recovered = recover_segments(&files, state.acked)?;
 
-        let (state, state_lost) = match state::load(&dir)? {
-            Loaded::Valid(state) => (state, false),
-            Loaded::Missing => {
-                if !files.is_empty() {
-                    warn!(dir = %dir.display(),
-                        "state file missing; treating nothing as acknowledged");
-                }
-                (State::default(), true)
-            }
-            Loaded::Invalid(reason) => {
-                warn!(dir = %dir.display(), reason,
-                    "state file unreadable; treating nothing as acknowledged");
-                (State::default(), true)
-            }
-        };
-
-        let mut segments = Vec::with_capacity(files.len());
-        let mut repairs = Vec::new();
-        let mut lost = 0;
-        let mut prev_seq = 0;
-        for (i, (name_seq, path)) in files.iter().enumerate() {
-            let newest = i + 1 == files.len();
-            let Some(scanned) = segment::scan(path, *name_seq, prev_seq)? else {
-                warn!(path = %path.display(), "removing a segment too short to hold records");
-                segment::remove(path)?;
-                continue;
-            };
-            if let Some(damage) = scanned.damage {
-                if newest {
-                    warn!(path = %path.display(), offset = damage.offset, reason = damage.reason,
-                        cut_bytes = damage.file_len - damage.offset,
-                        "truncating the torn tail of the newest segment");
-                } else {
-                    let n = segment::count_lost_frames(
-                        path,
-                        damage.offset,
-                        damage.file_len,
-                        state.acked,
-                    )?;
-                    warn!(path = %path.display(), offset = damage.offset, reason = damage.reason,
-                        lost_records = n,
-                        "corrupt record in an older segment; dropping the rest of that segment");
-                    lost += n;
-                }
-                repairs.push((path, damage.offset));
-            }
-            if !scanned.segment.is_empty() {
-                prev_seq = scanned.segment.last_seq;
-            }
-            segments.push(scanned.segment);
-        }
-
-        let last_appended = prev_seq.max(state.acked);
+        let last_appended = recovered.last_seq.max(state.acked);
         let mut log = Log {
             config,
             sealed: VecDeque::new(),
@@ -328,42 +278,52 @@ impl Log {
             pending_bytes: 0,
             total_bytes: 0,
             max_payload,
-            numbering_lost: state_lost.then_some(prev_seq),
+            numbering_lost: state_lost.then_some(recovered.last_seq),
             skipped_at_open: state.seq_floor.saturating_sub(last_appended),
             frame_buf: Vec::new(),
             _lock: lock,
         };
+        log.repair(recovered.lost, &recovered.repairs)?;
+        log.adopt(recovered.segments)?;
+        Ok(log)
+    }
 
+    /// Counts what the damaged segments lost, then cuts each one where its valid data ends.
+    fn repair(&mut self, lost: u64, cuts: &[(PathBuf, u64)]) -> Result<(), StoreError> {
         // Count the loss before cutting it off: a crash in between over-counts rather than
         // forgets.
         if lost > 0 {
-            log.persist(State {
-                dropped_total: log.state.dropped_total + lost,
-                ..log.state
+            self.persist(State {
+                dropped_total: self.state.dropped_total + lost,
+                ..self.state
             })?;
         }
-        for (path, len) in repairs {
-            segment::truncate(path, len)?;
+        for (path, len) in cuts {
+            segment::truncate(path, *len)?;
         }
+        Ok(())
+    }
 
+    /// Takes the recovered segments, oldest first: the newest is appended to, the acknowledged
+    /// ones go.
+    fn adopt(&mut self, mut segments: Vec<Segment>) -> Result<(), StoreError> {
         if let Some(newest) = segments.pop() {
             if newest.is_empty() {
                 // Its name may exceed the next sequence number; a fresh one is made on demand.
                 segment::remove(&newest.path)?;
             } else {
                 let file = segment::open_append(&newest.path)?;
-                log.active = Some(Active {
+                self.active = Some(Active {
                     segment: newest,
                     file,
                     broken: false,
                 });
             }
         }
-        log.sealed = segments.into();
-        log.total_bytes = log.segments().map(|s| s.len).sum();
-        log.remove_acked_segments()?;
-        log.recompute_pending()?;
-        Ok(log)
+        self.sealed = segments.into();
+        self.total_bytes = self.segments().map(|s| s.len).sum();
+        self.remove_acked_segments()?;
+        self.recompute_pending()
     }
 
     /// Appends a record. `seq` must exceed [`Log::last_seq`]. May drop the oldest segments to
@@ -802,6 +762,77 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         }),
         Err(TryLockError::Error(e)) => Err(e).ctx("locking", &path),
     }
+}
+
+/// The state file, or a fresh state when it is missing or unreadable; `true` then: what was
+/// acknowledged, and the numbering, are unknown.
+fn load_state(dir: &Path, has_segments: bool) -> Result<(State, bool), StoreError> {
+    Ok(match state::load(dir)? {
+        Loaded::Valid(state) => (state, false),
+        Loaded::Missing => {
+            if has_segments {
+                warn!(dir = %dir.display(),
+                    "state file missing; treating nothing as acknowledged");
+            }
+            (State::default(), true)
+        }
+        Loaded::Invalid(reason) => {
+            warn!(dir = %dir.display(), reason,
+                "state file unreadable; treating nothing as acknowledged");
+            (State::default(), true)
+        }
+    })
+}
+
+/// What the segment files hold after a crash, and what must be done to them.
+struct Recovered {
+    /// Oldest first.
+    segments: Vec<Segment>,
+    /// Where each damaged file's valid data ends.
+    repairs: Vec<(PathBuf, u64)>,
+    /// Unacknowledged records lost to damage in older segments.
+    lost: u64,
+    /// The last good record's seq, 0 if none.
+    last_seq: u64,
+}
+
+/// Scans every segment, oldest first. A torn tail of the newest is a write the power cut
+/// interrupted; damage in an older one loses the rest of that segment, counted. Files too short
+/// to hold records are removed.
+fn recover_segments(files: &[(u64, PathBuf)], acked: u64) -> Result<Recovered, StoreError> {
+    let mut recovered = Recovered {
+        segments: Vec::with_capacity(files.len()),
+        repairs: Vec::new(),
+        lost: 0,
+        last_seq: 0,
+    };
+    for (i, (name_seq, path)) in files.iter().enumerate() {
+        let newest = i + 1 == files.len();
+        let Some(scanned) = segment::scan(path, *name_seq, recovered.last_seq)? else {
+            warn!(path = %path.display(), "removing a segment too short to hold records");
+            segment::remove(path)?;
+            continue;
+        };
+        if let Some(damage) = scanned.damage {
+            if newest {
+                warn!(path = %path.display(), offset = damage.offset, reason = damage.reason,
+                    cut_bytes = damage.file_len - damage.offset,
+                    "truncating the torn tail of the newest segment");
+            } else {
+                let n = segment::count_lost_frames(path, damage.offset, damage.file_len, acked)?;
+                warn!(path = %path.display(), offset = damage.offset, reason = damage.reason,
+                    lost_records = n,
+                    "corrupt record in an older segment; dropping the rest of that segment");
+                recovered.lost += n;
+            }
+            recovered.repairs.push((path.clone(), damage.offset));
+        }
+        if !scanned.segment.is_empty() {
+            recovered.last_seq = scanned.segment.last_seq;
+        }
+        recovered.segments.push(scanned.segment);
+    }
+    Ok(recovered)
 }
 
 /// Removes leftover temporary files and returns the segment files sorted by first seq.

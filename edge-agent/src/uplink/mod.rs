@@ -12,7 +12,6 @@
 //! waits, and resends from the refused one.
 
 mod backoff;
-mod connect;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -22,14 +21,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
+use hub_client::{Connected, DialOptions, Dialer, HubSocket, close_code};
+use hub_protocol::rate::TokenBucket;
 use hub_protocol::{CloseCode, ErrorCode, Retry, ServerFrame};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use backoff::Backoff;
-pub use connect::{ConnectError, Dialer};
 
 use crate::config::HubSettings;
 use crate::store::Log;
@@ -99,11 +99,13 @@ impl Uplink {
         stats: Arc<LinkStats>,
         roots: observability::RootSampler,
     ) -> anyhow::Result<Uplink> {
-        let dialer = Dialer::new(
-            &settings.url,
-            settings.ca_file.as_deref(),
-            settings.connect_timeout,
-        )?;
+        let options = DialOptions {
+            ca_file: settings.ca_file.clone(),
+            timeout: Some(settings.connect_timeout),
+            user_agent: Some(concat!("edge-agent/", env!("CARGO_PKG_VERSION")).to_owned()),
+            ..DialOptions::default()
+        };
+        let dialer = Dialer::new(&settings.url, options).context("hub.url")?;
         let marker = storage_dir.join(SYNCED_MARKER);
         note_numbering_lost(&log.lock().unwrap_or_else(|p| p.into_inner()), &marker)
             .with_context(|| format!("cannot write {}", marker.display()))?;
@@ -144,11 +146,11 @@ impl Uplink {
         match self.dialer.connect(&token).await {
             Err(e) if e.is_auth_refusal() => End::TokenRefused(e.to_string()),
             Err(e) => End::Unreachable(e.to_string()),
-            Ok((ws, node)) => {
+            Ok(Connected { socket, node }) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 info!(hub = node.as_deref().unwrap_or("?"), "connected");
                 let started = Instant::now();
-                let end = self.link(ws, shutdown).await;
+                let end = self.link(socket, shutdown).await;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff.reset();
                 }
@@ -157,7 +159,7 @@ impl Uplink {
         }
     }
 
-    async fn link(&self, ws: connect::HubSocket, shutdown: &CancellationToken) -> End {
+    async fn link(&self, ws: HubSocket, shutdown: &CancellationToken) -> End {
         let (mut reader, mut writer): (
             WebSocketRead<ReadHalf<Upgraded>>,
             WebSocketWrite<WriteHalf<Upgraded>>,
@@ -184,7 +186,7 @@ impl Uplink {
                 }
             }
         });
-        let end = Session::new(self, &mut writer).run(&mut rx, shutdown).await;
+        let end = Link::new(self, &mut writer).run(&mut rx, shutdown).await;
         if matches!(end, End::Shutdown) {
             let _ = writer
                 .write_frame(Frame::close(CloseCode::Normal.as_u16(), b"agent stopping"))
@@ -402,28 +404,32 @@ impl Window {
     }
 }
 
-/// One connection's sending state.
-struct Session<'a> {
+/// One connection's state: what is in flight, refused, paced.
+struct Link<'a> {
     uplink: &'a Uplink,
     writer: &'a mut WebSocketWrite<WriteHalf<Upgraded>>,
     window: Window,
     /// When to resend from a refused seq.
     retry_at: Option<tokio::time::Instant>,
     retry_backoff: Backoff,
-    bucket: Bucket,
+    /// Client-side pacing below the hub's publish rate limit.
+    bucket: TokenBucket,
     last_heard: tokio::time::Instant,
 }
 
-impl<'a> Session<'a> {
+impl<'a> Link<'a> {
     fn new(uplink: &'a Uplink, writer: &'a mut WebSocketWrite<WriteHalf<Upgraded>>) -> Self {
         let s = &uplink.settings;
-        Session {
+        Link {
             uplink,
             writer,
             window: Window::default(),
             retry_at: None,
             retry_backoff: Backoff::new(s.backoff_base, s.backoff_cap),
-            bucket: Bucket::new(s.publish_rate, s.max_in_flight as f64),
+            bucket: TokenBucket::new(
+                s.publish_rate,
+                u32::try_from(s.max_in_flight).unwrap_or(u32::MAX),
+            ),
             last_heard: tokio::time::Instant::now(),
         }
     }
@@ -586,7 +592,7 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         // One trace per batch: the hubs' publish spans for these readings join it.
-        let span = if self.uplink.roots.sample() {
+        let span = self.uplink.roots.root_span(|| {
             info_span!(
                 parent: None,
                 "send_batch",
@@ -594,13 +600,15 @@ impl<'a> Session<'a> {
                 first_seq = first.seq,
                 last_seq = last.seq,
             )
-        } else {
-            Span::none()
-        };
+        });
         let traceparent = observability::propagation::traceparent(&span);
         async {
             for record in records {
-                let frame = publish_frame(record.seq, &record.payload, traceparent.as_deref());
+                let frame = hub_protocol::client::publish_frame(
+                    record.seq,
+                    &record.payload,
+                    traceparent.as_deref(),
+                );
                 self.writer
                     .write_frame(Frame::text(Payload::Owned(frame)))
                     .await
@@ -612,54 +620,6 @@ impl<'a> Session<'a> {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// A `publish` frame around a stored reading, which is already JSON.
-fn publish_frame(seq: u64, payload: &[u8], traceparent: Option<&str>) -> Vec<u8> {
-    let mut frame =
-        Vec::with_capacity(payload.len() + 48 + traceparent.map_or(0, |t| t.len() + 16));
-    frame.extend_from_slice(b"{\"type\":\"publish\",\"seq\":");
-    frame.extend_from_slice(seq.to_string().as_bytes());
-    if let Some(tp) = traceparent {
-        // Made by our own formatter: hex digits and dashes, nothing to escape.
-        frame.extend_from_slice(b",\"traceparent\":\"");
-        frame.extend_from_slice(tp.as_bytes());
-        frame.push(b'"');
-    }
-    frame.extend_from_slice(b",\"data\":");
-    frame.extend_from_slice(payload);
-    frame.push(b'}');
-    frame
-}
-
-/// Client-side pacing below the hub's publish rate limit.
-struct Bucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64, burst: f64) -> Self {
-        Bucket {
-            rate,
-            burst: burst.max(1.0),
-            tokens: burst.max(1.0),
-            at: Instant::now(),
-        }
-    }
-
-    fn available(&mut self, now: Instant) -> usize {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.at = now;
-        self.tokens.floor() as usize
-    }
-
-    fn take(&mut self) {
-        self.tokens -= 1.0;
     }
 }
 
@@ -701,13 +661,6 @@ fn report(end: &End, retry_in: Duration) {
         End::Forbidden(why) => error!(reason = %why, ?retry_in,
             "the hub does not accept readings with this token"),
         End::Lost(why) | End::Protocol(why) => warn!(reason = %why, ?retry_in, "link lost"),
-    }
-}
-
-fn close_code(payload: &[u8]) -> u16 {
-    match payload {
-        [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
-        _ => 1005,
     }
 }
 

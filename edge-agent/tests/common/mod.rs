@@ -5,14 +5,15 @@
 #![allow(dead_code)]
 
 pub mod collector;
+pub mod tls_proxy;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use edge_agent::uplink::Dialer;
 use fastwebsockets::{Frame, OpCode, Payload};
+use hub_client::{DialOptions, Dialer};
 use serde_json::{Value, json};
 
 pub const SECRET: &str = "edge-agent-test-secret-of-32-bytes!!";
@@ -427,7 +428,7 @@ pub fn watch(
     target: Target,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
     let (url, token, channel) = (hub.url(), token.to_owned(), channel.to_owned());
-    tokio::spawn(async move { follow(url, token, channel, target, true).await })
+    tokio::spawn(async move { follow(url, token, channel, target, |_| false).await })
 }
 
 /// A dashboard following a channel from now on, told at the end how many readings to expect.
@@ -464,18 +465,31 @@ pub fn watch_first(
     count: usize,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
     let (url, token, channel) = (hub.url(), token.to_owned(), channel.to_owned());
-    tokio::spawn(async move { follow(url, token, channel, self::target(count), false).await })
+    let target = self::target(count);
+    tokio::spawn(
+        async move { follow(url, token, channel, target, move |seen| seen >= count).await },
+    )
 }
 
+/// How the tests' own clients dial: the agent's timeout, no TLS.
+pub fn dial_options() -> DialOptions {
+    DialOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..DialOptions::default()
+    }
+}
+
+/// The dashboard loop of [`watch`] and [`watch_first`]: returns once `target` messages are in
+/// and nothing more came for a while, or as soon as `enough(messages so far)` says so.
 async fn follow(
     url: String,
     token: String,
     channel: String,
     target: Target,
-    until_quiet: bool,
+    enough: impl Fn(usize) -> bool,
 ) -> Vec<Value> {
     use std::sync::atomic::Ordering;
-    let dialer = Dialer::new(&url, None, Duration::from_secs(2)).unwrap();
+    let dialer = Dialer::new(&url, dial_options()).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let quiet = Duration::from_millis(500);
     let mut seen = Vec::new();
@@ -487,7 +501,7 @@ async fn follow(
             seen.len(),
             target.load(Ordering::SeqCst)
         );
-        let Ok((mut ws, _)) = dialer.connect(&token).await else {
+        let Ok(hub_client::Connected { socket: mut ws, .. }) = dialer.connect(&token).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -545,7 +559,7 @@ async fn follow(
                     assert_eq!(offset, *last + 1, "offsets are gapless and unique");
                     *last = offset;
                     seen.push(v["data"].clone());
-                    if !until_quiet && seen.len() >= target.load(Ordering::SeqCst) {
+                    if enough(seen.len()) {
                         return seen;
                     }
                 }

@@ -158,6 +158,24 @@ impl<'a> ClientFrame<'a> {
     }
 }
 
+/// A `publish` frame around `data`, the text of a JSON object (a reading as an agent stored it),
+/// which is written in as it is, never parsed: a reading that is not valid JSON reaches the
+/// hub, which refuses it with `bad_frame`, and the agent drops it loudly.
+pub fn publish_frame(seq: u64, data: &[u8], traceparent: Option<&str>) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(data.len() + 48 + traceparent.map_or(0, |t| t.len() + 16));
+    frame.extend_from_slice(b"{\"type\":\"publish\",\"seq\":");
+    frame.extend_from_slice(seq.to_string().as_bytes());
+    if let Some(tp) = traceparent {
+        frame.extend_from_slice(b",\"traceparent\":");
+        // A string always serialises.
+        let _ = serde_json::to_writer(&mut frame, tp);
+    }
+    frame.extend_from_slice(b",\"data\":");
+    frame.extend_from_slice(data);
+    frame.push(b'}');
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +323,27 @@ mod tests {
             ClientFrame::parse(json.as_bytes()),
             Ok(ClientFrame::Publish { seq: 9, .. })
         ));
+    }
+
+    #[test]
+    fn a_publish_frame_wraps_stored_json_and_decodes_as_written() {
+        let text = publish_frame(7, br#"{"t":1}"#, Some("00-ab-cd-01"));
+        match ClientFrame::parse(&text).unwrap() {
+            ClientFrame::Publish {
+                seq,
+                data,
+                traceparent,
+                ..
+            } => {
+                assert_eq!((seq, data.get()), (7, r#"{"t":1}"#));
+                assert_eq!(traceparent.as_deref(), Some("00-ab-cd-01"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let quoted = publish_frame(1, b"{}", Some("a\"b"));
+        assert!(
+            ClientFrame::parse(&quoted).is_ok(),
+            "a traceparent is escaped"
+        );
     }
 }

@@ -4,12 +4,15 @@
 //! the hub, the edge agent, the load generator and the tests so that none of them re-invents a
 //! frame.
 //!
-//! - [`client`]: frames a client sends (`subscribe`, `unsubscribe`, `publish`).
+//! - [`client`]: frames a client sends (`subscribe`, `unsubscribe`, `publish`), and
+//!   [`client::publish_frame`], which wraps a stored reading without parsing it.
 //! - [`server`]: frames the hub sends (`hello`, `subscribed`, `unsubscribed`, `message`, `ack`,
 //!   `error`).
 //! - [`channel`]: channel names, the channels a publication is routed to, and subscribe patterns.
 //! - [`codes`]: WebSocket close codes and `error` frame codes.
 //! - [`claims`]: the JWT claims the hub accepts.
+//! - [`rate`]: the token bucket behind the publish and subscribe limits, for the hub that
+//!   enforces them and the clients that pace themselves below them.
 //!
 //! Decoding borrows from the input buffer: `data` payloads stay as raw JSON text
 //! ([`serde_json::value::RawValue`]) and are never parsed into a tree, because the hub only relays
@@ -19,6 +22,7 @@ pub mod channel;
 pub mod claims;
 pub mod client;
 pub mod codes;
+pub mod rate;
 pub mod server;
 
 pub use channel::{ChannelError, ChannelPattern};

@@ -17,7 +17,7 @@ use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
 use crate::session::{self, Session, SessionLimits};
 use crate::state::AppState;
-use crate::writer::{self, Liveness, WriterSettings};
+use crate::writer::{self, Liveness, Writer, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
 pub async fn serve(
@@ -52,19 +52,20 @@ pub async fn serve(
         limits.outbound_queue_bytes,
     );
     let liveness = Arc::new(Liveness::default());
-    let writer = tokio::spawn(writer::run(
-        write,
-        rx,
-        outbox.clone(),
-        liveness.clone(),
-        WriterSettings {
+    let writer = Writer {
+        io: write,
+        queue: rx,
+        outbox: outbox.clone(),
+        liveness: liveness.clone(),
+        settings: WriterSettings {
             ping_interval: settings.ws.ping_interval,
             pong_timeout: settings.ws.pong_timeout,
             expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
         },
-        state.shutdown.clone(),
-        state.metrics.clone(),
-    ));
+        shutdown: state.shutdown.clone(),
+        metrics: state.metrics.clone(),
+    };
+    let writer = tokio::spawn(writer.run());
 
     let role = identity.role;
     let metrics = &state.metrics;

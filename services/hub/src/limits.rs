@@ -7,39 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hub_protocol::Role;
-
-/// A classic token bucket: `rate` tokens per second, at most `burst` saved up.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(rate: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+pub use hub_protocol::rate::TokenBucket;
 
 /// Why a new connection was turned away by admission control. The snake_case names are the
 /// `error` of the HTTP body and the metric label.
@@ -195,17 +163,6 @@ impl ConnectionGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn bucket_allows_burst_then_rate() {
-        let start = Instant::now();
-        let mut b = TokenBucket::new(10.0, 3);
-        assert!((0..3).all(|_| b.try_take(start)));
-        assert!(!b.try_take(start));
-        assert!(b.try_take(start + Duration::from_millis(110)));
-        assert!(!b.try_take(start + Duration::from_millis(110)));
-    }
 
     const GENEROUS: IdentityLimits = IdentityLimits {
         agent_connections: 100,

@@ -75,6 +75,59 @@ struct Publisher {
     awaiting_resend: Option<(u64, ErrorCode)>,
 }
 
+/// What a publish may do, by the device's budget and its earlier refusals.
+#[derive(Debug, PartialEq)]
+enum Admission {
+    Accept,
+    /// An `error` frame with this code and message; the reading was not stored.
+    Refuse(ErrorCode, String),
+    /// Refused more than `limits.publish_burst` times in a row: the connection closes with 4029.
+    Close,
+}
+
+impl Publisher {
+    /// The refusal bookkeeping of one publish: until the first refused `seq` comes back every
+    /// later one is refused too, the shared rate is charged, and an agent that keeps going after
+    /// `burst` refusals in a row is cut off.
+    fn admit(&mut self, seq: u64, now: Instant, burst: u32) -> Admission {
+        let refusal = match self.awaiting_resend {
+            Some((first, code)) if seq > first => {
+                Some((code, format!("publish {first} was refused; resend from it")))
+            }
+            Some(_) | None => {
+                self.awaiting_resend = None;
+                let allowed = self
+                    .share
+                    .publish
+                    .lock()
+                    .map_or(true, |mut bucket| bucket.try_take(now));
+                (!allowed).then(|| {
+                    self.awaiting_resend = Some((seq, ErrorCode::RateLimited));
+                    (
+                        ErrorCode::RateLimited,
+                        "publish rate exceeded; retry later".to_owned(),
+                    )
+                })
+            }
+        };
+        let Some((code, message)) = refusal else {
+            self.refused_in_row = 0;
+            return Admission::Accept;
+        };
+        self.refused_in_row += 1;
+        if self.refused_in_row > burst {
+            Admission::Close
+        } else {
+            Admission::Refuse(code, message)
+        }
+    }
+
+    /// The broker could not store `seq`: it must come back before anything after it.
+    fn not_stored(&mut self, seq: u64) {
+        self.awaiting_resend = Some((seq, ErrorCode::Unavailable));
+    }
+}
+
 type Outcome = Result<(), CloseCode>;
 
 impl Session {
@@ -299,41 +352,18 @@ impl Session {
             );
             return self.error(ErrorCode::Forbidden, &message, Some(seq), reference);
         }
-        match publisher.awaiting_resend {
-            Some((first, code)) if seq > first => {
+        let now = Instant::now();
+        match publisher.admit(seq, now, self.hub.limits.publish_burst) {
+            Admission::Accept => {}
+            Admission::Refuse(code, message) => {
                 metrics.publications.inc("refused");
-                publisher.refused_in_row += 1;
-                if publisher.refused_in_row > self.hub.limits.publish_burst {
-                    return Err(CloseCode::RateLimited);
-                }
-                let message = format!("publish {first} was refused; resend from it");
                 return self.error(code, &message, Some(seq), reference);
             }
-            Some(_) => publisher.awaiting_resend = None,
-            None => {}
-        }
-        let now = Instant::now();
-        let allowed = publisher
-            .share
-            .publish
-            .lock()
-            .map_or(true, |mut bucket| bucket.try_take(now));
-        if !allowed {
-            metrics.publications.inc("refused");
-            publisher.refused_in_row += 1;
-            // An agent that keeps flooding after being told is cut off.
-            if publisher.refused_in_row > self.hub.limits.publish_burst {
+            Admission::Close => {
+                metrics.publications.inc("refused");
                 return Err(CloseCode::RateLimited);
             }
-            publisher.awaiting_resend = Some((seq, ErrorCode::RateLimited));
-            return self.error(
-                ErrorCode::RateLimited,
-                "publish rate exceeded; retry later",
-                Some(seq),
-                reference,
-            );
         }
-        publisher.refused_in_row = 0;
         let publication = Publication {
             device: &self.identity.sub,
             seq,
@@ -354,7 +384,7 @@ impl Session {
                 metrics.publications.inc("refused");
                 Span::current().record("outcome", "unavailable");
                 if let Some(publisher) = self.publisher.as_mut() {
-                    publisher.awaiting_resend = Some((seq, ErrorCode::Unavailable));
+                    publisher.not_stored(seq);
                 }
                 self.error(ErrorCode::Unavailable, &e.to_string(), Some(seq), reference)
             }
@@ -388,5 +418,77 @@ impl Session {
             self.hub.broker.unsubscribe(&channel, self.outbox.id());
             self.hub.metrics.subscriptions.dec();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A publisher whose device may publish `burst` at once and one more every 100 ms.
+    fn publisher(burst: u32) -> Publisher {
+        Publisher {
+            channels: Vec::new(),
+            share: Arc::new(Share {
+                publish: Mutex::new(TokenBucket::new(10.0, burst)),
+            }),
+            refused_in_row: 0,
+            awaiting_resend: None,
+        }
+    }
+
+    fn refused(code: ErrorCode) -> impl Fn(&Admission) -> bool {
+        move |a| matches!(a, Admission::Refuse(c, _) if *c == code)
+    }
+
+    #[test]
+    fn over_the_rate_a_seq_is_refused_and_so_is_everything_after_it_until_it_comes_back() {
+        let now = Instant::now();
+        let mut p = publisher(2);
+        assert_eq!(p.admit(1, now, 100), Admission::Accept);
+        assert_eq!(p.admit(2, now, 100), Admission::Accept);
+        assert!(refused(ErrorCode::RateLimited)(&p.admit(3, now, 100)));
+        let later = now + Duration::from_millis(250);
+        match p.admit(4, later, 100) {
+            Admission::Refuse(ErrorCode::RateLimited, message) => {
+                assert!(message.contains("publish 3 was refused"), "{message}");
+            }
+            other => panic!("4 overtook the refused 3: {other:?}"),
+        }
+        assert_eq!(p.admit(3, later, 100), Admission::Accept, "the resend");
+        assert_eq!(p.admit(4, later, 100), Admission::Accept);
+    }
+
+    #[test]
+    fn an_unstored_seq_holds_back_later_ones_with_its_own_code() {
+        let now = Instant::now();
+        let mut p = publisher(10);
+        p.not_stored(5);
+        assert!(refused(ErrorCode::Unavailable)(&p.admit(6, now, 100)));
+        assert_eq!(p.admit(5, now, 100), Admission::Accept);
+    }
+
+    #[test]
+    fn refusals_past_the_burst_in_a_row_close_the_connection_and_an_accept_resets_them() {
+        let now = Instant::now();
+        let mut p = publisher(1);
+        assert_eq!(p.admit(1, now, 3), Admission::Accept);
+        for seq in 2..=4 {
+            assert!(
+                matches!(p.admit(seq, now, 3), Admission::Refuse(..)),
+                "{seq}"
+            );
+        }
+        assert_eq!(p.admit(5, now, 3), Admission::Close);
+
+        let mut p = publisher(1);
+        assert_eq!(p.admit(1, now, 3), Admission::Accept);
+        assert!(matches!(p.admit(2, now, 3), Admission::Refuse(..)));
+        let refilled = now + Duration::from_millis(150);
+        assert_eq!(p.admit(2, refilled, 3), Admission::Accept);
+        assert_eq!(p.refused_in_row, 0);
     }
 }

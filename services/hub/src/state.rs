@@ -48,11 +48,7 @@ impl AppState {
     /// Assembles the hub's parts: metrics, the authenticator, the broker the settings name
     /// (Redis with `broker.url`, else the embedded one) and the admission gate.
     pub fn build(settings: Settings, export: OtelExport) -> Result<AppState, ConfigError> {
-        let metrics = Arc::new(Metrics::new(Labels {
-            disconnect_reasons: CloseReason::LABELS,
-            refusals: Refusal::REASONS,
-            auth_failures: AuthError::REASONS,
-        }));
+        let metrics = Arc::new(Metrics::new(metric_labels()));
         if let Some(meter) = &export.meter {
             crate::metrics::observe_with(meter, metrics.clone());
         }
@@ -112,5 +108,14 @@ impl AppState {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The label values of the hub's metrics, each list derived from the enum it counts.
+pub(crate) fn metric_labels() -> Labels {
+    Labels {
+        disconnect_reasons: CloseReason::LABELS,
+        refusals: Refusal::REASONS,
+        auth_failures: AuthError::REASONS,
     }
 }

@@ -119,102 +119,119 @@ fn close_frame(reason: CloseReason) -> Option<Bytes> {
     }
 }
 
-/// Runs until the connection is closed (by anyone), then sends the close frame and shuts the
-/// socket down.
-pub async fn run<W: AsyncWrite + Unpin>(
-    mut io: W,
-    mut rx: mpsc::Receiver<Outbound>,
-    outbox: Outbox,
-    liveness: Arc<Liveness>,
-    settings: WriterSettings,
-    shutdown: CancellationToken,
-    metrics: Arc<Metrics>,
-) {
-    let start = tokio::time::Instant::now();
-    let mut ping = tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let until_expiry = match settings.expires_at {
-        Some(at) => at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-        None => Duration::MAX,
-    };
-    let expiry = tokio::time::sleep(until_expiry);
-    tokio::pin!(expiry);
-    let idle_limit = settings.ping_interval + settings.pong_timeout;
-    let mut pending = Pending::default();
-    let mut broken = false;
-    // Made once: a fresh `cancelled()` per wake-up would lock the token and register a waiter
-    // every time (visible in profiles of the fan-out).
-    let closed = outbox.closed_owned();
-    tokio::pin!(closed);
-    let restart = shutdown.cancelled_owned();
-    tokio::pin!(restart);
+/// A connection's writing half and everything it watches.
+pub struct Writer<W> {
+    pub io: W,
+    /// The receiving end of `outbox`.
+    pub queue: mpsc::Receiver<Outbound>,
+    pub outbox: Outbox,
+    pub liveness: Arc<Liveness>,
+    pub settings: WriterSettings,
+    /// The hub's drain: the connection closes with 1012.
+    pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+}
 
-    loop {
-        let mut batch = Batch::default();
-        tokio::select! {
-            biased;
-            _ = &mut closed => break,
-            _ = &mut restart => {
-                outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
-                continue;
-            }
-            _ = &mut expiry => {
-                outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
-                continue;
-            }
-            _ = ping.tick() => {
-                if liveness.silent_for() > idle_limit {
-                    outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    /// Runs until the connection is closed (by anyone), then sends the close frame and shuts
+    /// the socket down.
+    pub async fn run(self) {
+        let Writer {
+            mut io,
+            queue: mut rx,
+            outbox,
+            liveness,
+            settings,
+            shutdown,
+            metrics,
+        } = self;
+        let start = tokio::time::Instant::now();
+        let mut ping =
+            tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let until_expiry = match settings.expires_at {
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            None => Duration::MAX,
+        };
+        let expiry = tokio::time::sleep(until_expiry);
+        tokio::pin!(expiry);
+        let idle_limit = settings.ping_interval + settings.pong_timeout;
+        let mut pending = Pending::default();
+        let mut broken = false;
+        // Made once: a fresh `cancelled()` per wake-up would lock the token and register a waiter
+        // every time (visible in profiles of the fan-out).
+        let closed = outbox.closed_owned();
+        tokio::pin!(closed);
+        let restart = shutdown.cancelled_owned();
+        tokio::pin!(restart);
+
+        loop {
+            let mut batch = Batch::default();
+            tokio::select! {
+                biased;
+                _ = &mut closed => break,
+                _ = &mut restart => {
+                    outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
                     continue;
                 }
-                pending.bufs.push_back(frame::ping());
-            }
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
-                batch.add(item, &mut pending, &outbox);
-                while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(item) => batch.add(item, &mut pending, &outbox),
-                        Err(_) => break,
+                _ = &mut expiry => {
+                    outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                    continue;
+                }
+                _ = ping.tick() => {
+                    if liveness.silent_for() > idle_limit {
+                        outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+                        continue;
+                    }
+                    pending.bufs.push_back(frame::ping());
+                }
+                item = rx.recv() => {
+                    let Some(item) = item else { break };
+                    metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
+                    batch.add(item, &mut pending, &outbox);
+                    while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(item) => batch.add(item, &mut pending, &outbox),
+                            Err(_) => break,
+                        }
                     }
                 }
             }
+            tokio::select! {
+                biased;
+                result = timeout(idle_limit, flush(&mut io, &mut pending)) => match result {
+                    Ok(Ok(())) => batch.record(&metrics),
+                    Ok(Err(_)) => {
+                        broken = true;
+                        outbox.close(CloseReason::Gone);
+                        break;
+                    }
+                    // The peer has not read for a whole liveness period.
+                    Err(_) => outbox.close(CloseReason::Hub(CloseCode::PingTimeout)),
+                },
+                // A slow consumer or a shutdown: what is left is flushed below, within CLOSE_GRACE.
+                _ = &mut closed => {}
+            }
         }
-        tokio::select! {
-            biased;
-            result = timeout(idle_limit, flush(&mut io, &mut pending)) => match result {
-                Ok(Ok(())) => batch.record(&metrics),
-                Ok(Err(_)) => {
-                    broken = true;
-                    outbox.close(CloseReason::Gone);
-                    break;
-                }
-                // The peer has not read for a whole liveness period.
-                Err(_) => outbox.close(CloseReason::Hub(CloseCode::PingTimeout)),
-            },
-            // A slow consumer or a shutdown: what is left is flushed below, within CLOSE_GRACE.
-            _ = &mut closed => {}
-        }
-    }
 
-    if !broken {
-        // What was queued before the close (acks, errors, messages) goes out ahead of the close
-        // frame; nothing new can be queued once the outbox is closed.
-        let mut rest = Batch::default();
-        while let Ok(item) = rx.try_recv() {
-            rest.add(item, &mut pending, &outbox);
+        if !broken {
+            // What was queued before the close (acks, errors, messages) goes out ahead of the close
+            // frame; nothing new can be queued once the outbox is closed.
+            let mut rest = Batch::default();
+            while let Ok(item) = rx.try_recv() {
+                rest.add(item, &mut pending, &outbox);
+            }
+            let reason = outbox
+                .close_reason()
+                .unwrap_or(CloseReason::Hub(CloseCode::Normal));
+            if let Some(close) = close_frame(reason) {
+                pending.bufs.push_back(close);
+                let _ = timeout(CLOSE_GRACE, flush(&mut io, &mut pending)).await;
+            }
+            let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
         }
-        let reason = outbox
-            .close_reason()
-            .unwrap_or(CloseReason::Hub(CloseCode::Normal));
-        if let Some(close) = close_frame(reason) {
-            pending.bufs.push_back(close);
-            let _ = timeout(CLOSE_GRACE, flush(&mut io, &mut pending)).await;
-        }
-        let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
     }
 }
 

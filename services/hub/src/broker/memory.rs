@@ -389,10 +389,7 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::AuthError;
-    use crate::limits::Refusal;
-    use crate::metrics::Labels;
-    use crate::outbox::CloseReason;
+    use crate::state::metric_labels;
     use hub_protocol::ServerFrame;
     use serde_json::value::RawValue;
 
@@ -401,15 +398,7 @@ mod tests {
             size,
             ..HistorySettings::default()
         };
-        MemoryBroker::new(
-            history,
-            1000,
-            Arc::new(Metrics::new(Labels {
-                disconnect_reasons: CloseReason::LABELS,
-                refusals: Refusal::REASONS,
-                auth_failures: AuthError::REASONS,
-            })),
-        )
+        MemoryBroker::new(history, 1000, Arc::new(Metrics::new(metric_labels())))
     }
 
     fn publish(b: &MemoryBroker, seq: u64) -> PublishOutcome {
@@ -557,15 +546,7 @@ mod tests {
             ttl: Duration::from_millis(1),
             meta_ttl: Duration::from_millis(1),
         };
-        let b = MemoryBroker::new(
-            history,
-            1000,
-            Arc::new(Metrics::new(Labels {
-                disconnect_reasons: CloseReason::LABELS,
-                refusals: Refusal::REASONS,
-                auth_failures: AuthError::REASONS,
-            })),
-        );
+        let b = MemoryBroker::new(history, 1000, Arc::new(Metrics::new(metric_labels())));
         publish(&b, 1);
         assert_eq!(b.channel_count(), 2);
         b.inner.sweep(Instant::now() + Duration::from_secs(1));

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role as WsRole, WebSocket};
+use fastwebsockets::{Frame, Payload};
 use http_body_util::{BodyExt, Empty};
 use hub::Settings;
 use hub::token::{TokenRequest, mint, sign};
+use hub_client::{ConnectError, Connected, DialOptions, Dialer, HubSocket, Received};
 use hub_protocol::{Claims, Role, ServerFrame};
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -168,11 +168,17 @@ pub struct Refused {
     pub body: Value,
 }
 
-impl Refused {
-    fn transport(e: impl std::fmt::Display) -> Refused {
-        Refused {
-            status: 0,
-            body: Value::String(e.to_string()),
+impl From<ConnectError> for Refused {
+    fn from(e: ConnectError) -> Refused {
+        match e {
+            ConnectError::Refused { status, body } => Refused {
+                status,
+                body: serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            },
+            other => Refused {
+                status: 0,
+                body: Value::String(other.to_string()),
+            },
         }
     }
 }
@@ -194,54 +200,15 @@ pub async fn connect_with(
     authorization: Option<&str>,
     recv_buffer: Option<u32>,
 ) -> Result<Client, Refused> {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    if let Some(size) = recv_buffer {
-        socket.set_recv_buffer_size(size).unwrap();
-    }
-    let stream = socket.connect(addr).await.map_err(Refused::transport)?;
-    stream.set_nodelay(true).unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(Refused::transport)?;
-    tokio::spawn(conn.with_upgrades());
-    let mut req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13");
-    if let Some(value) = authorization {
-        req = req.header("authorization", value);
-    }
-    let mut res = sender
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .map_err(Refused::transport)?;
-    let status = res.status().as_u16();
-    if status != 101 {
-        let body = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(Refused::transport)?
-            .to_bytes();
-        let body = serde_json::from_slice(&body)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&body).into()));
-        return Err(Refused { status, body });
-    }
-    let node = res
-        .headers()
-        .get("x-hub-node")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let upgraded = hyper::upgrade::on(&mut res)
-        .await
-        .map_err(Refused::transport)?;
-    let ws = WebSocket::after_handshake(TokioIo::new(upgraded), WsRole::Client);
+    let options = DialOptions {
+        recv_buffer,
+        ..DialOptions::default()
+    };
+    let Connected { socket, node } = Dialer::plain(addr, options)
+        .upgrade(path, authorization)
+        .await?;
     let mut client = Client {
-        ws,
+        ws: socket,
         hello: Value::Null,
         node,
     };
@@ -260,7 +227,7 @@ pub enum Event {
 }
 
 pub struct Client {
-    pub ws: WebSocket<TokioIo<Upgraded>>,
+    pub ws: HubSocket,
     pub hello: Value,
     pub node: Option<String>,
 }
@@ -294,20 +261,13 @@ impl Client {
                 Ok(Err(_)) => return Event::Gone,
                 Ok(Ok(frame)) => frame,
             };
-            match frame.opcode {
-                OpCode::Text => {
-                    ServerFrame::parse(&frame.payload).expect("hub sends protocol frames");
-                    return Event::Frame(serde_json::from_slice(&frame.payload).unwrap());
+            match Received::from_frame(&frame) {
+                Some(Received::Text(text)) => {
+                    ServerFrame::parse(&text).expect("hub sends protocol frames");
+                    return Event::Frame(serde_json::from_slice(&text).unwrap());
                 }
-                OpCode::Close => {
-                    let code = if frame.payload.len() >= 2 {
-                        u16::from_be_bytes([frame.payload[0], frame.payload[1]])
-                    } else {
-                        1005
-                    };
-                    return Event::Closed(code);
-                }
-                _ => continue,
+                Some(Received::Closed(code)) => return Event::Closed(code),
+                None => continue,
             }
         }
     }

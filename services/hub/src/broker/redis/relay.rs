@@ -96,7 +96,7 @@ impl Relay {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
-            match self.session(&mut first).await {
+            match self.run_connection(&mut first).await {
                 Ok(()) => return,
                 Err(e) => {
                     if self.connected.swap(false, Ordering::AcqRel) {
@@ -124,7 +124,7 @@ impl Relay {
     }
 
     /// One connection's lifetime. `Ok` only when the broker is gone.
-    async fn session(&mut self, first: &mut bool) -> Result<(), BrokerError> {
+    async fn run_connection(&mut self, first: &mut bool) -> Result<(), BrokerError> {
         let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
             .await
             .map_err(|_| unavailable("connect timed out"))?
