@@ -45,64 +45,48 @@ impl Gauge {
     }
 }
 
-/// Counters with one label whose values are fixed when the family is made.
-pub struct CounterVec {
+/// Metrics with one label whose values are fixed when the family is made.
+pub struct Labelled<M> {
     label: &'static str,
     values: &'static [&'static str],
-    counters: Box<[Counter]>,
+    series: Box<[M]>,
+}
+
+/// Counters by one label.
+pub type CounterVec = Labelled<Counter>;
+/// Gauges by one label.
+pub type GaugeVec = Labelled<Gauge>;
+
+impl<M: Default> Labelled<M> {
+    pub fn new(label: &'static str, values: &'static [&'static str]) -> Self {
+        Labelled {
+            label,
+            values,
+            series: values.iter().map(|_| M::default()).collect(),
+        }
+    }
+}
+
+impl<M> Labelled<M> {
+    /// The series of `value`. A value outside the list is a bug that fails every test (debug
+    /// builds); a release build files it under the last value rather than crash.
+    pub fn get(&self, value: &str) -> &M {
+        let i = self.values.iter().position(|v| *v == value);
+        debug_assert!(i.is_some(), "`{value}` is not a `{}` label", self.label);
+        let last = self.series.len().saturating_sub(1);
+        &self.series[i.unwrap_or(last)]
+    }
+
+    /// Each label value with its series, in the list's order.
+    fn each(&self) -> impl Iterator<Item = (&'static str, &M)> {
+        self.values.iter().copied().zip(self.series.iter())
+    }
 }
 
 impl CounterVec {
-    pub fn new(label: &'static str, values: &'static [&'static str]) -> Self {
-        CounterVec {
-            label,
-            values,
-            counters: values.iter().map(|_| Counter::default()).collect(),
-        }
-    }
-
-    /// Counts one event for `value`. A value outside the list is a bug that fails every test
-    /// (debug builds); a release build counts it under the last value rather than crash.
+    /// Counts one event for `value`.
     pub fn inc(&self, value: &str) {
-        let i = self.values.iter().position(|v| *v == value);
-        debug_assert!(i.is_some(), "`{value}` is not a `{}` label", self.label);
-        let i = i.unwrap_or(self.values.len().saturating_sub(1));
-        if let Some(counter) = self.counters.get(i) {
-            counter.inc();
-        }
-    }
-
-    #[cfg(test)]
-    pub fn get(&self, value: &str) -> u64 {
-        self.values
-            .iter()
-            .position(|v| *v == value)
-            .map_or(0, |i| self.counters[i].get())
-    }
-}
-
-/// Gauges with one label whose values are fixed when the family is made.
-pub struct GaugeVec {
-    label: &'static str,
-    values: &'static [&'static str],
-    gauges: Box<[Gauge]>,
-}
-
-impl GaugeVec {
-    pub fn new(label: &'static str, values: &'static [&'static str]) -> Self {
-        GaugeVec {
-            label,
-            values,
-            gauges: values.iter().map(|_| Gauge::default()).collect(),
-        }
-    }
-
-    /// The gauge of `value` (a bug in debug builds when `value` is not in the list).
-    pub fn get(&self, value: &str) -> &Gauge {
-        let i = self.values.iter().position(|v| *v == value);
-        debug_assert!(i.is_some(), "`{value}` is not a `{}` label", self.label);
-        let last = self.gauges.len().saturating_sub(1);
-        &self.gauges[i.unwrap_or(last)]
+        self.get(value).inc();
     }
 }
 
@@ -283,12 +267,12 @@ impl Metrics {
                     let _ = writeln!(o, "{name} {v}");
                 }
                 Values::Labelled(v) => {
-                    for (value, c) in v.values.iter().zip(v.counters.iter()) {
+                    for (value, c) in v.each() {
                         let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, c.get());
                     }
                 }
                 Values::Levels(v) => {
-                    for (value, g) in v.values.iter().zip(v.gauges.iter()) {
+                    for (value, g) in v.each() {
                         let _ = writeln!(o, "{name}{{{}=\"{value}\"}} {}", v.label, g.get());
                     }
                 }
@@ -392,8 +376,8 @@ pub fn observe_with(meter: &Meter, metrics: Arc<Metrics>) {
                         read(&m, name, |values| match values {
                             Values::Count(c) => o.observe(c.get(), &[]),
                             Values::Labelled(v) => {
-                                for (value, c) in v.values.iter().zip(v.counters.iter()) {
-                                    o.observe(c.get(), &[KeyValue::new(v.label, *value)]);
+                                for (value, c) in v.each() {
+                                    o.observe(c.get(), &[KeyValue::new(v.label, value)]);
                                 }
                             }
                             _ => {}
@@ -409,8 +393,8 @@ pub fn observe_with(meter: &Meter, metrics: Arc<Metrics>) {
                         read(&m, name, |values| match values {
                             Values::Level(v) => o.observe(v, &[]),
                             Values::Levels(v) => {
-                                for (value, g) in v.values.iter().zip(v.gauges.iter()) {
-                                    o.observe(g.get(), &[KeyValue::new(v.label, *value)]);
+                                for (value, g) in v.each() {
+                                    o.observe(g.get(), &[KeyValue::new(v.label, value)]);
                                 }
                             }
                             _ => {}
@@ -483,7 +467,7 @@ mod tests {
         v.inc("a");
         v.inc("a");
         v.inc("other");
-        assert_eq!((v.get("a"), v.get("other")), (2, 1));
+        assert_eq!((v.get("a").get(), v.get("other").get()), (2, 1));
     }
 
     #[test]
