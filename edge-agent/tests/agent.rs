@@ -266,9 +266,18 @@ async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_t
         .await;
 
     // Online the log drains; a starved box (CI) can still hit the small bound while it does,
-    // and then those drops are counted too.
+    // and then those drops are counted too. A reading dropped while in flight may still have
+    // been accepted: the count bounds the loss from above, and nothing arrives twice.
     assert!(stats.dropped_total >= offline.dropped_total);
-    assert_exactly_once(&got, stats.last_seq - stats.dropped_total);
+    let kept = stats.last_seq - stats.dropped_total;
+    assert!(
+        (kept..=stats.last_seq).contains(&(got.len() as u64)),
+        "{} delivered, {kept} kept of {} taken",
+        got.len(),
+        stats.last_seq
+    );
+    let distinct: BTreeSet<_> = got.iter().map(reading_key).collect();
+    assert_eq!(distinct.len(), got.len(), "a reading arrived twice");
     assert!(agent.output().contains("dropped"), "{}", agent.output());
 }
 

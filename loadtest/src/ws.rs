@@ -56,11 +56,6 @@ impl Client {
 
     /// The next text frame or the close code.
     pub async fn next(&mut self) -> anyhow::Result<Incoming> {
-        loop {
-            let frame = self.ws.read_frame().await?;
-            if let Some(received) = Incoming::from_frame(&frame) {
-                return Ok(received);
-            }
-        }
+        Ok(hub_client::receive(&mut self.ws).await?)
     }
 }

@@ -5,8 +5,8 @@
 //!   TLS for `wss://` (rustls with the system roots or a configured CA), and the upgrade over
 //!   hyper with the token in `Authorization` or wherever the caller puts it. A refused upgrade
 //!   comes back as [`ConnectError::Refused`] with the hub's status and JSON body.
-//! - [`Received`]: what a text or close frame from the hub means, with the close code parsed
-//!   once ([`close_code`]).
+//! - [`receive`]: the next [`Received`], a text frame (decoded with [`Received::frame`] into a
+//!   `ServerFrame`) or the close code, parsed once ([`close_code`]).
 //!
 //! Frames themselves come from `hub-protocol`: [`hub_protocol::ServerFrame::parse`] for what the
 //! hub sends, [`hub_protocol::client`] for what a client sends.
@@ -16,5 +16,5 @@ mod received;
 mod tls;
 
 pub use dial::{ConnectError, Connected, DialError, DialOptions, Dialer, HubSocket};
-pub use received::{Received, close_code};
+pub use received::{Received, close_code, receive};
 pub use tls::TlsSetupError;

@@ -1,6 +1,6 @@
 //! What the hub sent, as a client sees it.
 
-use fastwebsockets::{Frame, OpCode};
+use fastwebsockets::{Frame, OpCode, WebSocketError};
 use hub_protocol::{FrameError, ServerFrame};
 
 /// A text or close frame from the hub; other frames (pings, pongs) are not events.
@@ -27,6 +27,16 @@ impl Received {
         match self {
             Received::Text(text) => Some(ServerFrame::parse(text)),
             Received::Closed(_) => None,
+        }
+    }
+}
+
+/// The next text or close frame from the hub; pings are answered and skipped on the way.
+pub async fn receive(ws: &mut crate::HubSocket) -> Result<Received, WebSocketError> {
+    loop {
+        let frame = ws.read_frame().await?;
+        if let Some(received) = Received::from_frame(&frame) {
+            return Ok(received);
         }
     }
 }

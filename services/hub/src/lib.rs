@@ -48,5 +48,4 @@ pub mod token;
 mod writer;
 
 pub use config::Settings;
-pub use server::Server;
-pub use state::OtelExport;
+pub use server::{OtelExport, Server};

@@ -13,9 +13,23 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
+use observability::RootSampler;
+
+use crate::auth::AuthError;
 use crate::config::{ConfigError, Settings};
+use crate::limits::Refusal;
+use crate::metrics::{self, Labels, Metrics};
+use crate::outbox::CloseReason;
 use crate::routes;
-use crate::state::{AppState, OtelExport};
+use crate::state::AppState;
+
+/// What `observability::init` turned on, for the hub to use.
+#[derive(Default)]
+pub struct OtelExport {
+    pub roots: RootSampler,
+    /// Set when metrics go over OTLP too: the hub's metrics are observed through it.
+    pub meter: Option<opentelemetry::metrics::Meter>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -39,7 +53,11 @@ impl Server {
     /// As [`Server::bind`], reporting to OpenTelemetry as `export` says.
     pub async fn bind_with(settings: Settings, export: OtelExport) -> Result<Server, ServerError> {
         let listen_on = settings.listen;
-        let state = Arc::new(AppState::build(settings, export)?);
+        let metrics = Arc::new(Metrics::new(metric_labels()));
+        if let Some(meter) = &export.meter {
+            metrics::observe_with(meter, metrics.clone());
+        }
+        let state = Arc::new(AppState::build(settings, metrics, export.roots)?);
         let listener = listen(listen_on).map_err(|e| ServerError::Bind(listen_on, e))?;
         Ok(Server { listener, state })
     }
@@ -91,6 +109,15 @@ impl Server {
             }
         }
         info!("hub stopped");
+    }
+}
+
+/// The label values of the hub's metrics, each list derived from the enum it counts.
+pub(crate) fn metric_labels() -> Labels {
+    Labels {
+        disconnect_reasons: CloseReason::LABELS,
+        refusals: Refusal::REASONS,
+        auth_failures: AuthError::REASONS,
     }
 }
 

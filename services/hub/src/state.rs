@@ -10,20 +10,11 @@ use observability::RootSampler;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::Authenticator;
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
-use crate::limits::{ConnectionGate, IdentityLimits, Refusal};
-use crate::metrics::{Labels, Metrics};
-use crate::outbox::CloseReason;
-
-/// What `observability::init` turned on, for the hub to use.
-#[derive(Default)]
-pub struct OtelExport {
-    pub roots: RootSampler,
-    /// Set when metrics go over OTLP too: the hub's metrics are observed through it.
-    pub meter: Option<opentelemetry::metrics::Meter>,
-}
+use crate::limits::{ConnectionGate, IdentityLimits};
+use crate::metrics::Metrics;
 
 /// Everything a request or connection handler needs, shared by all of them.
 pub(crate) struct AppState {
@@ -45,21 +36,16 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    /// Assembles the hub's parts: metrics, the authenticator, the broker the settings name
-    /// (Redis with `broker.url`, else the embedded one) and the admission gate.
-    pub fn build(settings: Settings, export: OtelExport) -> Result<AppState, ConfigError> {
-        let metrics = Arc::new(Metrics::new(metric_labels()));
-        if let Some(meter) = &export.meter {
-            crate::metrics::observe_with(meter, metrics.clone());
-        }
+    /// Assembles the hub's parts around `metrics`: the authenticator, the broker the settings
+    /// name (Redis with `broker.url`, else the embedded one) and the admission gate.
+    pub fn build(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        roots: RootSampler,
+    ) -> Result<AppState, ConfigError> {
         let auth = Authenticator::from_settings(&settings.auth)?;
         let broker: Arc<dyn Broker> = match &settings.broker.url {
-            Some(url) => Arc::new(RedisBroker::new(
-                &settings,
-                url,
-                metrics.clone(),
-                export.roots,
-            )?),
+            Some(url) => Arc::new(RedisBroker::new(&settings, url, metrics.clone(), roots)?),
             None => Arc::new(MemoryBroker::new(
                 settings.history.clone(),
                 settings.limits.max_channels,
@@ -85,7 +71,7 @@ impl AppState {
             metrics,
             gate,
             shutdown: CancellationToken::new(),
-            roots: export.roots,
+            roots,
             connections: TaskTracker::new(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -108,14 +94,5 @@ impl AppState {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
-
-/// The label values of the hub's metrics, each list derived from the enum it counts.
-pub(crate) fn metric_labels() -> Labels {
-    Labels {
-        disconnect_reasons: CloseReason::LABELS,
-        refusals: Refusal::REASONS,
-        auth_failures: AuthError::REASONS,
     }
 }

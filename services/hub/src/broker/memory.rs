@@ -389,7 +389,7 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::metric_labels;
+    use crate::server::metric_labels;
     use hub_protocol::ServerFrame;
     use serde_json::value::RawValue;
 

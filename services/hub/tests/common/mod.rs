@@ -255,20 +255,14 @@ impl Client {
     }
 
     pub async fn next_within(&mut self, wait: Duration) -> Event {
-        loop {
-            let frame = match tokio::time::timeout(wait, self.ws.read_frame()).await {
-                Err(_) => return Event::Timeout,
-                Ok(Err(_)) => return Event::Gone,
-                Ok(Ok(frame)) => frame,
-            };
-            match Received::from_frame(&frame) {
-                Some(Received::Text(text)) => {
-                    ServerFrame::parse(&text).expect("hub sends protocol frames");
-                    return Event::Frame(serde_json::from_slice(&text).unwrap());
-                }
-                Some(Received::Closed(code)) => return Event::Closed(code),
-                None => continue,
+        match tokio::time::timeout(wait, hub_client::receive(&mut self.ws)).await {
+            Err(_) => Event::Timeout,
+            Ok(Err(_)) => Event::Gone,
+            Ok(Ok(Received::Text(text))) => {
+                ServerFrame::parse(&text).expect("hub sends protocol frames");
+                Event::Frame(serde_json::from_slice(&text).unwrap())
             }
+            Ok(Ok(Received::Closed(code))) => Event::Closed(code),
         }
     }
 
