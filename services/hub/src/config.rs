@@ -114,6 +114,10 @@ pub struct BrokerSettings {
     /// `redis://host:port/db` (or `redis+unix:///path`) for a pool of hubs; absent: the embedded
     /// in-process broker.
     pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://host:port`, any few of its masters or replicas),
+    /// instead of `url`: every channel lives in its own hash slot, so the pool's ingest spreads
+    /// over the shards, and the relay uses sharded pub/sub. Empty: not a cluster.
+    pub cluster_nodes: Vec<String>,
     /// Redis connections for commands (the pub/sub connection is extra).
     pub pool_size: usize,
     /// Limit for one Redis command or connection attempt.
@@ -140,6 +144,7 @@ impl Default for BrokerSettings {
     fn default() -> Self {
         BrokerSettings {
             url: None,
+            cluster_nodes: Vec::new(),
             pool_size: 16,
             timeout: Duration::from_secs(2),
             position_check: Duration::from_secs(2),
@@ -318,6 +323,7 @@ impl Settings {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("auth.viewer_channels")
+            .with_list_parse_key("broker.cluster_nodes")
             .source(env);
         let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         // `try_parsing` (which lists need) reads a digits-only value as a number, and a long one
@@ -381,8 +387,24 @@ impl Settings {
                 .map_err(|e| invalid("auth.viewer_channels", format!("`{pattern}`: {e}")))?;
         }
         if let Some(url) = &self.broker.url {
+            if !self.broker.cluster_nodes.is_empty() {
+                return Err(invalid(
+                    "broker.cluster_nodes",
+                    "set either it (a Redis Cluster) or broker.url (one Redis), not both",
+                ));
+            }
             redis::Client::open(url.as_str())
                 .map_err(|e| invalid("broker.url", format!("`{url}`: {e}")))?;
+        }
+        if !self.broker.cluster_nodes.is_empty() && self.broker.routing == Routing::Broadcast {
+            return Err(invalid(
+                "broker.routing",
+                "`broadcast` needs one Redis (broker.url): sharded pub/sub has no patterns",
+            ));
+        }
+        for node in &self.broker.cluster_nodes {
+            redis::Client::open(node.as_str())
+                .map_err(|e| invalid("broker.cluster_nodes", format!("`{node}`: {e}")))?;
         }
         let broker = &self.broker;
         if broker.pool_size == 0 || broker.timeout.is_zero() || broker.position_check.is_zero() {
@@ -519,6 +541,26 @@ mod tests {
         assert_eq!(
             settings.auth.viewer_channels.unwrap(),
             ["fleet", "devices.*"]
+        );
+    }
+
+    #[test]
+    fn cluster_seeds_come_as_a_list_and_exclude_a_single_url() {
+        let secret = ("HUB_AUTH__HS256_SECRET", "12345678901234567890123456789012");
+        let nodes = (
+            "HUB_BROKER__CLUSTER_NODES",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        );
+        let settings = Settings::load_from(None, env(&[secret, nodes])).unwrap();
+        assert_eq!(
+            settings.broker.cluster_nodes,
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        let both = env(&[secret, nodes, ("HUB_BROKER__URL", "redis://127.0.0.1:6379")]);
+        let message = Settings::load_from(None, both).unwrap_err().to_string();
+        assert!(
+            message.contains("broker.cluster_nodes") && message.contains("broker.url"),
+            "{message}"
         );
     }
 

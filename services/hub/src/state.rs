@@ -37,16 +37,18 @@ pub(crate) struct AppState {
 
 impl AppState {
     /// Assembles the hub's parts around `metrics`: the authenticator, the broker the settings
-    /// name (Redis with `broker.url`, else the embedded one) and the admission gate.
+    /// name (Redis with `broker.url` or `broker.cluster_nodes`, else the embedded one) and the
+    /// admission gate.
     pub fn build(
         settings: Settings,
         metrics: Arc<Metrics>,
         roots: RootSampler,
     ) -> Result<AppState, ConfigError> {
         let auth = Authenticator::from_settings(&settings.auth)?;
-        let broker: Arc<dyn Broker> = match &settings.broker.url {
-            Some(url) => Arc::new(RedisBroker::new(&settings, url, metrics.clone(), roots)?),
-            None => Arc::new(MemoryBroker::new(
+        let redis = settings.broker.url.is_some() || !settings.broker.cluster_nodes.is_empty();
+        let broker: Arc<dyn Broker> = match redis {
+            true => Arc::new(RedisBroker::new(&settings, metrics.clone(), roots)?),
+            false => Arc::new(MemoryBroker::new(
                 settings.history.clone(),
                 settings.limits.max_channels,
                 metrics.clone(),

@@ -1,6 +1,8 @@
 //! A real hub on a loopback port and real WebSocket clients for the integration tests.
 #![allow(dead_code)]
 
+pub mod redis_cluster;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;

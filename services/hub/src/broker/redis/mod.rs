@@ -24,10 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, Span, info_span};
 
 use self::local::{Attach, Local};
-use self::relay::{Command, Relay, catch_up};
-use self::store::Store;
+use self::relay::{Command, Relay, Transport, catch_up};
+use self::store::{Commands, Store};
 use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
-use crate::config::{ConfigError, Settings};
+use crate::config::{BrokerSettings, ConfigError, Settings};
 use crate::metrics::Metrics;
 
 /// How long Redis keeps the epoch of a channel nobody has published to once no hub watches it.
@@ -46,35 +46,21 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Sets up the pool and starts the relay; Redis need not be reachable yet. When `roots`
-    /// exports spans, traced publications carry their trace context through Redis to every hub.
+    /// Sets up the connections and starts the relay, on one Redis (`broker.url`) or a Redis
+    /// Cluster (`broker.cluster_nodes`); Redis need not be reachable yet. When `roots` exports
+    /// spans, traced publications carry their trace context through Redis to every hub.
     pub fn new(
         settings: &Settings,
-        url: &str,
         metrics: Arc<Metrics>,
         roots: RootSampler,
     ) -> Result<Self, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            key: "broker.url",
-            message,
-        };
-        let client = redis::Client::open(url).map_err(|e| invalid(format!("`{url}`: {e}")))?;
         let broker = &settings.broker;
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: broker.pool_size,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(broker.timeout),
-                create: Some(broker.timeout),
-                recycle: Some(broker.timeout),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| invalid(e.to_string()))?;
+        let (commands, transport) = match &broker.url {
+            Some(url) => single(url, broker)?,
+            None => cluster(&broker.cluster_nodes, broker)?,
+        };
         let store = Arc::new(Store::new(
-            pool,
+            commands,
             settings.history.clone(),
             IDLE_CHANNEL_TTL.max(10 * broker.position_check),
             broker.timeout,
@@ -84,7 +70,7 @@ impl RedisBroker {
         let (commands, receiver) = mpsc::channel(4096);
         let connected = Arc::new(AtomicBool::new(false));
         let relay = Relay::new(
-            client,
+            transport,
             store.clone(),
             local.clone(),
             receiver,
@@ -185,6 +171,55 @@ impl RedisBroker {
             }
         }
     }
+}
+
+/// One Redis: a connection pool for commands and a client for the pub/sub connection.
+fn single(url: &str, broker: &BrokerSettings) -> Result<(Commands, Transport), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "broker.url",
+        message,
+    };
+    let client = redis::Client::open(url).map_err(|e| invalid(format!("`{url}`: {e}")))?;
+    let mut pool_config = deadpool_redis::Config::from_url(url);
+    pool_config.pool = Some(deadpool_redis::PoolConfig {
+        max_size: broker.pool_size,
+        timeouts: deadpool_redis::Timeouts {
+            wait: Some(broker.timeout),
+            create: Some(broker.timeout),
+            recycle: Some(broker.timeout),
+        },
+        ..Default::default()
+    });
+    let pool = pool_config
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok((Commands::Single(pool), Transport::Single(client)))
+}
+
+/// A Redis Cluster: one client for commands, another (RESP3, for sharded pub/sub pushes) for
+/// the relay.
+fn cluster(
+    nodes: &[String],
+    broker: &BrokerSettings,
+) -> Result<(Commands, Transport), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "broker.cluster_nodes",
+        message,
+    };
+    let commands = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .connection_timeout(broker.timeout)
+        .response_timeout(broker.timeout)
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let transport = Transport::Cluster {
+        nodes: nodes.to_vec(),
+        timeout: broker.timeout,
+    };
+    let commands = Commands::Cluster(Box::new(store::Cluster {
+        client: commands,
+        connection: std::sync::Mutex::new(None),
+    }));
+    Ok((commands, transport))
 }
 
 #[async_trait]

@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use observability::RootSampler;
 use observability::propagation::{self, Remote};
-use redis::aio::PubSubSink;
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
 use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span, warn};
@@ -36,8 +39,101 @@ pub enum Command {
     Leave { channel: String },
 }
 
+/// How the relay reaches Redis pub/sub.
+pub enum Transport {
+    /// One Redis: SUBSCRIBE on one pub/sub connection.
+    Single(redis::Client),
+    /// A Redis Cluster: SSUBSCRIBE, each topic at the shard that owns its slot, messages as
+    /// RESP3 pushes. The seed nodes, and the limit for connecting and for each command.
+    Cluster {
+        nodes: Vec<String>,
+        timeout: Duration,
+    },
+}
+
+/// One pub/sub connection and where its messages arrive.
+enum Link {
+    Single {
+        sink: PubSubSink,
+        stream: PubSubStream,
+    },
+    Cluster {
+        connection: ClusterConnection,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+    },
+}
+
+/// What came from pub/sub.
+enum Event {
+    Message(redis::Msg),
+    /// The connection (on a cluster: a shard's connection) is gone.
+    Lost(&'static str),
+    /// The server dropped this topic's subscription: on a cluster, its slot moved to another
+    /// shard (or we left it ourselves).
+    Dropped(String),
+    Other,
+}
+
+impl Link {
+    async fn subscribe(&mut self, topics: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Link::Single { sink, .. } => sink.subscribe(topics).await,
+            // One topic per SSUBSCRIBE: the topics of one command must share a slot.
+            Link::Cluster { connection, .. } => {
+                for topic in topics {
+                    connection.ssubscribe(topic).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, topic: &str) -> redis::RedisResult<()> {
+        match self {
+            Link::Single { sink, .. } => sink.unsubscribe(topic).await,
+            Link::Cluster { connection, .. } => connection.sunsubscribe(topic).await,
+        }
+    }
+
+    async fn psubscribe(&mut self, pattern: &str) -> redis::RedisResult<()> {
+        match self {
+            Link::Single { sink, .. } => sink.psubscribe(pattern).await,
+            // The settings refuse broadcast routing on a cluster: sharded pub/sub has no
+            // patterns.
+            Link::Cluster { .. } => Ok(()),
+        }
+    }
+
+    async fn next(&mut self) -> Event {
+        match self {
+            Link::Single { stream, .. } => match stream.next().await {
+                Some(message) => Event::Message(message),
+                None => Event::Lost("connection closed"),
+            },
+            Link::Cluster { pushes, .. } => {
+                let Some(push) = pushes.recv().await else {
+                    return Event::Lost("cluster connection closed");
+                };
+                match push.kind {
+                    PushKind::SMessage | PushKind::Message => {
+                        redis::Msg::from_push_info(push).map_or(Event::Other, Event::Message)
+                    }
+                    PushKind::Disconnection => Event::Lost("a shard's connection dropped"),
+                    PushKind::SUnsubscribe => match push.data.first() {
+                        Some(redis::Value::BulkString(topic)) => {
+                            Event::Dropped(String::from_utf8_lossy(topic).into_owned())
+                        }
+                        _ => Event::Other,
+                    },
+                    _ => Event::Other,
+                }
+            }
+        }
+    }
+}
+
 pub struct Relay {
-    pub client: redis::Client,
+    pub transport: Transport,
     pub store: Arc<Store>,
     pub local: Arc<Local>,
     pub commands: mpsc::Receiver<Command>,
@@ -62,7 +158,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 impl Relay {
     pub fn new(
-        client: redis::Client,
+        transport: Transport,
         store: Arc<Store>,
         local: Arc<Local>,
         commands: mpsc::Receiver<Command>,
@@ -71,7 +167,7 @@ impl Relay {
         settings: &BrokerSettings,
     ) -> Self {
         Relay {
-            client,
+            transport,
             store,
             local,
             commands,
@@ -123,24 +219,42 @@ impl Relay {
         }
     }
 
+    async fn open(&self) -> Result<Link, BrokerError> {
+        match &self.transport {
+            Transport::Single(client) => {
+                let pubsub = self.timed(client.get_async_pubsub()).await?;
+                let (sink, stream) = pubsub.split();
+                Ok(Link::Single { sink, stream })
+            }
+            Transport::Cluster { nodes, timeout } => {
+                let (tx, pushes) = mpsc::unbounded_channel();
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(*timeout)
+                    .response_timeout(*timeout)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .build()
+                    .map_err(unavailable)?;
+                let connection = self.timed(client.get_async_connection()).await?;
+                Ok(Link::Cluster { connection, pushes })
+            }
+        }
+    }
+
     /// One connection's lifetime. `Ok` only when the broker is gone.
     async fn run_connection(&mut self, first: &mut bool) -> Result<(), BrokerError> {
-        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| unavailable("connect timed out"))?
-            .map_err(unavailable)?;
-        let (mut sink, mut stream) = pubsub.split();
+        let mut link = self.open().await?;
         self.subscribed.clear();
         let names = self.local.names();
         if self.routing == Routing::Broadcast {
-            self.timed(sink.psubscribe(BROADCAST_PATTERN)).await?;
+            self.timed(link.psubscribe(BROADCAST_PATTERN)).await?;
         }
         for chunk in names
             .chunks(256)
             .filter(|_| self.routing == Routing::Interest)
         {
             let topics: Vec<String> = chunk.iter().map(|c| pubsub_channel(c)).collect();
-            self.timed(sink.subscribe(&topics)).await?;
+            self.timed(link.subscribe(&topics)).await?;
             self.subscribed.extend(chunk.iter().cloned());
         }
         if !*first {
@@ -148,7 +262,7 @@ impl Relay {
         }
         *first = false;
         // Whatever was published while we were away is in the streams.
-        self.check_positions().await?;
+        self.check_positions(&self.local.positions()).await?;
         self.connected.store(true, Ordering::Release);
         info!(channels = names.len(), "redis pub/sub connected");
 
@@ -157,27 +271,53 @@ impl Relay {
         check.tick().await;
         loop {
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => self.dispatch(&message).await,
-                    None => return Err(unavailable("connection closed")),
+                event = link.next() => match event {
+                    Event::Message(message) => self.dispatch(&message).await,
+                    Event::Lost(why) => return Err(unavailable(why)),
+                    Event::Dropped(topic) => self.moved(&mut link, &topic).await?,
+                    Event::Other => {}
+
                 },
                 command = self.commands.recv() => match command {
                     None => return Ok(()),
                     Some(Command::Join { channel, reply }) => {
                         // A failed join fails that subscribe only; a broken connection shows
                         // itself as the end of the stream.
-                        let _ = reply.send(self.join(&mut sink, &channel).await);
+                        let _ = reply.send(self.join(&mut link, &channel).await);
                     }
-                    Some(Command::Leave { channel }) => self.leave(&mut sink, &channel).await?,
+                    Some(Command::Leave { channel }) => self.leave(&mut link, &channel).await?,
                 },
                 _ = check.tick() => {
-                    if let Err(e) = self.check_positions().await {
+                    if let Err(e) = self.check_positions(&self.local.positions()).await {
                         warn!(error = %e, "position check failed; retrying next tick");
                     }
-                    self.release_unwanted(&mut sink).await?;
+                    self.release_unwanted(&mut link).await?;
                 }
             }
         }
+    }
+
+    /// The server dropped a topic's subscription (its slot moved to another shard): subscribes
+    /// again, at the new owner, and fills from history what was published there meanwhile.
+    async fn moved(&mut self, link: &mut Link, topic: &str) -> Result<(), BrokerError> {
+        let Some(channel) = channel_of(topic).map(str::to_owned) else {
+            return Ok(());
+        };
+        if !self.subscribed.contains(&channel) || !self.local.contains(&channel) {
+            return Ok(());
+        }
+        info!(
+            channel,
+            "subscription moved with its slot; subscribing at the new owner"
+        );
+        self.timed(link.subscribe(&[topic.to_owned()])).await?;
+        let position: Vec<_> = self
+            .local
+            .positions()
+            .into_iter()
+            .filter(|(name, _, _)| *name == channel)
+            .collect();
+        self.check_positions(&position).await
     }
 
     async fn timed<T>(
@@ -190,7 +330,7 @@ impl Relay {
             .map_err(unavailable)
     }
 
-    async fn join(&mut self, sink: &mut PubSubSink, channel: &str) -> Result<(), BrokerError> {
+    async fn join(&mut self, link: &mut Link, channel: &str) -> Result<(), BrokerError> {
         if self.local.is_live(channel) {
             return Ok(());
         }
@@ -199,7 +339,8 @@ impl Relay {
             return Err(unavailable("subscribe abandoned"));
         }
         if self.routing == Routing::Interest && !self.subscribed.contains(channel) {
-            self.timed(sink.subscribe(pubsub_channel(channel))).await?;
+            self.timed(link.subscribe(&[pubsub_channel(channel)]))
+                .await?;
             self.subscribed.insert(channel.to_owned());
         }
         // Read after SUBSCRIBE took effect: everything above this offset arrives by pub/sub,
@@ -209,9 +350,9 @@ impl Relay {
         Ok(())
     }
 
-    async fn leave(&mut self, sink: &mut PubSubSink, channel: &str) -> Result<(), BrokerError> {
+    async fn leave(&mut self, link: &mut Link, channel: &str) -> Result<(), BrokerError> {
         if !self.local.contains(channel) && self.subscribed.remove(channel) {
-            self.timed(sink.unsubscribe(pubsub_channel(channel)))
+            self.timed(link.unsubscribe(&pubsub_channel(channel)))
                 .await?;
         }
         Ok(())
@@ -219,7 +360,7 @@ impl Relay {
 
     /// Unsubscribes topics no local client wants any more (a `Leave` dropped by a full command
     /// queue ends up here).
-    async fn release_unwanted(&mut self, sink: &mut PubSubSink) -> Result<(), BrokerError> {
+    async fn release_unwanted(&mut self, link: &mut Link) -> Result<(), BrokerError> {
         let unwanted: Vec<String> = self
             .subscribed
             .iter()
@@ -227,7 +368,7 @@ impl Relay {
             .cloned()
             .collect();
         for channel in unwanted {
-            self.leave(sink, &channel).await?;
+            self.leave(link, &channel).await?;
         }
         Ok(())
     }
@@ -276,9 +417,12 @@ impl Relay {
         .await;
     }
 
-    /// Compares every live channel with Redis and repairs what differs.
-    async fn check_positions(&self) -> Result<(), BrokerError> {
-        let positions = self.local.positions();
+    /// Compares live channels (name, epoch, delivered offset) with Redis and repairs what
+    /// differs.
+    async fn check_positions(
+        &self,
+        positions: &[(String, String, u64)],
+    ) -> Result<(), BrokerError> {
         for chunk in positions.chunks(256) {
             let names: Vec<String> = chunk.iter().map(|(n, _, _)| n.clone()).collect();
             let remote = self.store.positions(&names).await?;

@@ -1,25 +1,35 @@
-//! Everything the Redis broker stores, and the commands that read and write it.
+//! Everything the Redis broker stores, and the commands that read and write it, on one Redis or
+//! on a Redis Cluster.
 //!
-//! Keys of one channel share the hash slot `{channel}`, so each channel's script touches one slot
-//! (Redis Cluster ready):
+//! Keys of one channel share the hash slot `{channel}`, so each channel's keys live on one shard:
 //!
 //! | key | type | holds |
 //! |---|---|---|
 //! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given) |
 //! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
-//! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D` |
-//! | `tl:{ch}:pub` | pub/sub channel | envelopes: `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` |
+//! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D`; on a cluster also `#inc`, the device's incarnation |
+//! | `tl:{ch}:from` | hash | cluster only: per device, `incarnation:seq` of the last publication this channel stored |
+//! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | envelopes: `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` |
 //!
-//! Deduplication is per device, as on the embedded broker: one value (kept with the device's own
-//! channel, forgotten `history.meta_ttl` after the device's last publish) decides for every
-//! channel of a publication, so a device that comes back after that time starts over everywhere
-//! at once. The publication is one script on one instance, so it is applied to all its channels
-//! or to none.
+//! Deduplication on one Redis is per device, as on the embedded broker: one value (kept with the
+//! device's own channel, forgotten `history.meta_ttl` after the device's last publish) decides
+//! for every channel of a publication, and the publication is one script, applied to all its
+//! channels or to none.
+//!
+//! A cluster cannot run one script across slots, so a publication is one script per channel:
+//! first the device's own channel, which keeps the device's last seq and names its
+//! *incarnation* (a numbering that lasts as long as that record), then every other channel at
+//! once, each refusing a seq it already stored from the same incarnation. A publication cut off
+//! half-way (a shard that did not answer) is answered `unavailable`; its resend completes the
+//! channels it missed and duplicates none. A device whose record expired comes back as a new
+//! incarnation, new on every channel at once, as on one Redis.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::Pool;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
 
@@ -27,14 +37,12 @@ use crate::broker::BrokerError;
 use crate::config::HistorySettings;
 use crate::metrics::Metrics;
 
-/// One publication into every target channel, in one round trip. `KEYS[1]` is the device's seq
-/// hash; then `meta`, `log` per channel. If the device's `seq` is not above the last one accepted
-/// from it, nothing happens but refreshing that memory. Else, per channel: take the next offset,
-/// build the `message` JSON once, append it to the stream, refresh the TTLs and PUBLISH the
-/// envelope (with the publishing span's `traceparent` when the publication is traced); then the
-/// device's `seq` is remembered. Returns the new offset per channel, none for a duplicate.
-/// `seq`s are compared as decimal strings: Lua numbers are doubles and u64s do not fit.
-const PUBLISH: &str = r#"
+/// What every publish script shares: its arguments (`ARGV[1..8]`: device, seq, time, history
+/// size, TTL, a fresh epoch, the data, the traceparent or `''`) and `append`, which adds the
+/// publication to one channel: next offset, `message` JSON built once, stream entry, TTLs, and the
+/// envelope published with `PUB` (PUBLISH, or SPUBLISH on a cluster). `seq`s are compared as
+/// decimal strings: Lua numbers are doubles and u64s do not fit.
+const PRELUDE: &str = r#"
 local device, seq, now = ARGV[1], ARGV[2], ARGV[3]
 local size, meta_ttl, new_epoch, data = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local trace = ''
@@ -47,16 +55,7 @@ local function message(channel, epoch, offset)
   return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
     '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
 end
-local seqs = KEYS[1]
-local last = redis.call('HGET', seqs, device) or '0'
-redis.call('PEXPIRE', seqs, meta_ttl)
-if not above(seq, last) then
-  return {}
-end
-local offsets = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local meta, log = KEYS[i * 2 + 2], KEYS[i * 2 + 3]
-  local channel = ARGV[9 + i]
+local function append(meta, log, channel)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = new_epoch
@@ -78,14 +77,82 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
     redis.call('PEXPIRE', log, meta_ttl)
   end
   redis.call('PEXPIRE', meta, meta_ttl)
-  redis.call('PUBLISH', 'tl:{' .. channel .. '}:pub',
+  redis.call(PUB, 'tl:{' .. channel .. '}:pub',
     offset .. ' ' .. epoch .. ' ' .. now .. trace .. '\n' .. msg)
-  offsets[#offsets + 1] = offset
+  return offset
+end
+"#;
+
+/// One publication into every target channel, in one round trip on one Redis. `KEYS[1]` is the
+/// device's seq hash; then `meta`, `log` per channel, whose names follow as `ARGV[9..]`. If the
+/// device's `seq` is not above the last one accepted from it, nothing happens but refreshing that
+/// memory; else it is appended to every channel and remembered. Returns the new offset per
+/// channel, none for a duplicate.
+const PUBLISH: &str = r#"
+local seqs = KEYS[1]
+local last = redis.call('HGET', seqs, device) or '0'
+redis.call('PEXPIRE', seqs, meta_ttl)
+if not above(seq, last) then
+  return {}
+end
+local offsets = {}
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  offsets[#offsets + 1] = append(KEYS[i * 2 + 2], KEYS[i * 2 + 3], ARGV[9 + i])
 end
 redis.call('HSET', seqs, device, seq)
 redis.call('PEXPIRE', seqs, meta_ttl)
 return offsets
 "#;
+
+/// Cluster, first step: the publication into the device's own channel, in its slot, which also
+/// holds the device's seq hash (`KEYS[1]`, then the channel's `meta`, `log`; `ARGV[9]` its name).
+/// The hash names the device's *incarnation* (field `#inc`, `ARGV[10]` if it has none): a
+/// numbering of its seqs that lasts as long as the hash. Returns `{incarnation, offset}`, offset
+/// 0 when `seq` was not above the last one.
+const PUBLISH_OWN: &str = r#"
+local seqs = KEYS[1]
+local rec = redis.call('HMGET', seqs, device, '#inc')
+local last, inc = rec[1] or '0', rec[2]
+if not inc then
+  inc = ARGV[10]
+  redis.call('HSET', seqs, '#inc', inc)
+end
+redis.call('PEXPIRE', seqs, meta_ttl)
+if not above(seq, last) then
+  return {inc, 0}
+end
+local offset = append(KEYS[2], KEYS[3], ARGV[9])
+redis.call('HSET', seqs, device, seq)
+return {inc, offset}
+"#;
+
+/// Cluster, second step, one call per other channel, in that channel's slot (`KEYS`: `meta`,
+/// `log`, and the guard hash that remembers `incarnation:seq` per device; `ARGV[9]` the name,
+/// `ARGV[10]` the incarnation from the first step). The seq is appended unless this channel
+/// already has it from the same incarnation: a publication cut off half-way is completed by the
+/// resend, without duplicating what it did reach; a device whose numbering started over (a new
+/// incarnation) is new everywhere at once. Returns the new offset, 0 when it was there.
+const PUBLISH_GUARDED: &str = r#"
+local guard, inc = KEYS[3], ARGV[10]
+local mark = redis.call('HGET', guard, device)
+redis.call('PEXPIRE', guard, meta_ttl)
+if mark then
+  local sep = string.find(mark, ':', 1, true)
+  if sep and string.sub(mark, 1, sep - 1) == inc and not above(seq, string.sub(mark, sep + 1)) then
+    return 0
+  end
+end
+local offset = append(KEYS[1], KEYS[2], ARGV[9])
+redis.call('HSET', guard, device, inc .. ':' .. seq)
+return offset
+"#;
+
+/// A publish script's whole text: the publish command, the prelude, the body.
+fn script(publish_command: &str, body: &str) -> Script {
+    Script::new(&format!(
+        "local PUB = '{publish_command}'\n{PRELUDE}\n{body}"
+    ))
+}
 
 /// The channel's `(epoch, offset)`, giving it an epoch if it has none. A channel nobody has
 /// published to yet is kept only `ARGV[3]` ms (the relay extends that while it is watched), so a
@@ -131,6 +198,11 @@ pub fn log_key(channel: &str) -> String {
 pub fn device_seq_key(device: &str) -> String {
     let channel = hub_protocol::channel::device_channel(device);
     format!("tl:{{{channel}}}:seq")
+}
+
+/// The hash of `incarnation:seq` per device that a channel keeps on a cluster.
+pub fn guard_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:from")
 }
 
 pub fn pubsub_channel(channel: &str) -> String {
@@ -186,9 +258,59 @@ pub struct Entry {
     pub message: Vec<u8>,
 }
 
+/// Where the store's commands go.
+pub enum Commands {
+    /// One Redis: a pool of connections.
+    Single(Pool),
+    /// A Redis Cluster: one client, each command routed to the shard that owns its key's slot.
+    Cluster(Box<Cluster>),
+}
+
+/// The cluster client, connected on first use, so a hub starts while the cluster is still down.
+pub struct Cluster {
+    pub client: ClusterClient,
+    pub connection: Mutex<Option<ClusterConnection>>,
+}
+
+/// A connection for one command, from either kind of [`Commands`].
+enum Conn {
+    Pooled(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Pooled(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct Store {
-    pool: Pool,
+    commands: Commands,
     publish: Script,
+    publish_own: Script,
+    publish_guarded: Script,
     position: Script,
     rewound: Script,
     history: HistorySettings,
@@ -206,7 +328,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 impl Store {
     /// `idle_ttl` must be well above how often the relay checks positions (it extends it then).
     pub fn new(
-        pool: Pool,
+        commands: Commands,
         history: HistorySettings,
         idle_ttl: Duration,
         timeout: Duration,
@@ -214,8 +336,10 @@ impl Store {
     ) -> Self {
         let idle_ttl = idle_ttl.min(history.meta_ttl);
         Store {
-            pool,
-            publish: Script::new(PUBLISH),
+            commands,
+            publish: script("PUBLISH", PUBLISH),
+            publish_own: script("SPUBLISH", PUBLISH_OWN),
+            publish_guarded: script("SPUBLISH", PUBLISH_GUARDED),
             position: Script::new(POSITION),
             rewound: Script::new(REWOUND),
             history,
@@ -225,12 +349,35 @@ impl Store {
         }
     }
 
+    async fn connection(&self) -> Result<Conn, BrokerError> {
+        match &self.commands {
+            Commands::Single(pool) => Ok(Conn::Pooled(pool.get().await.map_err(unavailable)?)),
+            Commands::Cluster(cluster) => {
+                let Cluster { client, connection } = &**cluster;
+                let existing = connection
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                if let Some(conn) = existing {
+                    return Ok(Conn::Cluster(conn));
+                }
+                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                *connection.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.commands, Commands::Cluster(_))
+    }
+
     async fn run<T>(
         &self,
-        f: impl AsyncFnOnce(&mut deadpool_redis::Connection) -> redis::RedisResult<T>,
+        f: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Result<T, BrokerError> {
         let work = async {
-            let mut conn = self.pool.get().await.map_err(unavailable)?;
+            let mut conn = self.connection().await?;
             f(&mut conn).await.map_err(unavailable)
         };
         let started = std::time::Instant::now();
@@ -245,6 +392,10 @@ impl Store {
     }
 
     /// Appends one publication to `channels`; returns the new offsets (none: a duplicate).
+    /// On one Redis it is one script, applied to every channel or to none. On a cluster each
+    /// channel is its own slot: the device's channel first (it decides the incarnation), then
+    /// the others at once; an error anywhere fails the publication, and its resend completes
+    /// the channels it missed without duplicating the others.
     pub async fn publish(
         &self,
         device: &str,
@@ -253,23 +404,56 @@ impl Store {
         data: &RawValue,
         traceparent: Option<&str>,
     ) -> Result<Vec<u64>, BrokerError> {
-        let mut call = self.publish.prepare_invoke();
-        call.key(device_seq_key(device));
-        for channel in channels {
-            call.key(meta_key(channel)).key(log_key(channel));
+        let seq = seq.to_string();
+        let epoch = crate::broker::new_epoch();
+        let shared = |call: &mut redis::ScriptInvocation<'_>| {
+            call.arg(device)
+                .arg(&seq)
+                .arg(now_ms())
+                .arg(self.history.size)
+                .arg(self.history.meta_ttl.as_millis() as u64)
+                .arg(&epoch)
+                .arg(data.get())
+                .arg(traceparent.unwrap_or(""));
+        };
+        if !self.is_cluster() {
+            let mut call = self.publish.prepare_invoke();
+            call.key(device_seq_key(device));
+            for channel in channels {
+                call.key(meta_key(channel)).key(log_key(channel));
+            }
+            shared(&mut call);
+            for channel in channels {
+                call.arg(channel);
+            }
+            return self.run(async |conn| call.invoke_async(conn).await).await;
         }
-        call.arg(device)
-            .arg(seq.to_string())
-            .arg(now_ms())
-            .arg(self.history.size)
-            .arg(self.history.meta_ttl.as_millis() as u64)
-            .arg(crate::broker::new_epoch())
-            .arg(data.get())
-            .arg(traceparent.unwrap_or(""));
-        for channel in channels {
-            call.arg(channel);
-        }
-        self.run(async |conn| call.invoke_async(conn).await).await
+        let own = hub_protocol::channel::device_channel(device);
+        let mut call = self.publish_own.prepare_invoke();
+        call.key(device_seq_key(device))
+            .key(meta_key(&own))
+            .key(log_key(&own));
+        shared(&mut call);
+        call.arg(&own).arg(crate::broker::new_epoch());
+        let (incarnation, first): (String, u64) =
+            self.run(async |conn| call.invoke_async(conn).await).await?;
+        let others = channels.iter().filter(|c| **c != own).map(|channel| {
+            let mut call = self.publish_guarded.prepare_invoke();
+            call.key(meta_key(channel))
+                .key(log_key(channel))
+                .key(guard_key(channel));
+            shared(&mut call);
+            call.arg(channel).arg(&incarnation);
+            async move {
+                self.run(async |conn| call.invoke_async::<u64>(conn).await)
+                    .await
+            }
+        });
+        let rest = futures_util::future::try_join_all(others).await?;
+        Ok(std::iter::once(first)
+            .chain(rest)
+            .filter(|offset| *offset > 0)
+            .collect())
     }
 
     /// The channel's current `(epoch, offset)`; creates its epoch if it has none.

@@ -1,0 +1,160 @@
+//! Hubs on a real Redis Cluster (redis-server processes in cluster mode on loopback): each
+//! channel lives in its own slot, publications go to every slot they touch, and the relay
+//! follows the channels it watches over sharded pub/sub.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_cluster::RedisCluster;
+use common::{TestHub, offsets};
+use serde_json::json;
+
+/// The messages of `channel` among `got`.
+fn of(got: &[serde_json::Value], channel: &str) -> Vec<serde_json::Value> {
+    got.iter()
+        .filter(|m| m["channel"] == channel)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hub_delivers_every_reading_across_shards_in_offset_order() {
+    let cluster = RedisCluster::start(3);
+    let hubs = [
+        TestHub::on_cluster(&cluster).await,
+        TestHub::on_cluster(&cluster).await,
+    ];
+    let channels = ["fleet", "devices.pi-1", "groups.north"];
+    let mut viewers = Vec::new();
+    for hub in &hubs {
+        viewers.push(hub.viewer("v", &channels).await);
+    }
+    let mut agent = hubs[0].agent("pi-1", &["north"]).await;
+    for seq in 1..=30 {
+        let reply = agent.publish(seq, json!({"n": seq})).await;
+        assert_eq!(reply["type"], "ack", "{reply}");
+        assert_ne!(reply["duplicate"], true, "{reply}");
+    }
+    let again = agent.publish(12, json!({"n": 12})).await;
+    assert_eq!(
+        again["duplicate"], true,
+        "a resend is acknowledged, not stored twice"
+    );
+    for viewer in &mut viewers {
+        let got = viewer.messages(90).await;
+        for channel in channels {
+            let messages = of(&got, channel);
+            assert_eq!(
+                offsets(&messages),
+                (1..=30).collect::<Vec<_>>(),
+                "{channel}"
+            );
+            assert_eq!(messages[11]["data"], json!({"n": 12}));
+        }
+        assert!(
+            matches!(
+                viewer.next_within(Duration::from_millis(300)).await,
+                common::Event::Timeout
+            ),
+            "nothing more, the duplicate included"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_cut_off_at_one_shard_is_completed_by_its_resend_and_never_doubled() {
+    let cluster = RedisCluster::start(3);
+    let fleet_shard = cluster.owner_of("tl:{fleet}:meta");
+    // A device whose own channel lives on another shard than `fleet`.
+    let device = (1..100)
+        .map(|n| format!("pi-{n}"))
+        .find(|d| cluster.owner_of(&format!("tl:{{devices.{d}}}:meta")) != fleet_shard)
+        .expect("some device channel lives elsewhere");
+    let own = format!("devices.{device}");
+    let hub = TestHub::on_cluster(&cluster).await;
+    let watcher = TestHub::on_cluster(&cluster).await;
+    let mut viewer = watcher.viewer("v", &["fleet", &own]).await;
+    let mut agent = hub.agent(&device, &[]).await;
+    assert_eq!(agent.publish(1, json!({"n": 1})).await["type"], "ack");
+
+    // `fleet`'s shard stops answering: the device's channel takes seq 2, `fleet` does not (in
+    // time), and the agent is told to resend.
+    cluster.pause(fleet_shard, 2500);
+    let refused = agent.publish(2, json!({"n": 2})).await;
+    assert_eq!(
+        (refused["type"].as_str(), refused["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    let resent = agent.publish(2, json!({"n": 2})).await;
+    assert_eq!(resent["type"], "ack", "{resent}");
+    assert_eq!(agent.publish(3, json!({"n": 3})).await["type"], "ack");
+
+    let got = viewer.messages(6).await;
+    for channel in ["fleet", own.as_str()] {
+        let messages = of(&got, channel);
+        assert_eq!(
+            offsets(&messages),
+            [1, 2, 3],
+            "{channel}: each reading once, in order"
+        );
+    }
+    assert!(matches!(
+        viewer.next_within(Duration::from_millis(500)).await,
+        common::Event::Timeout
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_channel_follows_its_slot_to_another_shard_without_a_gap() {
+    let cluster = RedisCluster::start(3);
+    let hub = TestHub::on_cluster(&cluster).await;
+    // No position check to fall back on: live delivery must follow the slot.
+    let watcher = TestHub::on_cluster_with(&cluster, |s| {
+        s.broker.position_check = Duration::from_secs(600);
+    })
+    .await;
+    let key = "tl:{devices.pi-1}:meta";
+    let to = cluster.other_than(cluster.owner_of(key));
+    // The viewer also watches channels of the shard the slot moves to: after the move that
+    // shard holds several of its subscriptions, in different slots.
+    let neighbours: Vec<String> = (2..200)
+        .map(|n| format!("devices.pi-{n}"))
+        .filter(|c| cluster.owner_of(&format!("tl:{{{c}}}:meta")) == to)
+        .take(3)
+        .collect();
+    let mut channels = vec!["devices.pi-1"];
+    channels.extend(neighbours.iter().map(String::as_str));
+    let mut viewer = watcher.viewer("v", &channels).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    for seq in 1..=10 {
+        assert_eq!(agent.publish(seq, json!({"n": seq})).await["type"], "ack");
+    }
+    assert_eq!(
+        offsets(&viewer.messages(10).await),
+        (1..=10).collect::<Vec<_>>()
+    );
+
+    // The slot of `devices.pi-1` (its history, offsets and the device's seq) moves shards.
+    cluster.migrate_slot_of(key, to);
+    for seq in 11..=20 {
+        // A command that meets the slot mid-move may be refused: the agent resends.
+        let mut reply = agent.publish(seq, json!({"n": seq})).await;
+        for _ in 0..20 {
+            if reply["type"] == "ack" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reply = agent.publish(seq, json!({"n": seq})).await;
+        }
+        assert_eq!(reply["type"], "ack", "{reply}");
+    }
+    let after = viewer.messages(10).await;
+    assert_eq!(
+        offsets(&after),
+        (11..=20).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert_eq!(after[0]["epoch"], after[9]["epoch"]);
+}
