@@ -238,6 +238,9 @@ metrics! { labels;
         "Publications received from Redis for channels no client of this hub watches.";
     broker_reconnects: Counter = Counter::default(),
         "hub_broker_reconnects_total", "Reconnects of the Redis pub/sub connection.";
+    broker_pending_channels: Gauge = Gauge::default(),
+        "hub_broker_pending_channels",
+        "Channels watched here whose Redis Cluster shard does not take their subscription (it is down): their subscribers wait.";
     gap_fills: Counter = Counter::default(),
         "hub_gap_fills_total", "Offset gaps in pub/sub repaired from history.";
     history_misses: Counter = Counter::default(),

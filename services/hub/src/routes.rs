@@ -22,7 +22,10 @@ pub(crate) fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<B
     let mut response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(req, state),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if state.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") if state.is_ready() => match state.broker.degraded() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::OK, format!("ready, degraded: {why}\n")),
+        },
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (&Method::GET, "/metrics") => {
             state.metrics.ready.set(i64::from(state.is_ready()));
@@ -156,8 +159,8 @@ fn asset(content_type: &'static str, bytes: &'static [u8]) -> Response<Body> {
     r
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Body::from(body));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -158,3 +158,50 @@ async fn a_watched_channel_follows_its_slot_to_another_shard_without_a_gap() {
     );
     assert_eq!(after[0]["epoch"], after[9]["epoch"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_is_down_holds_back_only_its_own_channels() {
+    let mut cluster = RedisCluster::start(3);
+    let victim = cluster.other_than(cluster.owner_of("tl:{fleet}:meta"));
+    let shard_of = |d: &str| cluster.owner_of(&format!("tl:{{devices.{d}}}:meta"));
+    let devices: Vec<String> = (1..200).map(|n| format!("pi-{n}")).collect();
+    let alive = devices
+        .iter()
+        .find(|d| shard_of(d) != victim)
+        .unwrap()
+        .clone();
+    let lost = devices
+        .iter()
+        .find(|d| shard_of(d) == victim)
+        .unwrap()
+        .clone();
+    let hub = TestHub::on_cluster(&cluster).await;
+    let watcher = TestHub::on_cluster(&cluster).await;
+    let (alive_channel, lost_channel) = (format!("devices.{alive}"), format!("devices.{lost}"));
+    let mut viewer = watcher
+        .viewer("v", &["fleet", &alive_channel, &lost_channel])
+        .await;
+    let mut alive_agent = hub.agent(&alive, &[]).await;
+    let mut lost_agent = hub.agent(&lost, &[]).await;
+    assert_eq!(alive_agent.publish(1, json!({"n": 1})).await["type"], "ack");
+    assert_eq!(lost_agent.publish(1, json!({"n": 1})).await["type"], "ack");
+    assert_eq!(viewer.messages(4).await.len(), 4);
+
+    cluster.kill(victim);
+    let refused = lost_agent.publish(2, json!({"n": 2})).await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    for seq in 2..=5 {
+        let reply = alive_agent.publish(seq, json!({"n": seq})).await;
+        assert_eq!(reply["type"], "ack", "the other shards serve on: {reply}");
+    }
+    let got = viewer.messages(8).await;
+    assert_eq!(offsets(&of(&got, &alive_channel)), [2, 3, 4, 5]);
+    assert_eq!(offsets(&of(&got, "fleet")), [3, 4, 5, 6]);
+
+    watcher
+        .wait_for_metric("hub_broker_pending_channels", 1.0)
+        .await;
+    let (status, body) = watcher.get("/readyz").await;
+    assert_eq!(status, 200, "the hub serves what it can");
+    assert!(body.contains("degraded"), "{body}");
+}

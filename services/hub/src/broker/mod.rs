@@ -99,6 +99,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can take publications now (feeds `/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// What works only in part while the broker is ready (a Redis Cluster shard that is down),
+    /// for `/readyz` to say.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A replay larger than the subscriber's whole queue could never be queued: the resume is then

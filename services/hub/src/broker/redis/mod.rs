@@ -14,7 +14,7 @@ pub mod relay;
 pub mod store;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, Span, info_span};
 
 use self::local::{Attach, Local};
-use self::relay::{Command, Relay, Transport, catch_up};
+use self::relay::{Command, LinkHealth, Relay, Transport, catch_up};
 use self::store::{Commands, Store};
 use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
 use crate::config::{BrokerSettings, ConfigError, Settings};
@@ -37,7 +37,7 @@ pub struct RedisBroker {
     store: Arc<Store>,
     local: Arc<Local>,
     commands: mpsc::Sender<Command>,
-    connected: Arc<AtomicBool>,
+    health: Arc<LinkHealth>,
     metrics: Arc<Metrics>,
     timeout: Duration,
     /// Spans are exported: traced publications carry their trace context through Redis.
@@ -68,13 +68,13 @@ impl RedisBroker {
         ));
         let local = Arc::new(Local::new(metrics.clone()));
         let (commands, receiver) = mpsc::channel(4096);
-        let connected = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(LinkHealth::default());
         let relay = Relay::new(
             transport,
             store.clone(),
             local.clone(),
             receiver,
-            connected.clone(),
+            health.clone(),
             metrics.clone(),
             broker,
         )
@@ -84,7 +84,7 @@ impl RedisBroker {
             store,
             local,
             commands,
-            connected,
+            health,
             metrics,
             timeout: broker.timeout,
             roots,
@@ -274,6 +274,11 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.health.connected.load(Ordering::Acquire)
+    }
+
+    fn degraded(&self) -> Option<String> {
+        let pending = self.health.pending.load(Ordering::Acquire);
+        (pending > 0).then(|| format!("{pending} channels wait for their redis shard"))
     }
 }

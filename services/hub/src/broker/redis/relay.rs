@@ -9,12 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use observability::RootSampler;
 use observability::propagation::{self, Remote};
+use rand::seq::SliceRandom;
 use redis::aio::{PubSubSink, PubSubStream};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -37,6 +38,15 @@ pub enum Command {
     },
     /// The channel lost its last local subscriber.
     Leave { channel: String },
+}
+
+/// What the relay tells the broker about its link, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct LinkHealth {
+    /// The pub/sub link is up.
+    pub connected: AtomicBool,
+    /// Cluster: live channels waiting for their shard.
+    pub pending: AtomicUsize,
 }
 
 /// How the relay reaches Redis pub/sub.
@@ -66,8 +76,11 @@ enum Link {
 /// What came from pub/sub.
 enum Event {
     Message(redis::Msg),
-    /// The connection (on a cluster: a shard's connection) is gone.
+    /// The pub/sub connection is gone.
     Lost(&'static str),
+    /// Cluster: the connection to one shard dropped. The client reconnects it by itself; which
+    /// subscriptions it held is not said.
+    ShardLost,
     /// The server dropped this topic's subscription: on a cluster, its slot moved to another
     /// shard (or we left it ourselves).
     Dropped(String),
@@ -118,7 +131,7 @@ impl Link {
                     PushKind::SMessage | PushKind::Message => {
                         redis::Msg::from_push_info(push).map_or(Event::Other, Event::Message)
                     }
-                    PushKind::Disconnection => Event::Lost("a shard's connection dropped"),
+                    PushKind::Disconnection => Event::ShardLost,
                     PushKind::SUnsubscribe => match push.data.first() {
                         Some(redis::Value::BulkString(topic)) => {
                             Event::Dropped(String::from_utf8_lossy(topic).into_owned())
@@ -137,7 +150,7 @@ pub struct Relay {
     pub store: Arc<Store>,
     pub local: Arc<Local>,
     pub commands: mpsc::Receiver<Command>,
-    pub connected: Arc<AtomicBool>,
+    pub health: Arc<LinkHealth>,
     pub metrics: Arc<Metrics>,
     pub position_check: Duration,
     pub timeout: Duration,
@@ -146,6 +159,13 @@ pub struct Relay {
     pub roots: RootSampler,
     /// Redis topics this connection is subscribed to.
     subscribed: HashSet<String>,
+    /// Cluster: live channels whose shard did not take the subscription after a reconnect
+    /// (it is down); tried again at every position check. Their subscribers wait; every other
+    /// channel is served meanwhile.
+    pending: HashSet<String>,
+    /// Cluster: a shard's connection dropped since the last check; every subscription is
+    /// renewed then (one SSUBSCRIBE each), since which ones that shard held is unknown.
+    resync: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -162,7 +182,7 @@ impl Relay {
         store: Arc<Store>,
         local: Arc<Local>,
         commands: mpsc::Receiver<Command>,
-        connected: Arc<AtomicBool>,
+        health: Arc<LinkHealth>,
         metrics: Arc<Metrics>,
         settings: &BrokerSettings,
     ) -> Self {
@@ -171,13 +191,15 @@ impl Relay {
             store,
             local,
             commands,
-            connected,
+            health,
             metrics,
             position_check: settings.position_check,
             timeout: settings.timeout,
             routing: settings.routing,
             roots: RootSampler::off(),
             subscribed: HashSet::new(),
+            pending: HashSet::new(),
+            resync: false,
         }
     }
 
@@ -195,7 +217,7 @@ impl Relay {
             match self.run_connection(&mut first).await {
                 Ok(()) => return,
                 Err(e) => {
-                    if self.connected.swap(false, Ordering::AcqRel) {
+                    if self.health.connected.swap(false, Ordering::AcqRel) {
                         warn!(error = %e, "redis pub/sub lost; reconnecting");
                     }
                 }
@@ -245,17 +267,24 @@ impl Relay {
     async fn run_connection(&mut self, first: &mut bool) -> Result<(), BrokerError> {
         let mut link = self.open().await?;
         self.subscribed.clear();
+        self.pending.clear();
+        self.resync = false;
+        self.health.pending.store(0, Ordering::Release);
         let names = self.local.names();
-        if self.routing == Routing::Broadcast {
-            self.timed(link.psubscribe(BROADCAST_PATTERN)).await?;
-        }
-        for chunk in names
-            .chunks(256)
-            .filter(|_| self.routing == Routing::Interest)
-        {
-            let topics: Vec<String> = chunk.iter().map(|c| pubsub_channel(c)).collect();
-            self.timed(link.subscribe(&topics)).await?;
-            self.subscribed.extend(chunk.iter().cloned());
+        match (&link, self.routing) {
+            (_, Routing::Broadcast) => self.timed(link.psubscribe(BROADCAST_PATTERN)).await?,
+            (Link::Single { .. }, Routing::Interest) => {
+                for chunk in names.chunks(256) {
+                    let topics: Vec<String> = chunk.iter().map(|c| pubsub_channel(c)).collect();
+                    self.timed(link.subscribe(&topics)).await?;
+                    self.subscribed.extend(chunk.iter().cloned());
+                }
+            }
+            // Shard by shard: one that is down holds back only its own channels.
+            (Link::Cluster { .. }, Routing::Interest) => {
+                self.pending.extend(names.iter().cloned());
+                self.retry_pending(&mut link).await;
+            }
         }
         if !*first {
             self.metrics.broker_reconnects.inc();
@@ -263,7 +292,7 @@ impl Relay {
         *first = false;
         // Whatever was published while we were away is in the streams.
         self.check_positions(&self.local.positions()).await?;
-        self.connected.store(true, Ordering::Release);
+        self.health.connected.store(true, Ordering::Release);
         info!(channels = names.len(), "redis pub/sub connected");
 
         let mut check = tokio::time::interval(self.position_check);
@@ -274,6 +303,8 @@ impl Relay {
                 event = link.next() => match event {
                     Event::Message(message) => self.dispatch(&message).await,
                     Event::Lost(why) => return Err(unavailable(why)),
+                    // Handled at the next check, once however many arrive meanwhile.
+                    Event::ShardLost => self.resync = true,
                     Event::Dropped(topic) => self.moved(&mut link, &topic).await?,
                     Event::Other => {}
 
@@ -288,12 +319,80 @@ impl Relay {
                     Some(Command::Leave { channel }) => self.leave(&mut link, &channel).await?,
                 },
                 _ = check.tick() => {
+                    if std::mem::take(&mut self.resync) {
+                        warn!("a redis shard's connection dropped; renewing every subscription");
+                        let all: Vec<String> = self.subscribed.drain().collect();
+                        self.pending.extend(all);
+                    }
+                    self.retry_pending(&mut link).await;
                     if let Err(e) = self.check_positions(&self.local.positions()).await {
                         warn!(error = %e, "position check failed; retrying next tick");
                     }
                     self.release_unwanted(&mut link).await?;
                 }
             }
+        }
+    }
+
+    /// Subscribes the pending channels that are still wanted, each on its own; those whose
+    /// shard answers are repaired from history and served from now on.
+    async fn retry_pending(&mut self, link: &mut Link) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut taken = Vec::new();
+        let mut failed = None;
+        // A shard that hangs costs each try the whole timeout: one round spends at most one
+        // timeout, in a new order each time, so the relay keeps serving the live channels.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut order: Vec<String> = self.pending.drain().collect();
+        order.shuffle(&mut rand::rng());
+        for channel in order {
+            if !self.local.contains(&channel) {
+                // It may still be subscribed at its shard (a resync marks every channel):
+                // best effort, the next reconnect drops it anyway.
+                let _ = self
+                    .timed(link.unsubscribe(&pubsub_channel(&channel)))
+                    .await;
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.pending.insert(channel);
+                continue;
+            }
+            match self
+                .timed(link.subscribe(&[pubsub_channel(&channel)]))
+                .await
+            {
+                Ok(()) => taken.push(channel),
+                Err(e) => {
+                    failed = Some(e);
+                    self.pending.insert(channel);
+                }
+            }
+        }
+        self.metrics
+            .broker_pending_channels
+            .set(self.pending.len() as i64);
+        self.health
+            .pending
+            .store(self.pending.len(), Ordering::Release);
+        if let Some(e) = failed {
+            warn!(channels = self.pending.len(), error = %e,
+                "channels wait for their redis shard; retrying");
+        }
+        if taken.is_empty() {
+            return;
+        }
+        self.subscribed.extend(taken.iter().cloned());
+        let positions: Vec<_> = self
+            .local
+            .positions()
+            .into_iter()
+            .filter(|(name, _, _)| taken.contains(name))
+            .collect();
+        if let Err(e) = self.check_positions(&positions).await {
+            warn!(error = %e, "position check failed; retrying next tick");
         }
     }
 

@@ -486,11 +486,29 @@ impl Store {
         Ok(epoch.unwrap_or_default())
     }
 
-    /// `(epoch, offset)` of many channels without creating anything; `None` where unknown.
+    /// `(epoch, offset)` of many channels without creating anything; `None` where unknown. On a
+    /// cluster each channel is asked on its own, and one whose shard does not answer is unknown
+    /// too: the others are still repaired.
     pub async fn positions(
         &self,
         channels: &[String],
     ) -> Result<Vec<Option<(String, u64)>>, BrokerError> {
+        if self.is_cluster() {
+            let each = channels.iter().map(|channel| async move {
+                let row: Result<(Option<String>, Option<u64>), _> = self
+                    .run(async |conn| {
+                        redis::cmd("HMGET")
+                            .arg(meta_key(channel))
+                            .arg("epoch")
+                            .arg("offset")
+                            .query_async(conn)
+                            .await
+                    })
+                    .await;
+                row.ok().and_then(|(e, o)| e.map(|e| (e, o.unwrap_or(0))))
+            });
+            return Ok(futures_util::future::join_all(each).await);
+        }
         let mut pipe = redis::pipe();
         for channel in channels {
             pipe.cmd("HMGET")
@@ -513,6 +531,22 @@ impl Store {
             return Ok(());
         }
         let ttl = self.idle_ttl.as_millis() as u64;
+        if self.is_cluster() {
+            // Slot by slot; a shard that does not answer keeps its keys' old TTL until the
+            // next check.
+            let each = channels.iter().map(|channel| {
+                self.run(async |conn| {
+                    redis::cmd("PEXPIRE")
+                        .arg(meta_key(channel))
+                        .arg(ttl)
+                        .arg("GT")
+                        .query_async::<()>(conn)
+                        .await
+                })
+            });
+            futures_util::future::join_all(each).await;
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for channel in channels {
             pipe.cmd("PEXPIRE")
