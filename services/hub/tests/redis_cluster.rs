@@ -205,3 +205,64 @@ async fn a_shard_that_is_down_holds_back_only_its_own_channels() {
     assert_eq!(status, 200, "the hub serves what it can");
     assert!(body.contains("degraded"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_stream_fails_over_and_every_acknowledged_reading_is_delivered_or_announced()
+ {
+    let mut cluster = RedisCluster::with_replicas(3, 1);
+    let hub = TestHub::on_cluster(&cluster).await;
+    let watcher = TestHub::on_cluster(&cluster).await;
+    let mut viewer = watcher.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    let mut acked = Vec::new();
+    let publish_until_acked = async |agent: &mut common::Client, seq: u64| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = agent.publish(seq, json!({"n": seq})).await;
+            if reply["type"] == "ack" {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{seq} never acknowledged: {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    for seq in 1..=10 {
+        publish_until_acked(&mut agent, seq).await;
+        acked.push(seq);
+    }
+    cluster.kill(cluster.owner_of("tl:{fleet}:meta"));
+    for seq in 11..=30 {
+        publish_until_acked(&mut agent, seq).await;
+        acked.push(seq);
+    }
+
+    // Every acknowledged reading arrives once, in order; what the failover lost of them (writes
+    // the replica had not received) is announced by a `subscribed` with recovered: false.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut announced = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.last() != Some(&30) {
+        assert!(tokio::time::Instant::now() < deadline, "got {seen:?}");
+        match viewer.next().await {
+            common::Event::Frame(f) if f["type"] == "message" => {
+                seen.push(f["data"]["n"].as_u64().unwrap());
+            }
+            common::Event::Frame(f) if f["type"] == "subscribed" => {
+                assert_eq!(f["recovered"], false, "{f}");
+                announced = true;
+            }
+            common::Event::Timeout => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "in order, none twice");
+    if !announced {
+        assert_eq!(seen, acked, "with nothing announced, nothing is missing");
+    }
+}

@@ -88,8 +88,13 @@ pub fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
 impl RedisCluster {
     /// `masters` shards with no replicas, every slot covered.
     pub fn start(masters: usize) -> RedisCluster {
+        RedisCluster::with_replicas(masters, 0)
+    }
+
+    /// `masters` shards, each with `replicas` replicas that take over when it fails.
+    pub fn with_replicas(masters: usize, replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (0..masters)
+        let mut nodes: Vec<Node> = (0..masters * (1 + replicas))
             .map(|i| {
                 let node_dir = dir.path().join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
@@ -111,7 +116,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli is installed");
         assert!(
@@ -124,13 +129,17 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every running node says the cluster is ok.
+    /// Waits until every running node says the cluster is ok and every replica is in sync.
     pub fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             loop {
                 let info = redis_cli(node.port, &["CLUSTER", "INFO"]).unwrap_or_default();
-                if info.contains("cluster_state:ok") {
+                let replication =
+                    redis_cli(node.port, &["INFO", "replication"]).unwrap_or_default();
+                let synced = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                if info.contains("cluster_state:ok") && synced {
                     break;
                 }
                 assert!(
