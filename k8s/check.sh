@@ -37,7 +37,7 @@ export KUBECONFIG=/dev/null
 
 (cd k8s/tools && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; })
 
-targets=(overlays/dev overlays/production examples/gateway-api examples/ingress-nginx)
+targets=(overlays/dev overlays/production overlays/production-cluster examples/gateway-api examples/ingress-nginx)
 for target in "${targets[@]}"; do
   out="$work/$(echo "$target" | tr / -).yaml"
   step "$target renders" sh -c "kubectl kustomize k8s/$target > $out"

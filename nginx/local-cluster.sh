@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # A local hub pool on loopback: redis-server, N hubs and nginx in front, all in one directory.
 #
-#   nginx/local-cluster.sh start [--hubs N] [--dir DIR] [--port PORT]   start everything
+#   nginx/local-cluster.sh start [--hubs N] [--dir DIR] [--port PORT] [--redis-cluster M]
+#                                                                       start everything; with
+#                                                                       --redis-cluster, on a Redis
+#                                                                       Cluster of M masters
 #   nginx/local-cluster.sh stop --dir DIR                               stop everything
 #   nginx/local-cluster.sh redis-stop --dir DIR                         SIGKILL redis (fault drills)
 #   nginx/local-cluster.sh redis-start --dir DIR                        start it again (same socket, same data)
 #
-# `start` prints the cluster's variables and writes them to DIR/cluster.env: NGINX_ADDR, REDIS_URL,
+# `start` prints the cluster's variables and writes them to DIR/cluster.env: NGINX_ADDR, REDIS_URL
+# (or REDIS_CLUSTER_NODES and REDIS_<i>_PORT),
 # HUB_COUNT, HUB_<i>_ADDR, HUB_<i>_PID, and HUB_AUTH__HS256_SECRET (so `hub token` mints tokens
 # the pool accepts: `set -a; . DIR/cluster.env; target/release/hub token --sub me --role viewer`).
 # Clients connect to ws://NGINX_ADDR/ws?client=<id>&token=<jwt>.
@@ -18,11 +22,13 @@ shift || true
 hubs=3
 dir=""
 port=""
+masters=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --hubs) hubs=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
+    --redis-cluster) masters=$2; shift 2 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -57,6 +63,30 @@ redis_stop() {
   fi
 }
 
+# A Redis Cluster of $masters masters on loopback (7.0 or later: sharded pub/sub), append-only
+# with fsync on every write like the single instance. Sets cluster_nodes.
+redis_cluster_start() {
+  local addrs=() urls=()
+  for i in $(seq 1 "$masters"); do
+    local p
+    # The cluster bus listens on port + 10000.
+    until p=$(free_port) && [ "$p" -lt 50000 ]; do :; done
+    mkdir -p "$dir/redis-$i"
+    redis-server --port "$p" --bind 127.0.0.1 --dir "$dir/redis-$i" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+      --save "" --appendonly yes --appendfsync always --daemonize no \
+      --logfile "$dir/redis-$i/redis.log" </dev/null >/dev/null 2>&1 &
+    echo $! > "$dir/redis-$i.pid"
+    wait_for 10 redis-cli -p "$p" ping
+    addrs+=("127.0.0.1:$p")
+    urls+=("redis://127.0.0.1:$p")
+    echo "REDIS_${i}_PORT=$p" >> "$dir/redis.env"
+  done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/redis-create.log"
+  wait_for 20 sh -c "redis-cli -p ${addrs[0]##*:} cluster info | grep -q cluster_state:ok"
+  cluster_nodes=$(IFS=,; echo "${urls[*]}")
+}
+
 hub_addr() { grep -o 'addr=[0-9.:]*' "$dir/hub-$1.log" 2>/dev/null | head -n 1 | cut -d= -f2; }
 hub_listening() { [ -n "$(hub_addr "$1")" ]; }
 
@@ -68,18 +98,27 @@ start() {
   if [ ! -x "$hub_bin" ]; then (cd "$root" && cargo build --release --locked -p hub); fi
   local secret
   secret=$(head -c 32 /dev/urandom | base64 | tr -d '\n=/+')
-  redis_start
-  local redis_url="redis+unix://$dir/redis.sock"
+  local broker=()
+  : > "$dir/redis.env"
+  if [ "$masters" -gt 0 ]; then
+    redis_cluster_start
+    broker=(HUB_BROKER__CLUSTER_NODES="$cluster_nodes")
+    echo "REDIS_CLUSTER_NODES=$cluster_nodes" >> "$dir/redis.env"
+  else
+    redis_start
+    broker=(HUB_BROKER__URL="redis+unix://$dir/redis.sock")
+    echo "REDIS_URL=redis+unix://$dir/redis.sock" >> "$dir/redis.env"
+  fi
 
   : > "$dir/hub-upstreams.conf"
   for i in $(seq 1 "$hubs"); do
-    HUB_LISTEN=127.0.0.1:0 HUB_NODE_ID="hub-$i" HUB_BROKER__URL="$redis_url" \
+    env HUB_LISTEN=127.0.0.1:0 HUB_NODE_ID="hub-$i" "${broker[@]}" \
       HUB_AUTH__HS256_SECRET="$secret" HUB_SHUTDOWN__DRAIN_TIMEOUT=5s \
       "$hub_bin" </dev/null >/dev/null 2>"$dir/hub-$i.log" &
     echo $! > "$dir/hub-$i.pid"
   done
   {
-    echo "REDIS_URL=$redis_url"
+    cat "$dir/redis.env"
     echo "HUB_COUNT=$hubs"
     echo "HUB_AUTH__HS256_SECRET=$secret"
   } > "$dir/cluster.env"

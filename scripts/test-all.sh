@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v nginx >/dev/null || need+=(nginx)
 command -v python3 >/dev/null || need+=(python3)
 command -v kill >/dev/null || need+=(procps)

@@ -128,7 +128,12 @@ def main() -> int:
         "secretKeyRef" in secret_env.get("valueFrom", {}),
         "the JWT key comes from a Secret",
     )
-    c.check("HUB_BROKER__URL" in env, "the hub is told where Redis is")
+    redis_env = [k for k in ("HUB_BROKER__URL", "HUB_BROKER__CLUSTER_NODES") if k in env]
+    c.check(
+        len(redis_env) == 1,
+        "the hub is told where Redis is: one URL or a cluster's seed nodes, not both",
+        ", ".join(redis_env),
+    )
     mounts = {m["name"]: m["mountPath"] for m in hub_c.get("volumeMounts", [])}
     config_volume = next((v for v in pod.get("volumes", []) if "configMap" in v), None)
     c.check(
