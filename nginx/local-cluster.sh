@@ -6,8 +6,10 @@
 #                                                                       --redis-cluster, on a Redis
 #                                                                       Cluster of M masters
 #   nginx/local-cluster.sh stop --dir DIR                               stop everything
-#   nginx/local-cluster.sh redis-stop --dir DIR                         SIGKILL redis (fault drills)
-#   nginx/local-cluster.sh redis-start --dir DIR                        start it again (same socket, same data)
+#   nginx/local-cluster.sh redis-stop --dir DIR                         SIGKILL redis, or every
+#                                                                       cluster node (fault drills)
+#   nginx/local-cluster.sh redis-start --dir DIR                        start it again (same socket
+#                                                                       or ports, same data)
 #
 # `start` prints the cluster's variables and writes them to DIR/cluster.env: NGINX_ADDR, REDIS_URL
 # (or REDIS_CLUSTER_NODES and REDIS_<i>_PORT),
@@ -47,6 +49,15 @@ wait_for() { # wait_for SECONDS COMMAND...
 }
 
 redis_start() {
+  if grep -q '^REDIS_1_PORT=' "$dir/redis.env" 2>/dev/null; then
+    local i p
+    while IFS='=' read -r key p; do
+      i=${key#REDIS_}; i=${i%_PORT}
+      redis_node_start "$i" "$p"
+    done < <(grep '^REDIS_[0-9]*_PORT=' "$dir/redis.env")
+    wait_for 20 cluster_ok
+    return
+  fi
   # Append-only with fsync on every write: an acknowledged reading survives a crash. (With
   # everysec a crash may lose the last second; hubs then detect the rewind and start a new epoch.)
   redis-server --port 0 --unixsocket "$dir/redis.sock" --unixsocketperm 700 --dir "$dir" \
@@ -57,11 +68,31 @@ redis_start() {
 }
 
 redis_stop() {
+  for f in "$dir"/redis-*.pid; do
+    [ -f "$f" ] || continue
+    kill -KILL "$(cat "$f")" 2>/dev/null || true
+    rm -f "$f"
+  done
   if [ -f "$dir/redis.pid" ]; then
     kill -KILL "$(cat "$dir/redis.pid")" 2>/dev/null || true
     rm -f "$dir/redis.pid" "$dir/redis.sock"
   fi
 }
+
+# One node of the Redis Cluster: node i on port p, its data and nodes.conf in DIR/redis-i, so
+# it comes back as itself (same slots, same data) after redis-stop / redis-start.
+redis_node_start() {
+  local i=$1 p=$2
+  mkdir -p "$dir/redis-$i"
+  redis-server --port "$p" --bind 127.0.0.1 --dir "$dir/redis-$i" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --save "" --appendonly yes --appendfsync always --daemonize no \
+    --logfile "$dir/redis-$i/redis.log" </dev/null >/dev/null 2>&1 &
+  echo $! > "$dir/redis-$i.pid"
+  wait_for 10 redis_up "$p"
+}
+
+redis_up() { redis-cli -p "$1" ping >/dev/null 2>&1; }
 
 # A Redis Cluster of $masters masters on loopback (7.0 or later: sharded pub/sub), append-only
 # with fsync on every write like the single instance. Sets cluster_nodes.
@@ -71,20 +102,21 @@ redis_cluster_start() {
     local p
     # The cluster bus listens on port + 10000.
     until p=$(free_port) && [ "$p" -lt 50000 ]; do :; done
-    mkdir -p "$dir/redis-$i"
-    redis-server --port "$p" --bind 127.0.0.1 --dir "$dir/redis-$i" \
-      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
-      --save "" --appendonly yes --appendfsync always --daemonize no \
-      --logfile "$dir/redis-$i/redis.log" </dev/null >/dev/null 2>&1 &
-    echo $! > "$dir/redis-$i.pid"
-    wait_for 10 redis-cli -p "$p" ping
+    redis_node_start "$i" "$p"
     addrs+=("127.0.0.1:$p")
     urls+=("redis://127.0.0.1:$p")
     echo "REDIS_${i}_PORT=$p" >> "$dir/redis.env"
   done
   redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/redis-create.log"
-  wait_for 20 sh -c "redis-cli -p ${addrs[0]##*:} cluster info | grep -q cluster_state:ok"
+  wait_for 20 cluster_ok
   cluster_nodes=$(IFS=,; echo "${urls[*]}")
+}
+
+cluster_ok() {
+  local p
+  for p in $(sed -n 's/^REDIS_[0-9]*_PORT=//p' "$dir/redis.env"); do
+    redis-cli -p "$p" cluster info 2>/dev/null | grep -q cluster_state:ok || return 1
+  done
 }
 
 hub_addr() { grep -o 'addr=[0-9.:]*' "$dir/hub-$1.log" 2>/dev/null | head -n 1 | cut -d= -f2; }

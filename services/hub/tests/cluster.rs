@@ -1,6 +1,6 @@
-//! Fault drills on a real pool: `nginx/local-cluster.sh` starts redis-server, three hub processes
-//! and nginx on loopback; clients that reconnect and resume like real ones must end with every
-//! reading exactly once whatever is killed under them.
+//! Fault drills on a real pool: `nginx/local-cluster.sh` starts redis-server (or a Redis Cluster of
+//! three masters), three hub processes and nginx on loopback; clients that reconnect and resume
+//! like real ones must end with every reading exactly once whatever is killed under them.
 
 mod common;
 
@@ -26,12 +26,28 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../nginx/local-cluster.sh")
 }
 
+/// What the pool's hubs share.
+#[derive(Clone, Copy)]
+enum Redis {
+    One,
+    /// A Redis Cluster of three masters.
+    Cluster,
+}
+
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_on(Redis::One)
+    }
+
+    fn start_on(redis: Redis) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let masters = match redis {
+            Redis::One => "0",
+            Redis::Cluster => "3",
+        };
         let out = Command::new("bash")
             .arg(script())
-            .args(["start", "--hubs", "3", "--dir"])
+            .args(["start", "--hubs", "3", "--redis-cluster", masters, "--dir"])
             .arg(dir.path())
             .env("HUB_BIN", env!("CARGO_BIN_EXE_hub"))
             .output()
@@ -199,7 +215,17 @@ async fn the_same_client_lands_on_the_same_hub_while_it_lives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_published_on_two_hubs_reach_viewers_on_all_three_in_one_order() {
-    let cluster = Cluster::start();
+    two_hubs_publishing_at_once(Redis::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_readings_published_on_two_hubs_reach_viewers_on_all_three_in_one_order()
+{
+    two_hubs_publishing_at_once(Redis::Cluster).await;
+}
+
+async fn two_hubs_publishing_at_once(redis: Redis) {
+    let cluster = Cluster::start_on(redis);
     let viewer = cluster.token("wall", Role::Viewer);
     let placement = cluster.placement(&viewer).await;
     let mut followers = Vec::new();
@@ -258,7 +284,16 @@ async fn readings_published_on_two_hubs_reach_viewers_on_all_three_in_one_order(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_mid_stream_loses_nothing() {
-    let cluster = Cluster::start();
+    a_hub_killed_mid_stream(Redis::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_hub_killed_mid_stream_loses_nothing() {
+    a_hub_killed_mid_stream(Redis::Cluster).await;
+}
+
+async fn a_hub_killed_mid_stream(redis: Redis) {
+    let cluster = Cluster::start_on(redis);
     let (results, _) = drill(&cluster, 300, |hub| cluster.signal_hub(hub, "KILL")).await;
     for (hub, seen) in &results {
         assert_exactly_once(seen, 300);
@@ -273,7 +308,16 @@ async fn a_hub_killed_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_stopped_with_sigterm_sends_its_clients_elsewhere_with_1012() {
-    let cluster = Cluster::start();
+    a_hub_stopped_with_sigterm(Redis::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_hub_stopped_with_sigterm_sends_its_clients_elsewhere_with_1012() {
+    a_hub_stopped_with_sigterm(Redis::Cluster).await;
+}
+
+async fn a_hub_stopped_with_sigterm(redis: Redis) {
+    let cluster = Cluster::start_on(redis);
     let (results, _) = drill(&cluster, 300, |hub| cluster.signal_hub(hub, "TERM")).await;
     for (hub, seen) in &results {
         assert_exactly_once(seen, 300);
@@ -285,7 +329,16 @@ async fn a_hub_stopped_with_sigterm_sends_its_clients_elsewhere_with_1012() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarting_mid_stream_loses_no_acknowledged_reading() {
-    let cluster = Cluster::start();
+    redis_restarting_mid_stream(Redis::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_redis_restarting_mid_stream_loses_no_acknowledged_reading() {
+    redis_restarting_mid_stream(Redis::Cluster).await;
+}
+
+async fn redis_restarting_mid_stream(redis: Redis) {
+    let cluster = Cluster::start_on(redis);
     let (results, published) = drill(&cluster, 300, |_| {
         cluster.run("redis-stop");
         std::thread::sleep(Duration::from_millis(700));

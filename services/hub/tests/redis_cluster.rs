@@ -266,3 +266,40 @@ async fn a_master_killed_mid_stream_fails_over_and_every_acknowledged_reading_is
         assert_eq!(seen, acked, "with nothing announced, nothing is missing");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
+    // `fleet` and `groups.north` stay busy (their guards remember the silent device's old seqs)
+    // while the device's own record expires: its new incarnation is new everywhere at once.
+    let cluster = RedisCluster::start(3);
+    let hub =
+        TestHub::on_cluster_with(&cluster, |s| s.history.meta_ttl = Duration::from_secs(1)).await;
+    common::a_device_silent_past_meta_ttl_starts_over_on_every_channel(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_starts_before_its_cluster_and_becomes_ready_when_it_forms() {
+    let mut cluster = RedisCluster::planned(3);
+    let nodes = cluster.urls();
+    let hub = TestHub::with(|s| {
+        s.broker.cluster_nodes = nodes;
+        s.broker.timeout = Duration::from_millis(500);
+        s.broker.position_check = Duration::from_millis(200);
+    })
+    .await;
+    hub.wait_ready(false).await;
+    let mut viewer = hub
+        .connect(&hub.token("v", hub_protocol::Role::Viewer))
+        .await;
+    viewer
+        .send(json!({"type": "subscribe", "channel": "fleet"}))
+        .await;
+    assert_eq!(viewer.expect("error").await["code"], "unavailable");
+
+    cluster.launch(0);
+    hub.wait_ready(true).await;
+    viewer.subscribe("fleet", None).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    assert_eq!(agent.publish(1, json!({})).await["type"], "ack");
+    assert_eq!(offsets(&viewer.messages(1).await), [1]);
+}

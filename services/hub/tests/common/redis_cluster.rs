@@ -93,8 +93,15 @@ impl RedisCluster {
 
     /// `masters` shards, each with `replicas` replicas that take over when it fails.
     pub fn with_replicas(masters: usize, replicas: usize) -> RedisCluster {
+        let mut cluster = RedisCluster::planned(masters * (1 + replicas));
+        cluster.launch(replicas);
+        cluster
+    }
+
+    /// Ports and directories for `nodes` nodes, none running yet: `urls` already names them.
+    pub fn planned(nodes: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (0..masters * (1 + replicas))
+        let nodes = (0..nodes)
             .map(|i| {
                 let node_dir = dir.path().join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
@@ -105,10 +112,16 @@ impl RedisCluster {
                 }
             })
             .collect();
-        for node in &mut nodes {
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// Starts every node of a planned cluster and joins them, `replicas` per master.
+    pub fn launch(&mut self, replicas: usize) {
+        for node in &mut self.nodes {
             node.spawn();
         }
-        let addrs: Vec<String> = nodes
+        let addrs: Vec<String> = self
+            .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
@@ -124,9 +137,7 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = RedisCluster { nodes, _dir: dir };
-        cluster.wait_ok();
-        cluster
+        self.wait_ok();
     }
 
     /// Waits until every running node says the cluster is ok and every replica is in sync.
