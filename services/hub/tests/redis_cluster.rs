@@ -303,3 +303,48 @@ async fn a_hub_starts_before_its_cluster_and_becomes_ready_when_it_forms() {
     assert_eq!(agent.publish(1, json!({})).await["type"], "ack");
     assert_eq!(offsets(&viewer.messages(1).await), [1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_readings_a_failover_loses_are_announced_as_a_new_epoch() {
+    let mut cluster = RedisCluster::with_replicas(3, 1);
+    let master = cluster.owner_of("tl:{fleet}:meta");
+    let replica = cluster.replica_of(master);
+    let hub = TestHub::on_cluster(&cluster).await;
+    let watcher = TestHub::on_cluster(&cluster).await;
+    let mut viewer = watcher.viewer("v", &["fleet"]).await;
+    let mut agent = hub.agent("pi-1", &[]).await;
+    for seq in 1..=5 {
+        assert_eq!(agent.publish(seq, json!({"n": seq})).await["type"], "ack");
+    }
+    let live = viewer.messages(5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The replica is cut off (stopped, its link dropped by the master); fleet's master
+    // acknowledges and delivers 6..=8, then dies.
+    cluster.signal(replica, "STOP");
+    common::redis_cluster::redis_cli(master, &["CLIENT", "KILL", "TYPE", "replica"])
+        .expect("CLIENT KILL");
+    for seq in 6..=8 {
+        assert_eq!(agent.publish(seq, json!({"n": seq})).await["type"], "ack");
+    }
+    assert_eq!(offsets(&viewer.messages(3).await), [6, 7, 8]);
+    cluster.kill(master);
+    cluster.signal(replica, "CONT");
+
+    // The promoted replica's fleet ends at 5: the hub notices it fell below what it delivered
+    // and starts a new epoch, which subscribers are told about.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let notice = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new epoch announced"
+        );
+        match viewer.next().await {
+            common::Event::Frame(f) if f["type"] == "subscribed" => break f,
+            common::Event::Timeout => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(notice["recovered"], false, "{notice}");
+    assert_ne!(notice["epoch"], live[0]["epoch"], "{notice}");
+}

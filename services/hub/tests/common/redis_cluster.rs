@@ -229,6 +229,30 @@ impl RedisCluster {
         assert_eq!(self.owner_of(key), to);
     }
 
+    /// The port of the replica of the master at `master`.
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let id = redis_cli(master, &["CLUSTER", "MYID"]).expect("CLUSTER MYID");
+        let nodes = redis_cli(master, &["CLUSTER", "NODES"]).unwrap_or_default();
+        nodes
+            .lines()
+            .find(|l| l.split_whitespace().nth(3) == Some(id.as_str()))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|addr| addr.split(['@', ':']).nth(1))
+            .and_then(|port| port.parse().ok())
+            .expect("a replica of this master")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the node at `port`: a stopped replica stops
+    /// replicating.
+    pub fn signal(&self, port: u16, signal: &str) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("a node");
+        let pid = node.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
     /// Pauses the node's clients for `ms` (its slots stop answering, as if it hung).
     pub fn pause(&self, port: u16, ms: u64) {
         redis_cli(port, &["CLIENT", "PAUSE", &ms.to_string(), "ALL"]).expect("CLIENT PAUSE");
