@@ -137,26 +137,32 @@ async fn a_watched_channel_follows_its_slot_to_another_shard_without_a_gap() {
     );
 
     // The slot of `devices.pi-1` (its history, offsets and the device's seq) moves shards.
-    cluster.migrate_slot_of(key, to);
-    for seq in 11..=20 {
-        // A command that meets the slot mid-move may be refused: the agent resends.
-        let mut reply = agent.publish(seq, json!({"n": seq})).await;
-        for _ in 0..20 {
-            if reply["type"] == "ack" {
-                break;
+    // Under traffic: the agent publishes 11..=60 while the slot moves.
+    let publisher = tokio::spawn(async move {
+        for seq in 11..=60 {
+            // A command that meets the slot mid-move may be refused: the agent resends.
+            let mut reply = agent.publish(seq, json!({"n": seq})).await;
+            for _ in 0..50 {
+                if reply["type"] == "ack" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                reply = agent.publish(seq, json!({"n": seq})).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            reply = agent.publish(seq, json!({"n": seq})).await;
+            assert_eq!(reply["type"], "ack", "{reply}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(reply["type"], "ack", "{reply}");
-    }
-    let after = viewer.messages(10).await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::task::block_in_place(|| cluster.migrate_slot_of(key, to));
+    publisher.await.unwrap();
+    let after = viewer.messages(50).await;
     assert_eq!(
         offsets(&after),
-        (11..=20).collect::<Vec<_>>(),
+        (11..=60).collect::<Vec<_>>(),
         "no gap, no duplicate"
     );
-    assert_eq!(after[0]["epoch"], after[9]["epoch"]);
+    assert_eq!(after[0]["epoch"], after[49]["epoch"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
