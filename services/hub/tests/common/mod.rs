@@ -444,8 +444,17 @@ impl TestHub {
         configure: impl FnOnce(&mut Settings),
     ) -> TestHub {
         let url = redis.url();
-        let hub = TestHub::with(|s| {
+        TestHub::on_shared_redis(|s| {
             s.broker.url = Some(url);
+            configure(s);
+        })
+        .await
+    }
+
+    /// A hub of a pool, ready: quick repair intervals and no publish rate limit in the way,
+    /// then `configure` (which names the Redis).
+    pub async fn on_shared_redis(configure: impl FnOnce(&mut Settings)) -> TestHub {
+        let hub = TestHub::with(|s| {
             s.broker.position_check = Duration::from_millis(200);
             s.broker.timeout = Duration::from_secs(1);
             s.limits.publish_rate = 100_000.0;

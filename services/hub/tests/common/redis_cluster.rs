@@ -304,15 +304,10 @@ impl TestHub {
         configure: impl FnOnce(&mut Settings),
     ) -> TestHub {
         let nodes = cluster.urls();
-        let hub = TestHub::with(|s| {
+        TestHub::on_shared_redis(|s| {
             s.broker.cluster_nodes = nodes;
-            s.broker.position_check = Duration::from_millis(200);
-            s.broker.timeout = Duration::from_secs(1);
-            s.limits.publish_rate = 100_000.0;
             configure(s);
         })
-        .await;
-        hub.wait_ready(true).await;
-        hub
+        .await
     }
 }
