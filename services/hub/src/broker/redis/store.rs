@@ -16,13 +16,15 @@
 //! for every channel of a publication, and the publication is one script, applied to all its
 //! channels or to none.
 //!
-//! A cluster cannot run one script across slots, so a publication is one script per channel:
-//! first the device's own channel, which keeps the device's last seq and names its
-//! *incarnation* (a numbering that lasts as long as that record), then every other channel at
-//! once, each refusing a seq it already stored from the same incarnation. A publication cut off
-//! half-way (a shard that did not answer) is answered `unavailable`; its resend completes the
-//! channels it missed and duplicates none. A device whose record expired comes back as a new
-//! incarnation, new on every channel at once, as on one Redis.
+//! A cluster cannot run one script across slots, so a publication takes three steps: the
+//! device's seq record (in its own channel's slot) says whether `seq` is new and names the
+//! device's *incarnation* (a numbering that lasts as long as that record); then every other
+//! channel at once, each refusing a seq it already stored from the same incarnation; then the
+//! device's own channel, with the record's seq, last. A publication cut off half-way (a shard
+//! that did not answer) is answered `unavailable`, and the record still names the last
+//! publication every channel has, which is what a reconnecting agent is told: the resend
+//! completes the channels it missed and duplicates none. A device whose record expired comes
+//! back as a new incarnation, new on every channel at once, as on one Redis.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -104,48 +106,71 @@ redis.call('PEXPIRE', seqs, meta_ttl)
 return offsets
 "#;
 
-/// Cluster, first step: the publication into the device's own channel, in its slot, which also
-/// holds the device's seq hash (`KEYS[1]`, then the channel's `meta`, `log`; `ARGV[9]` its name).
-/// The hash names the device's *incarnation* (field `#inc`, `ARGV[10]` if it has none): a
-/// numbering of its seqs that lasts as long as the hash. Returns `{incarnation, offset}`, offset
-/// 0 when `seq` was not above the last one.
-const PUBLISH_OWN: &str = r#"
-local seqs = KEYS[1]
+/// Cluster, first step, in the slot of the device's own channel: the device's seq record
+/// (`KEYS[1]`). Returns `{incarnation, last seq}`: the incarnation (field `#inc`, `ARGV[2]` if
+/// the record has none) names a numbering of the device's seqs that lasts as long as the record;
+/// the last seq is that of the last publication applied to *every* channel.
+const SEQ_STATE: &str = r#"
+local seqs, device = KEYS[1], ARGV[1]
 local rec = redis.call('HMGET', seqs, device, '#inc')
-local last, inc = rec[1] or '0', rec[2]
+local inc = rec[2]
 if not inc then
-  inc = ARGV[10]
+  inc = ARGV[2]
   redis.call('HSET', seqs, '#inc', inc)
 end
-redis.call('PEXPIRE', seqs, meta_ttl)
-if not above(seq, last) then
-  return {inc, 0}
-end
-local offset = append(KEYS[2], KEYS[3], ARGV[9])
-redis.call('HSET', seqs, device, seq)
-return {inc, offset}
+redis.call('PEXPIRE', seqs, ARGV[3])
+return {inc, rec[1] or '0'}
 "#;
 
-/// Cluster, second step, one call per other channel, in that channel's slot (`KEYS`: `meta`,
-/// `log`, and the guard hash that remembers `incarnation:seq` per device; `ARGV[9]` the name,
-/// `ARGV[10]` the incarnation from the first step). The seq is appended unless this channel
+/// Cluster, second step, one call per channel other than the device's own, in that channel's
+/// slot (`KEYS`: `meta`, `log`, and the guard hash that remembers `incarnation:seq` per device;
+/// `ARGV[9]` the name, `ARGV[10]` the incarnation). The seq is appended unless this channel
 /// already has it from the same incarnation: a publication cut off half-way is completed by the
 /// resend, without duplicating what it did reach; a device whose numbering started over (a new
 /// incarnation) is new everywhere at once. Returns the new offset, 0 when it was there.
 const PUBLISH_GUARDED: &str = r#"
 local guard, inc = KEYS[3], ARGV[10]
 local mark = redis.call('HGET', guard, device)
-redis.call('PEXPIRE', guard, meta_ttl)
 if mark then
   local sep = string.find(mark, ':', 1, true)
   if sep and string.sub(mark, 1, sep - 1) == inc and not above(seq, string.sub(mark, sep + 1)) then
+    redis.call('PEXPIRE', guard, meta_ttl)
     return 0
   end
 end
 local offset = append(KEYS[1], KEYS[2], ARGV[9])
 redis.call('HSET', guard, device, inc .. ':' .. seq)
+redis.call('PEXPIRE', guard, meta_ttl)
 return offset
 "#;
+
+/// Cluster, last step, once every other channel has the publication: the device's own channel
+/// (`KEYS`: the seq record, `meta`, `log`; `ARGV[9]` its name, `ARGV[10]` the incarnation), and
+/// the record's seq with it. Committed last, the record's seq (the `last_seq` a `hello` tells)
+/// never names a publication that some channel is still missing. Returns the new offset, 0
+/// when `seq` was not above the last one.
+const PUBLISH_OWN: &str = r#"
+local seqs = KEYS[1]
+local last = redis.call('HGET', seqs, device) or '0'
+if not above(seq, last) then
+  return 0
+end
+local offset = append(KEYS[2], KEYS[3], ARGV[9])
+redis.call('HSET', seqs, device, seq)
+if not redis.call('HGET', seqs, '#inc') then
+  redis.call('HSET', seqs, '#inc', ARGV[10])
+end
+redis.call('PEXPIRE', seqs, meta_ttl)
+return offset
+"#;
+
+/// Whether decimal `seq` is above decimal `last`, as the scripts compare them.
+fn seq_above(seq: &str, last: &str) -> bool {
+    if seq.len() != last.len() {
+        return seq.len() > last.len();
+    }
+    seq > last
+}
 
 /// A publish script's whole text: the publish command, the prelude, the body.
 fn script(publish_command: &str, body: &str) -> Script {
@@ -309,8 +334,9 @@ impl redis::aio::ConnectionLike for Conn {
 pub struct Store {
     commands: Commands,
     publish: Script,
-    publish_own: Script,
+    seq_state: Script,
     publish_guarded: Script,
+    publish_own: Script,
     position: Script,
     rewound: Script,
     history: HistorySettings,
@@ -338,8 +364,9 @@ impl Store {
         Store {
             commands,
             publish: script("PUBLISH", PUBLISH),
-            publish_own: script("SPUBLISH", PUBLISH_OWN),
+            seq_state: Script::new(SEQ_STATE),
             publish_guarded: script("SPUBLISH", PUBLISH_GUARDED),
+            publish_own: script("SPUBLISH", PUBLISH_OWN),
             position: Script::new(POSITION),
             rewound: Script::new(REWOUND),
             history,
@@ -392,9 +419,9 @@ impl Store {
     }
 
     /// Appends one publication to `channels`; returns the new offsets (none: a duplicate).
-    /// On one Redis it is one script, applied to every channel or to none. On a cluster each
-    /// channel is its own slot: the device's channel first (it decides the incarnation), then
-    /// the others at once; an error anywhere fails the publication, and its resend completes
+    /// On one Redis it is one script, applied to every channel or to none. On a cluster: the
+    /// device's record, then the other channels at once, then the device's own channel (see the
+    /// module's description); an error anywhere fails the publication, and its resend completes
     /// the channels it missed without duplicating the others.
     pub async fn publish(
         &self,
@@ -429,14 +456,19 @@ impl Store {
             return self.run(async |conn| call.invoke_async(conn).await).await;
         }
         let own = hub_protocol::channel::device_channel(device);
-        let mut call = self.publish_own.prepare_invoke();
-        call.key(device_seq_key(device))
-            .key(meta_key(&own))
-            .key(log_key(&own));
-        shared(&mut call);
-        call.arg(&own).arg(crate::broker::new_epoch());
-        let (incarnation, first): (String, u64) =
-            self.run(async |conn| call.invoke_async(conn).await).await?;
+        let mut state = self.seq_state.prepare_invoke();
+        state
+            .key(device_seq_key(device))
+            .arg(device)
+            .arg(crate::broker::new_epoch())
+            .arg(self.history.meta_ttl.as_millis() as u64);
+        let (incarnation, last): (String, String) = self
+            .run(async |conn| state.invoke_async(conn).await)
+            .await?;
+        if !seq_above(&seq, &last) {
+            // Applied to every channel already: the own channel is committed last.
+            return Ok(Vec::new());
+        }
         let others = channels.iter().filter(|c| **c != own).map(|channel| {
             let mut call = self.publish_guarded.prepare_invoke();
             call.key(meta_key(channel))
@@ -449,11 +481,17 @@ impl Store {
                     .await
             }
         });
-        let rest = futures_util::future::try_join_all(others).await?;
-        Ok(std::iter::once(first)
-            .chain(rest)
-            .filter(|offset| *offset > 0)
-            .collect())
+        let mut offsets = futures_util::future::try_join_all(others).await?;
+        let mut call = self.publish_own.prepare_invoke();
+        call.key(device_seq_key(device))
+            .key(meta_key(&own))
+            .key(log_key(&own));
+        shared(&mut call);
+        call.arg(&own).arg(&incarnation);
+        let first: u64 = self.run(async |conn| call.invoke_async(conn).await).await?;
+        offsets.insert(0, first);
+        offsets.retain(|offset| *offset > 0);
+        Ok(offsets)
     }
 
     /// The channel's current `(epoch, offset)`; creates its epoch if it has none.
