@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use observability::RootSampler;
 use observability::propagation::{self, Remote};
-use rand::seq::SliceRandom;
 use redis::aio::{PubSubSink, PubSubStream};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -99,6 +98,39 @@ impl Link {
                 Ok(())
             }
         }
+    }
+
+    /// Subscribes each topic on its own, all at once, each within `timeout`; one result per
+    /// topic, in order. (One Redis: one SUBSCRIBE for all.)
+    async fn subscribe_each(
+        &mut self,
+        topics: &[String],
+        timeout: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        let Link::Cluster { connection, .. } = self else {
+            let one = match tokio::time::timeout(timeout, self.subscribe(topics)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timed out".to_owned()),
+            };
+            return topics
+                .iter()
+                .map(|_| one.as_ref().map_or(Ok(()), |e| Err(unavailable(e))))
+                .collect();
+        };
+        // One multiplexed connection per node carries them all; every one waits at most
+        // `timeout`, together.
+        let each = topics.iter().map(|topic| {
+            let (mut connection, topic) = (connection.clone(), topic.clone());
+            async move {
+                match tokio::time::timeout(timeout, connection.ssubscribe(topic)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(unavailable(e)),
+                    Err(_) => Err(unavailable("timed out")),
+                }
+            }
+        });
+        futures_util::future::join_all(each).await
     }
 
     async fn unsubscribe(&mut self, topic: &str) -> redis::RedisResult<()> {
@@ -291,7 +323,7 @@ impl Relay {
         }
         *first = false;
         // Whatever was published while we were away is in the streams.
-        self.check_positions(&self.local.positions()).await?;
+        self.check_positions(&self.served_positions()).await?;
         self.health.connected.store(true, Ordering::Release);
         info!(channels = names.len(), "redis pub/sub connected");
 
@@ -305,7 +337,7 @@ impl Relay {
                     Event::Lost(why) => return Err(unavailable(why)),
                     // Handled at the next check, once however many arrive meanwhile.
                     Event::ShardLost => self.resync = true,
-                    Event::Dropped(topic) => self.moved(&mut link, &topic).await?,
+                    Event::Dropped(topic) => self.moved(&mut link, &topic).await,
                     Event::Other => {}
 
                 },
@@ -325,7 +357,7 @@ impl Relay {
                         self.pending.extend(all);
                     }
                     self.retry_pending(&mut link).await;
-                    if let Err(e) = self.check_positions(&self.local.positions()).await {
+                    if let Err(e) = self.check_positions(&self.served_positions()).await {
                         warn!(error = %e, "position check failed; retrying next tick");
                     }
                     self.release_unwanted(&mut link).await?;
@@ -340,30 +372,23 @@ impl Relay {
         if self.pending.is_empty() {
             return;
         }
+        let (wanted, unwanted): (Vec<String>, Vec<String>) = self
+            .pending
+            .drain()
+            .partition(|channel| self.local.contains(channel));
+        // They may still be subscribed at their shard (a resync marks every channel): the next
+        // release of unwanted topics unsubscribes them.
+        self.subscribed.extend(unwanted);
+        let topics: Vec<String> = wanted.iter().map(|c| pubsub_channel(c)).collect();
         let mut taken = Vec::new();
         let mut failed = None;
-        // A shard that hangs costs each try the whole timeout: one round spends at most one
-        // timeout, in a new order each time, so the relay keeps serving the live channels.
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut order: Vec<String> = self.pending.drain().collect();
-        order.shuffle(&mut rand::rng());
-        for channel in order {
-            if !self.local.contains(&channel) {
-                // It may still be subscribed at its shard (a resync marks every channel):
-                // best effort, the next reconnect drops it anyway.
-                let _ = self
-                    .timed(link.unsubscribe(&pubsub_channel(&channel)))
-                    .await;
-                continue;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                self.pending.insert(channel);
-                continue;
-            }
-            match self
-                .timed(link.subscribe(&[pubsub_channel(&channel)]))
-                .await
-            {
+        // All at once, each within the timeout: a shard that hangs costs one round one timeout,
+        // however many channels wait for it.
+        for (channel, result) in wanted
+            .into_iter()
+            .zip(link.subscribe_each(&topics, self.timeout).await)
+        {
+            match result {
                 Ok(()) => taken.push(channel),
                 Err(e) => {
                     failed = Some(e);
@@ -396,29 +421,32 @@ impl Relay {
         }
     }
 
+    /// The live channels' positions, less those waiting for their shard (checked once taken):
+    /// a dead shard must not cost every check a timeout.
+    fn served_positions(&self) -> Vec<(String, String, u64)> {
+        let mut positions = self.local.positions();
+        positions.retain(|(name, _, _)| !self.pending.contains(name));
+        positions
+    }
+
     /// The server dropped a topic's subscription (its slot moved to another shard): subscribes
     /// again, at the new owner, and fills from history what was published there meanwhile.
-    async fn moved(&mut self, link: &mut Link, topic: &str) -> Result<(), BrokerError> {
+    async fn moved(&mut self, link: &mut Link, topic: &str) {
         let Some(channel) = channel_of(topic).map(str::to_owned) else {
-            return Ok(());
+            return;
         };
-        if !self.subscribed.contains(&channel) || !self.local.contains(&channel) {
-            return Ok(());
+        if !self.subscribed.remove(&channel) || !self.local.contains(&channel) {
+            return;
         }
         info!(
             channel,
             "subscription moved with its slot; subscribing at the new owner"
         );
-        self.timed(link.subscribe(&[topic.to_owned()])).await?;
-        let position: Vec<_> = self
-            .local
-            .positions()
-            .into_iter()
-            .filter(|(name, _, _)| *name == channel)
-            .collect();
-        self.check_positions(&position).await
+        // As any channel waiting for its shard: subscribed and repaired now if it answers, else
+        // at the next check.
+        self.pending.insert(channel);
+        self.retry_pending(link).await;
     }
-
     async fn timed<T>(
         &self,
         f: impl Future<Output = redis::RedisResult<T>>,
@@ -451,8 +479,17 @@ impl Relay {
 
     async fn leave(&mut self, link: &mut Link, channel: &str) -> Result<(), BrokerError> {
         if !self.local.contains(channel) && self.subscribed.remove(channel) {
-            self.timed(link.unsubscribe(&pubsub_channel(channel)))
-                .await?;
+            let left = self.timed(link.unsubscribe(&pubsub_channel(channel))).await;
+            match (left, &link) {
+                (Ok(()), _) => {}
+                // One Redis: the link itself is in doubt.
+                (Err(e), Link::Single { .. }) => return Err(e),
+                // A cluster: only that shard is; its unwanted messages are dropped on arrival
+                // until the next reconnect.
+                (Err(e), Link::Cluster { .. }) => {
+                    warn!(channel, error = %e, "could not unsubscribe at its redis shard");
+                }
+            }
         }
         Ok(())
     }
