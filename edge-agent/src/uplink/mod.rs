@@ -71,6 +71,8 @@ enum End {
     TokenRefused(String),
     /// No connection: the hub is unreachable or refused the upgrade for another reason.
     Unreachable(String),
+    /// The hub refused the upgrade because it is shutting down: another one is up.
+    Draining,
     /// The hub closed with this code.
     Closed(u16),
     /// Nothing heard for `dead_after`, or the socket failed.
@@ -145,6 +147,7 @@ impl Uplink {
         };
         match self.dialer.connect(&token).await {
             Err(e) if e.is_auth_refusal() => End::TokenRefused(e.to_string()),
+            Err(e) if e.is_draining() => End::Draining,
             Err(e) => End::Unreachable(e.to_string()),
             Ok(Connected { socket, node }) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -630,6 +633,8 @@ impl<'a> Link<'a> {
 fn retry_delay(end: &End, backoff: &mut Backoff, auth_backoff: Duration) -> Option<Duration> {
     Some(match end {
         End::Shutdown => return None,
+        // As a restart's close: the other hubs are healthy.
+        End::Draining => backoff::soon(),
         End::Closed(code) => match Retry::after_close(*code) {
             // The agent's token source is read again on every attempt: that is its new token.
             Retry::Soon | Retry::NewToken => backoff::soon(),
@@ -649,6 +654,7 @@ fn report(end: &End, retry_in: Duration) {
         End::TokenRefused(e) => error!(error = %e, ?retry_in,
             "the hub refused this device's token; provision a new one"),
         End::Unreachable(e) => warn!(error = %e, ?retry_in, "cannot connect to the hub"),
+        End::Draining => info!(?retry_in, "the hub is shutting down; connecting elsewhere"),
         End::Closed(code) => match Retry::after_close(*code) {
             Retry::Soon | Retry::NewToken => info!(code, ?retry_in, "the hub closed the link"),
             Retry::Backoff => warn!(code, ?retry_in, "the hub closed the link"),
@@ -686,12 +692,18 @@ mod tests {
     }
 
     #[test]
-    fn a_hub_restart_and_an_expired_token_reconnect_within_a_second_without_growing() {
-        for code in [CloseCode::ServiceRestart, CloseCode::TokenExpired] {
-            let (first, second, ceiling) = delays(End::Closed(code.as_u16()));
-            assert!(first.unwrap() <= Duration::from_secs(1), "{code:?}");
-            assert!(second.unwrap() <= Duration::from_secs(1), "{code:?}");
-            assert_eq!(ceiling, 100, "{code:?}: the backoff did not grow");
+    fn a_hub_restart_a_draining_refusal_and_an_expired_token_reconnect_within_a_second() {
+        let ends = [
+            End::Closed(CloseCode::ServiceRestart.as_u16()),
+            End::Closed(CloseCode::TokenExpired.as_u16()),
+            End::Draining,
+        ];
+        for end in ends {
+            let what = format!("{end:?}");
+            let (first, second, ceiling) = delays(end);
+            assert!(first.unwrap() <= Duration::from_secs(1), "{what}");
+            assert!(second.unwrap() <= Duration::from_secs(1), "{what}");
+            assert_eq!(ceiling, 100, "{what}: the backoff did not grow");
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{Role, WebSocket};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Uri;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -19,6 +19,9 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use crate::tls::{TlsSetupError, client_config};
 
 pub type HubSocket = WebSocket<TokioIo<Upgraded>>;
+
+/// The most of a refused upgrade's body that is read.
+const MAX_REFUSAL_BODY: usize = 16 * 1024;
 
 /// A dialer that cannot be made from its URL and options.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,12 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The hub is draining for shutdown (503 `draining`): another hub takes the connection at
+    /// once.
+    pub fn is_draining(&self) -> bool {
+        matches!(self, ConnectError::Refused { status: 503, body } if body.contains("\"draining\""))
+    }
+
     /// The token itself was refused (401/403): retrying with the same token cannot succeed.
     pub fn is_auth_refusal(&self) -> bool {
         matches!(
@@ -193,23 +202,30 @@ impl Dialer {
         }
         let mut last = None;
         for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
+            // A source address can only reach addresses of its own family.
+            if source.is_some_and(|ip| ip.is_ipv4() != addr.is_ipv4()) {
+                continue;
+            }
+            let attempt = async {
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                if let Some(size) = recv_buffer {
+                    socket.set_recv_buffer_size(size)?;
+                }
+                if let Some(ip) = source {
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                }
+                socket.connect(addr).await
             };
-            if let Some(size) = recv_buffer {
-                socket.set_recv_buffer_size(size)?;
-            }
-            if let Some(ip) = source {
-                socket.bind(SocketAddr::new(ip, 0))?;
-            }
-            match socket.connect(addr).await {
+            match attempt.await {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| std::io::Error::other("the host has no address")))
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address of the source's family")))
     }
 
     async fn handshake<S>(
@@ -258,8 +274,8 @@ impl Dialer {
         let mut response = sender.send_request(request).await.map_err(|e| failed(&e))?;
         let status = response.status().as_u16();
         if status != 101 {
-            let body = response
-                .into_body()
+            // The hub's refusals are one line of JSON; whatever else answers is not read whole.
+            let body = Limited::new(response.into_body(), MAX_REFUSAL_BODY)
                 .collect()
                 .await
                 .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
@@ -296,6 +312,18 @@ mod tests {
         assert_eq!((ok.host.as_str(), ok.port), ("::1", 9000));
         let secure = Dialer::new("wss://hub.example.com/ws", DialOptions::default()).unwrap();
         assert_eq!(secure.port, 443);
+    }
+
+    #[test]
+    fn a_draining_refusal_is_told_apart_from_a_full_hub() {
+        let refused = |status, error: &str| ConnectError::Refused {
+            status,
+            body: format!(r#"{{"error":"{error}","message":"…"}}"#),
+        };
+        assert!(refused(503, "draining").is_draining());
+        assert!(!refused(503, "max_connections").is_draining());
+        assert!(refused(401, "expired").is_auth_refusal());
+        assert!(!refused(429, "connect_rate").is_auth_refusal());
     }
 
     #[tokio::test]
