@@ -1,5 +1,6 @@
-//! A private pool for benchmarks: one redis-server on a unix socket and hub processes on
-//! ephemeral loopback ports, all in one temp dir, killed on drop.
+//! A private pool for benchmarks: one redis-server on a unix socket (or a Redis Cluster of
+//! redis-server processes on loopback ports) and hub processes on ephemeral loopback ports, all
+//! in one temp dir, killed on drop.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -16,7 +17,8 @@ pub struct Hub {
 
 pub struct Pool {
     pub dir: tempfile::TempDir,
-    pub redis: Child,
+    /// The redis-server processes: one, or a cluster's masters.
+    pub redis: Vec<Child>,
     pub hubs: Vec<Hub>,
     hub_bin: PathBuf,
     secret: String,
@@ -25,33 +27,25 @@ pub struct Pool {
 impl Pool {
     /// Starts redis and `hubs` hubs with the extra settings `env` (`HUB_*` variables).
     pub fn start(hub_bin: &Path, hubs: usize, env: &[(&str, &str)]) -> anyhow::Result<Pool> {
+        Pool::start_on(hub_bin, hubs, 0, env)
+    }
+
+    /// As [`Pool::start`], on a Redis Cluster of `masters` masters when `masters > 0`.
+    pub fn start_on(
+        hub_bin: &Path,
+        hubs: usize,
+        masters: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Pool> {
         let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("redis.sock");
-        let redis = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (redis, broker) = if masters == 0 {
+            let (redis, url) = single_redis(dir.path())?;
+            (vec![redis], ("HUB_BROKER__URL", url))
+        } else {
+            let (redis, nodes) = redis_cluster(dir.path(), masters)?;
+            (redis, ("HUB_BROKER__CLUSTER_NODES", nodes))
+        };
         let secret = "loadtest-secret-loadtest-secret-0".to_owned();
-        let url = format!("redis+unix://{}", socket.display());
         let mut pool = Pool {
             dir,
             redis,
@@ -63,7 +57,7 @@ impl Pool {
             let mut child = Command::new(hub_bin)
                 .env("HUB_LISTEN", "127.0.0.1:0")
                 .env("HUB_NODE_ID", format!("hub-{}", i + 1))
-                .env("HUB_BROKER__URL", &url)
+                .env(broker.0, &broker.1)
                 .env("HUB_AUTH__HS256_SECRET", &pool.secret)
                 .env("RUST_LOG", "warn,hub::server=info")
                 .envs(env.iter().copied())
@@ -86,6 +80,107 @@ impl Pool {
             bail!("hub token: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+}
+
+/// One redis-server on a unix socket in `dir`, no persistence; its URL.
+fn single_redis(dir: &Path) -> anyhow::Result<(Child, String)> {
+    let socket = dir.join("redis.sock");
+    let redis = Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket"])
+        .arg(&socket)
+        .args([
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((redis, format!("redis+unix://{}", socket.display())))
+}
+
+/// A Redis Cluster of `masters` masters on loopback ports, no replicas, no persistence; its
+/// seed URLs, comma-separated.
+fn redis_cluster(dir: &Path, masters: usize) -> anyhow::Result<(Vec<Child>, String)> {
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..masters {
+        // The cluster bus listens on port + 10000.
+        let port = loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            if port < 50000 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+                break port;
+            }
+        };
+        let node_dir = dir.join(format!("redis-{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redis-server")?;
+        children.push(child);
+        wait_until_ok(port, "PING", "PONG")?;
+        addrs.push(format!("127.0.0.1:{port}"));
+    }
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .context("redis-cli --cluster create")?;
+    if !out.status.success() {
+        bail!(
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for addr in &addrs {
+        let port: u16 = addr.rsplit(':').next().unwrap_or("0").parse()?;
+        wait_until_ok(port, "CLUSTER INFO", "cluster_state:ok")?;
+    }
+    let urls: Vec<String> = addrs.iter().map(|a| format!("redis://{a}")).collect();
+    Ok((children, urls.join(",")))
+}
+
+/// Waits up to 20 s for `redis-cli -p port command` to print `expected`.
+fn wait_until_ok(port: u16, command: &str, expected: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(command.split(' '))
+            .output();
+        if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(expected)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("redis on :{port} never answered {command} with {expected}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -138,7 +233,9 @@ impl Drop for Pool {
         for hub in &mut self.hubs {
             stop(&mut hub.child, Duration::from_secs(3));
         }
-        let _ = self.redis.kill();
-        let _ = self.redis.wait();
+        for redis in &mut self.redis {
+            let _ = redis.kill();
+            let _ = redis.wait();
+        }
     }
 }

@@ -169,7 +169,7 @@ fn start_servers(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server
     let pool =
         loadtest::pool::Pool::start(&loadtest::pool::sibling_binary("hub")?, args.hubs, &env)?;
     let mut pids: Vec<u32> = pool.hubs.iter().map(|h| h.child.id()).collect();
-    pids.push(pool.redis.id());
+    pids.extend(pool.redis.iter().map(|r| r.id()));
     for &pid in &pids {
         pin(pid, args.server_cpu)?;
     }

@@ -166,7 +166,7 @@ async fn run(args: &Args, mode: &'static str) -> anyhow::Result<Run> {
         .iter()
         .map(|h| procstat::cpu_time(h.child.id()))
         .collect::<Result<_, _>>()?;
-    let redis_before = procstat::cpu_time(pool.redis.id())?;
+    let redis_before = procstat::cpu_time(pool.redis[0].id())?;
     let start = Instant::now();
     let deadline = start + args.limit;
 
@@ -226,7 +226,7 @@ async fn run(args: &Args, mode: &'static str) -> anyhow::Result<Run> {
             unwanted: metric(&metrics, "hub_broker_unwanted_messages_total"),
         });
     }
-    let redis_cpu = procstat::cpu_time(pool.redis.id())?.saturating_sub(redis_before);
+    let redis_cpu = procstat::cpu_time(pool.redis[0].id())?.saturating_sub(redis_before);
     Ok(Run {
         mode,
         elapsed,

@@ -1,0 +1,200 @@
+//! Ingest of a pool: agents publishing as fast as their acks allow through the hubs, onto one
+//! Redis and onto Redis Clusters, in one run. Reports readings acknowledged per second, the
+//! Redis CPU-seconds of each shard, the Redis CPU per reading per target channel, and the shard
+//! imbalance (busiest shard over the mean). On a 2-core machine wall-clock scaling cannot show;
+//! the CPU per reading and per shard do.
+//!
+//!     cargo build --release -p hub -p loadtest
+//!     target/release/ingest --hubs 3 --devices 60 --readings 200 --masters 0,3
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use loadtest::pool::Pool;
+use loadtest::procstat;
+use loadtest::ws::{Client, Incoming};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 3)]
+    hubs: usize,
+    /// Devices, one agent connection each, spread over the hubs.
+    #[arg(long, default_value_t = 60)]
+    devices: usize,
+    /// Readings per device, each sent once the previous one is acknowledged.
+    #[arg(long, default_value_t = 200)]
+    readings: u64,
+    /// The Redis setups to compare: 0 is one instance, N a cluster of N masters.
+    #[arg(long, value_delimiter = ',', default_value = "0,3")]
+    masters: Vec<usize>,
+    /// The hub binary.
+    #[arg(long, default_value = "target/release/hub")]
+    hub_bin: PathBuf,
+    /// Longest time one run may take.
+    #[arg(long, default_value = "120", value_parser = |s: &str| s.parse().map(Duration::from_secs))]
+    limit: Duration,
+}
+
+/// Channels each reading goes to: `devices.<id>` and `fleet`.
+const CHANNELS_PER_READING: f64 = 2.0;
+
+struct Run {
+    masters: usize,
+    acked: u64,
+    elapsed: Duration,
+    /// Redis CPU of each shard (one entry for one instance).
+    shards: Vec<Duration>,
+}
+
+impl Run {
+    fn redis_cpu(&self) -> f64 {
+        self.shards.iter().map(Duration::as_secs_f64).sum()
+    }
+
+    fn us_per_reading_channel(&self) -> f64 {
+        self.redis_cpu() * 1e6 / (self.acked as f64 * CHANNELS_PER_READING).max(1.0)
+    }
+
+    fn imbalance(&self) -> f64 {
+        let mean = self.redis_cpu() / self.shards.len().max(1) as f64;
+        let max = self
+            .shards
+            .iter()
+            .map(Duration::as_secs_f64)
+            .fold(0.0, f64::max);
+        max / mean.max(1e-9)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.hub_bin.exists(),
+        "{} not found: cargo build --release -p hub",
+        args.hub_bin.display()
+    );
+    let mut runs = Vec::new();
+    for &masters in &args.masters {
+        let run = run(&args, masters)
+            .await
+            .with_context(|| format!("run on {}", setup(masters)))?;
+        runs.push(run);
+    }
+    println!(
+        "\n{} hubs, {} devices x {} readings, each to devices.<id> and fleet, sent as acks allow",
+        args.hubs, args.devices, args.readings
+    );
+    println!(
+        "{:<14} {:>10} {:>12} {:>14} {:>18} {:>10}  shards (redis cpu s)",
+        "redis", "acked", "readings/s", "redis cpu s", "us/reading/chan", "max/mean"
+    );
+    for r in &runs {
+        let shards: Vec<String> = r
+            .shards
+            .iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect();
+        println!(
+            "{:<14} {:>10} {:>12.0} {:>14.2} {:>18.1} {:>10.2}  {}",
+            setup(r.masters),
+            r.acked,
+            r.acked as f64 / r.elapsed.as_secs_f64(),
+            r.redis_cpu(),
+            r.us_per_reading_channel(),
+            r.imbalance(),
+            shards.join(" ")
+        );
+    }
+    for r in &runs {
+        println!(
+            r#"{{"bench":"ingest","masters":{},"hubs":{},"devices":{},"readings":{},"acked":{},"wall_s":{:.3},"redis_cpu_s":{:.3},"us_per_reading_channel":{:.2},"imbalance":{:.3}}}"#,
+            r.masters,
+            args.hubs,
+            args.devices,
+            args.readings,
+            r.acked,
+            r.elapsed.as_secs_f64(),
+            r.redis_cpu(),
+            r.us_per_reading_channel(),
+            r.imbalance()
+        );
+    }
+    Ok(())
+}
+
+fn setup(masters: usize) -> String {
+    match masters {
+        0 => "one instance".to_owned(),
+        n => format!("cluster x{n}"),
+    }
+}
+
+async fn run(args: &Args, masters: usize) -> anyhow::Result<Run> {
+    let pool = Pool::start_on(
+        &args.hub_bin,
+        args.hubs,
+        masters,
+        &[
+            ("HUB_LIMITS__PUBLISH_RATE", "1000000"),
+            ("HUB_LIMITS__CONNECT_RATE", "100000"),
+        ],
+    )?;
+    let mut agents = Vec::new();
+    for d in 0..args.devices {
+        let hub = &pool.hubs[d % args.hubs];
+        agents.push(Client::connect(hub.addr, &pool.token(&format!("pi-{d}"), "agent")?).await?);
+    }
+    let cpu = |pool: &Pool| -> std::io::Result<Vec<Duration>> {
+        pool.redis
+            .iter()
+            .map(|r| procstat::cpu_time(r.id()))
+            .collect()
+    };
+    let before = cpu(&pool)?;
+    let start = Instant::now();
+    let readings = args.readings;
+    let publishers: Vec<_> = agents
+        .into_iter()
+        .map(|mut agent| {
+            tokio::spawn(async move {
+                for seq in 1..=readings {
+                    agent
+                        .send(&format!(
+                            r#"{{"type":"publish","seq":{seq},"data":{{"v":{seq}}}}}"#
+                        ))
+                        .await?;
+                    match agent.next().await? {
+                        Incoming::Text(t) if t.starts_with(br#"{"type":"ack""#) => {}
+                        Incoming::Text(t) => {
+                            bail!("publish {seq}: {}", String::from_utf8_lossy(&t))
+                        }
+                        Incoming::Closed(code) => bail!("closed with {code}"),
+                    }
+                }
+                anyhow::Ok(readings)
+            })
+        })
+        .collect();
+    let mut acked = 0;
+    for publisher in publishers {
+        acked += tokio::time::timeout(args.limit, publisher)
+            .await
+            .context("the run took longer than --limit")???;
+    }
+    let elapsed = start.elapsed();
+    let after = cpu(&pool)?;
+    let shards = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    Ok(Run {
+        masters,
+        acked,
+        elapsed,
+        shards,
+    })
+}
