@@ -37,6 +37,12 @@ impl Pool {
         masters: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Pool> {
+        if !hub_bin.exists() {
+            bail!(
+                "{} not found: cargo build --release -p hub",
+                hub_bin.display()
+            );
+        }
         let dir = tempfile::tempdir()?;
         let (redis, broker) = if masters == 0 {
             let (redis, url) = single_redis(dir.path())?;

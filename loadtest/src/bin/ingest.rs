@@ -71,11 +71,6 @@ impl Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        args.hub_bin.exists(),
-        "{} not found: cargo build --release -p hub",
-        args.hub_bin.display()
-    );
     let mut runs = Vec::new();
     for &masters in &args.masters {
         let run = run(&args, masters)

@@ -52,11 +52,6 @@ struct Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(
-        args.hub_bin.exists(),
-        "{} not found: cargo build --release -p hub",
-        args.hub_bin.display()
-    );
     let mut runs = Vec::new();
     for mode in ["interest", "broadcast"] {
         runs.push(
