@@ -164,6 +164,15 @@ redis.call('PEXPIRE', seqs, meta_ttl)
 return offset
 "#;
 
+/// Whether `e` says the connection itself is gone, not that a command was refused.
+fn lost_connection(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+}
+
 /// Whether decimal `seq` is above decimal `last`, as the scripts compare them.
 fn seq_above(seq: &str, last: &str) -> bool {
     if seq.len() != last.len() {
@@ -395,6 +404,19 @@ impl Store {
         }
     }
 
+    /// Drops the cached cluster connection, so the next command makes a new one from the seed
+    /// nodes. redis-rs's cluster client can lose every node at once (all of them restarted)
+    /// and then only ever retries a slot refresh through connections it no longer has
+    /// (`ClusterConnectionNotFound`): without this a hub would refuse every publish for good.
+    fn forget_connection(&self) {
+        if let Commands::Cluster(cluster) = &self.commands {
+            *cluster
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
     fn is_cluster(&self) -> bool {
         matches!(self.commands, Commands::Cluster(_))
     }
@@ -405,12 +427,20 @@ impl Store {
     ) -> Result<T, BrokerError> {
         let work = async {
             let mut conn = self.connection().await?;
-            f(&mut conn).await.map_err(unavailable)
+            f(&mut conn).await.map_err(|e| {
+                if lost_connection(&e) {
+                    self.forget_connection();
+                }
+                unavailable(e)
+            })
         };
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.timeout, work)
             .await
-            .unwrap_or_else(|_| Err(unavailable("timed out")));
+            .unwrap_or_else(|_| {
+                self.forget_connection();
+                Err(unavailable("timed out"))
+            });
         self.metrics.redis_commands.observe(started.elapsed());
         if result.is_err() {
             self.metrics.redis_errors.inc();
