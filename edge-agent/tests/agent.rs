@@ -32,21 +32,43 @@ fn stop_drained(agent: &mut Agent) -> edge_agent::store::Stats {
     panic!("the agent never drained its log\n{}", agent.output());
 }
 
-/// How many readings the agent took in all its runs: its last seq, less the seqs it passed over
-/// (it logs each such gap as `skipped_seqs`: a start after an unclean stop, a renumbering).
+/// How many readings the agent took in all its runs: its last seq, less the seqs it passed over.
+/// It logs each such gap as `skipped_seqs`: at open after an unclean stop (the gap below the
+/// `last_seq` it opened at), a renumbering, or a hub that knows later seqs. A start killed before
+/// it appended anything opens at the same gap again and reports it again, so the gaps at open are
+/// counted as seq ranges, each seq once.
 fn taken(agent: &Agent, stats: &edge_agent::store::Stats) -> u64 {
-    let skipped: u64 = agent
-        .output()
-        .split("skipped_seqs=")
-        .skip(1)
-        .filter_map(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
-    stats.last_seq - skipped
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let rest = line.split(&format!(" {name}=")).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut at_open = BTreeSet::new();
+    let mut elsewhere = 0;
+    for line in agent.output().lines() {
+        let Some(skipped) = field(line, "skipped_seqs") else {
+            continue;
+        };
+        match field(line, "last_seq").filter(|_| line.contains("log opened")) {
+            Some(opened_at) => {
+                at_open.insert((opened_at - skipped, opened_at));
+            }
+            None => elsewhere += skipped,
+        }
+    }
+    // Gaps at open only ever grow upwards; merge overlapping ranges.
+    let mut passed_over = 0;
+    let mut covered_to = 0;
+    for (from, to) in at_open {
+        let from = from.max(covered_to);
+        if to > from {
+            passed_over += to - from;
+            covered_to = to;
+        }
+    }
+    stats.last_seq - passed_over - elsewhere
 }
 
 /// Every reading exactly once: as many distinct readings as the agent took, none twice.

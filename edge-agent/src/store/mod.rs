@@ -569,7 +569,9 @@ impl Log {
 
     /// How many seqs the log passed over when it was opened: those it had reserved before an
     /// unclean stop (kill, power cut), and after a power cut also those of records not yet
-    /// synced. 0 after a clean close.
+    /// synced. 0 after a clean close. The gap is the seqs just below [`Log::last_seq`] at open; a
+    /// start stopped uncleanly before it appended anything leaves the same gap, and the next open
+    /// reports it again.
     pub fn skipped_at_open(&self) -> u64 {
         self.skipped_at_open
     }

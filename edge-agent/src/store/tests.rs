@@ -785,6 +785,29 @@ fn after_a_power_cut_new_readings_get_seqs_above_every_one_appended_before_it() 
 }
 
 #[test]
+fn a_start_killed_before_it_appends_reports_the_same_gap_again_not_a_new_one() {
+    let dir = TempDir::new().unwrap();
+    let mut log = Log::open(interval(dir.path())).unwrap();
+    append_range(&mut log, 1..=10);
+    // Killed: the files as they are, no clean close.
+    let killed = after_power_cut(dir.path(), &synced_lengths(dir.path()));
+    drop(log);
+
+    let log = Log::open(interval(killed.path())).unwrap();
+    let (opened_at, gap) = (log.last_seq(), log.skipped_at_open());
+    // Seq 1 reserved up to 1 + SEQ_RESERVATION; 2..=10 used some of it.
+    assert_eq!((opened_at, gap), (1 + SEQ_RESERVATION, SEQ_RESERVATION - 9));
+    let killed_again = after_power_cut(killed.path(), &synced_lengths(killed.path()));
+    drop(log);
+
+    // The same seqs, passed over once: whoever sums the gaps must count them as ranges.
+    let mut log = Log::open(interval(killed_again.path())).unwrap();
+    assert_eq!((log.last_seq(), log.skipped_at_open()), (opened_at, gap));
+    assert_eq!(log.next_seq().unwrap(), opened_at + 1);
+    append_range(&mut log, opened_at + 1..=opened_at + 1);
+}
+
+#[test]
 fn a_clean_close_gives_back_the_reserved_seqs() {
     let dir = TempDir::new().unwrap();
     let mut log = Log::open(interval(dir.path())).unwrap();
