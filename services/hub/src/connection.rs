@@ -153,6 +153,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Err(code) => Err(code),
             },
         };
+        // Publishes that arrived together go to the broker as one publication: take the next
+        // frame first when it is already here.
+        let result = match result {
+            Ok(())
+                if session.has_batch()
+                    && (session.batch_full() || !reader.has_buffered_frame()) =>
+            {
+                Box::pin(session.flush()).await
+            }
+            other => other,
+        };
         if let Err(code) = result {
             outbox.close(CloseReason::Hub(code));
             return;

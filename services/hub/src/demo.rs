@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{Broker, Publication};
+use crate::broker::{Broker, Publication, Reading};
 
 /// One simulated device: a few slowly drifting metrics.
 struct Device {
@@ -100,13 +100,17 @@ pub async fn run(
             let Ok(data) = RawValue::from_string(text) else {
                 continue;
             };
+            let untraced = tracing::Span::none();
+            let reading = [Reading {
+                seq,
+                data: &data,
+                span: &untraced,
+            }];
             let publication = Publication {
                 device: &device.id,
-                seq,
                 channels: &device.channels,
-                data: &data,
+                readings: &reading,
                 received_at: Instant::now(),
-                traced: false,
             };
             if let Err(e) = broker.publish(&publication).await {
                 warn!(device = %device.id, error = %e, "demo reading not published");

@@ -203,6 +203,9 @@ metrics! { labels;
         "hub_sent_bytes_total", "Bytes written to WebSocket connections.";
     publications: CounterVec = CounterVec::new("result", PUBLISH_RESULTS),
         "hub_publications_total", "Publish frames handled, by result.";
+    publish_batch_readings: Histogram = Histogram::depth(),
+        "hub_publish_batch_readings",
+        "Readings per broker publication: an agent's publishes that arrived together go as one.";
     deliveries: Counter = Counter::default(),
         "hub_deliveries_total", "Messages queued to subscribers.";
     delivery_drops: Counter = Counter::default(),
@@ -232,7 +235,8 @@ metrics! { labels;
         "hub_redis_errors_total",
         "Redis commands that failed or timed out (the caller answered unavailable).";
     broker_messages: Counter = Counter::default(),
-        "hub_broker_messages_total", "Publications received from Redis pub/sub.";
+        "hub_broker_messages_total",
+        "Redis pub/sub messages received (each holds one or more publications to a channel).";
     broker_unwanted: Counter = Counter::default(),
         "hub_broker_unwanted_messages_total",
         "Publications received from Redis for channels no client of this hub watches.";

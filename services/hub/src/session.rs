@@ -14,7 +14,7 @@ use tracing::field::Empty;
 use tracing::{Span, info_span, warn};
 
 use crate::auth::Identity;
-use crate::broker::{Broker, BrokerError, Publication, PublishOutcome};
+use crate::broker::{Broker, BrokerError, Publication, PublishOutcome, Reading};
 use crate::config::Limits;
 use crate::frame;
 use crate::limits::{Share, TokenBucket};
@@ -62,6 +62,25 @@ pub struct Session {
     changes: TokenBucket,
     changes_refused_in_row: u32,
     publisher: Option<Publisher>,
+    /// Publishes admitted and not yet stored (see [`Session::flush`]).
+    batch: Vec<Admitted>,
+    batch_bytes: usize,
+}
+
+/// At most this many readings go to the broker in one publication.
+pub const MAX_BATCH_READINGS: usize = 128;
+/// A publication stops taking readings once their data passes this many bytes.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// A publish that passed every check, waiting in the batch for the broker.
+struct Admitted {
+    seq: u64,
+    data: Box<RawValue>,
+    /// The reading's `publish` span; it ends once the reading is answered.
+    span: Span,
+    received_at: Instant,
+    /// The frame's `ref`, echoed by an error.
+    reference: Option<Box<RawValue>>,
 }
 
 /// Publishing state of an agent connection.
@@ -148,6 +167,8 @@ impl Session {
             changes,
             changes_refused_in_row: 0,
             publisher,
+            batch: Vec::new(),
+            batch_bytes: 0,
         }
     }
 
@@ -176,14 +197,21 @@ impl Session {
         })
     }
 
+    /// Handles one client message. A publish that passes its checks joins the batch and is
+    /// answered by [`Session::flush`]; anything else is answered at once, after the batch, so
+    /// the client gets its answers in the order it sent its frames.
     pub async fn handle_text(&mut self, text: &[u8]) -> Outcome {
         let frame = match ClientFrame::parse(text) {
             Ok(frame) => frame,
             Err(e) => {
+                self.flush().await?;
                 let echo = ClientFrame::echo(text);
                 return self.error(e.code(), &e.to_string(), echo.seq, echo.reference);
             }
         };
+        if !matches!(frame, ClientFrame::Publish { .. }) {
+            self.flush().await?;
+        }
         // Subscribes only: an unsubscribe frees what a subscribe took, and refusing it would
         // leave a client believing it had left.
         if matches!(frame, ClientFrame::Subscribe { .. }) && !self.changes.try_take(Instant::now())
@@ -244,9 +272,8 @@ impl Session {
                     Some(Remote::NotRecorded) => Span::none(),
                     Some(Remote::Invalid) | None => self.hub.roots.root_span(make),
                 };
-                let traced = !span.is_disabled();
-                let publish = self.publish(seq, data, device.as_deref(), reference, traced);
-                in_span(span, publish).await
+                self.publish(seq, data, device.as_deref(), reference, span)
+                    .await
             }
         }
     }
@@ -325,68 +352,129 @@ impl Session {
         })
     }
 
-    /// `traced`: this runs inside the publication's own recorded span.
+    /// Checks a publish and, when it may go on, adds it to the batch; a refusal is answered
+    /// after the batch before it.
     async fn publish(
         &mut self,
         seq: u64,
         data: &RawValue,
         device: Option<&str>,
         reference: Option<&RawValue>,
-        traced: bool,
+        span: Span,
     ) -> Outcome {
-        let metrics = &self.hub.metrics;
-        let Some(publisher) = self.publisher.as_mut() else {
-            metrics.publications.inc("refused");
-            return self.error(
-                ErrorCode::Forbidden,
-                "only agents publish",
-                Some(seq),
-                reference,
-            );
-        };
-        if device.is_some_and(|d| d != self.identity.sub) {
-            metrics.publications.inc("refused");
-            let message = format!(
-                "an agent publishes as itself only (`{}`)",
-                self.identity.sub
-            );
-            return self.error(ErrorCode::Forbidden, &message, Some(seq), reference);
-        }
         let now = Instant::now();
-        match publisher.admit(seq, now, self.hub.limits.publish_burst) {
-            Admission::Accept => {}
-            Admission::Refuse(code, message) => {
-                metrics.publications.inc("refused");
-                return self.error(code, &message, Some(seq), reference);
+        let limits = self.hub.limits;
+        let refusal = match self.publisher.as_mut() {
+            None => Err((ErrorCode::Forbidden, "only agents publish".to_owned())),
+            Some(_) if device.is_some_and(|d| d != self.identity.sub) => Err((
+                ErrorCode::Forbidden,
+                format!(
+                    "an agent publishes as itself only (`{}`)",
+                    self.identity.sub
+                ),
+            )),
+            Some(publisher) => match publisher.admit(seq, now, limits.publish_burst) {
+                Admission::Accept => Ok(true),
+                Admission::Refuse(code, message) => Err((code, message)),
+                Admission::Close => Ok(false),
+            },
+        };
+        match refusal {
+            Ok(true) => {
+                self.batch_bytes += data.get().len();
+                self.batch.push(Admitted {
+                    seq,
+                    data: data.to_owned(),
+                    span,
+                    received_at: now,
+                    reference: reference.map(ToOwned::to_owned),
+                });
+                Ok(())
             }
-            Admission::Close => {
-                metrics.publications.inc("refused");
-                return Err(CloseCode::RateLimited);
+            Ok(false) => {
+                self.hub.metrics.publications.inc("refused");
+                self.flush().await?;
+                Err(CloseCode::RateLimited)
+            }
+            Err((code, message)) => {
+                self.hub.metrics.publications.inc("refused");
+                span.record("outcome", "refused");
+                self.flush().await?;
+                self.error(code, &message, Some(seq), reference)
             }
         }
+    }
+
+    /// Whether publishes wait in the batch.
+    pub fn has_batch(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    /// Whether the batch should go to the broker now, whatever else has arrived.
+    pub fn batch_full(&self) -> bool {
+        self.batch.len() >= MAX_BATCH_READINGS || self.batch_bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Stores the batch with one broker call and answers each of its readings, in order: an
+    /// `ack` for each one stored (or known already), an `unavailable` error for each one when
+    /// the broker failed (none of them is acknowledged; the agent resends from the first).
+    pub async fn flush(&mut self) -> Outcome {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let Some(publisher) = self.publisher.as_mut() else {
+            return Ok(());
+        };
+        let readings: Vec<Reading<'_>> = batch
+            .iter()
+            .map(|a| Reading {
+                seq: a.seq,
+                data: &a.data,
+                span: &a.span,
+            })
+            .collect();
         let publication = Publication {
             device: &self.identity.sub,
-            seq,
             channels: &publisher.channels,
-            data,
-            received_at: now,
-            traced,
+            readings: &readings,
+            received_at: batch[0].received_at,
         };
-        match self.hub.broker.publish(&publication).await {
-            Ok(outcome) => {
-                let duplicate = outcome == PublishOutcome::Duplicate;
-                let result = if duplicate { "duplicate" } else { "accepted" };
-                Span::current().record("outcome", result);
-                metrics.publications.inc(result);
-                self.send(&ServerFrame::Ack { seq, duplicate })
+        let stored = self.hub.broker.publish(&publication).await;
+        drop(readings);
+        let metrics = &self.hub.metrics;
+        metrics
+            .publish_batch_readings
+            .observe_value(batch.len() as u64);
+        match stored {
+            Ok(outcomes) => {
+                for (admitted, outcome) in batch.iter().zip(outcomes) {
+                    let duplicate = outcome == PublishOutcome::Duplicate;
+                    let result = if duplicate { "duplicate" } else { "accepted" };
+                    admitted.span.record("outcome", result);
+                    metrics.publications.inc(result);
+                    self.send(&ServerFrame::Ack {
+                        seq: admitted.seq,
+                        duplicate,
+                    })?;
+                }
+                Ok(())
             }
             Err(e) => {
-                metrics.publications.inc("refused");
-                Span::current().record("outcome", "unavailable");
-                if let Some(publisher) = self.publisher.as_mut() {
-                    publisher.not_stored(seq);
+                publisher.not_stored(batch[0].seq);
+                let message = e.to_string();
+                for admitted in &batch {
+                    metrics.publications.inc("refused");
+                    admitted.span.record("outcome", "unavailable");
+                    self.error(
+                        ErrorCode::Unavailable,
+                        &message,
+                        Some(admitted.seq),
+                        admitted.reference.as_deref(),
+                    )?;
                 }
-                self.error(ErrorCode::Unavailable, &e.to_string(), Some(seq), reference)
+                Ok(())
             }
         }
     }

@@ -311,6 +311,18 @@ async fn unsubscribe_stops_delivery() {
 }
 
 #[tokio::test]
+async fn a_ping_behind_a_batch_does_not_hold_its_acks() {
+    let hub = TestHub::start().await;
+    common::a_ping_behind_a_batch_does_not_hold_its_acks(&hub).await;
+}
+
+#[tokio::test]
+async fn publishes_sent_together_are_stored_as_one_and_answered_in_order() {
+    let hub = TestHub::start().await;
+    common::publishes_sent_together_are_stored_as_one_and_answered_in_order(&hub).await;
+}
+
+#[tokio::test]
 async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
     let hub = TestHub::with(|s| s.history.meta_ttl = Duration::from_secs(1)).await;
     common::a_device_silent_past_meta_ttl_starts_over_on_every_channel(&hub).await;

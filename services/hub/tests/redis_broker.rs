@@ -483,6 +483,13 @@ async fn a_resume_on_a_busy_channel_still_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_sent_together_are_stored_as_one_and_answered_in_order() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    common::publishes_sent_together_are_stored_as_one_and_answered_in_order(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
     let redis = RedisServer::start();
     let hub = TestHub::on_redis_with(&redis, |s| s.history.meta_ttl = Duration::from_secs(1)).await;

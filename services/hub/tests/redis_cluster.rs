@@ -279,6 +279,13 @@ async fn a_master_killed_mid_stream_fails_over_and_every_acknowledged_reading_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_sent_together_are_stored_as_one_and_answered_in_order() {
+    let cluster = RedisCluster::start(3);
+    let hub = TestHub::on_cluster_with(&cluster, |_| {}).await;
+    common::publishes_sent_together_are_stored_as_one_and_answered_in_order(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel() {
     // `fleet` and `groups.north` stay busy (their guards remember the silent device's old seqs)
     // while the device's own record expires: its new incarnation is new everywhere at once.

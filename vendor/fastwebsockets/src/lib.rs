@@ -260,6 +260,13 @@ impl<'f, S> WebSocketRead<S> {
     self.read_half.writev_threshold = threshold;
   }
 
+  /// Whether a whole frame is already buffered, so that the next `read_frame`
+  /// returns it without reading from the stream. A server can use this to
+  /// take frames that arrived together as one batch.
+  pub fn has_buffered_frame(&self) -> bool {
+    self.read_half.has_buffered_frame()
+  }
+
   /// Sets whether to automatically close the connection when a close frame is received. When set to `false`, the application will have to manually send close frames.
   ///
   /// Default: `true`
@@ -577,6 +584,40 @@ impl<'f, S> WebSocket<S> {
 const MAX_HEADER_SIZE: usize = 14;
 
 impl ReadHalf {
+  /// Whether `buffer` holds a whole frame that `read_frame` returns: its header
+  /// and all of its payload. Pings it answers itself are passed over.
+  pub(crate) fn has_buffered_frame(&self) -> bool {
+    let mut buf = &self.buffer[..];
+    loop {
+      if buf.len() < 2 {
+        return false;
+      }
+      let masked = buf[1] & 0b10000000 != 0;
+      let (header, payload_len) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => {
+          (4, u64::from(u16::from_be_bytes([buf[2], buf[3]])))
+        }
+        127 if buf.len() >= 10 => {
+          let mut len = [0u8; 8];
+          len.copy_from_slice(&buf[2..10]);
+          (10, u64::from_be_bytes(len))
+        }
+        126 | 127 => return false,
+        n => (2, u64::from(n)),
+      };
+      let header = header + if masked { 4 } else { 0 };
+      if buf.len() < header || ((buf.len() - header) as u64) < payload_len {
+        return false;
+      }
+      let is_ping = buf[0] & 0b00001111 == 0x9;
+      if !(is_ping && self.auto_pong) {
+        return true;
+      }
+      // A whole frame is in the buffer, so its length fits in usize.
+      buf = &buf[header + payload_len as usize..];
+    }
+  }
+
   pub fn after_handshake(role: Role) -> Self {
     let buffer = BytesMut::with_capacity(INITIAL_READ_BUFFER);
 

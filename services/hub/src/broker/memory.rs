@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame};
 
-use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome, new_epoch, pack};
+use super::{
+    Broker, BrokerError, Publication, PublishOutcome, Reading, SubscribeOutcome, new_epoch, pack,
+};
 use crate::config::HistorySettings;
 use crate::fanout::Subscribers;
 use crate::frame;
@@ -186,39 +188,39 @@ impl Inner {
         Ok(())
     }
 
-    fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
+    fn publish(&self, p: &Publication<'_>) -> Result<Vec<PublishOutcome>, BrokerError> {
         let now = Instant::now();
         // Held across the appends so that two connections of one device cannot interleave.
         let mut devices = lock(&self.devices);
-        let last = self.remembered(&devices, p.device, now);
-        if p.seq <= last {
-            if let Some(d) = devices.get_mut(p.device) {
-                d.seen = now;
+        let mut last = self.remembered(&devices, p.device, now);
+        if p.readings.iter().any(|r| r.seq > last) {
+            self.ensure_room(p.channels, self.max_channels)?;
+        }
+        let mut outcomes = Vec::with_capacity(p.readings.len());
+        for reading in p.readings {
+            if reading.seq <= last {
+                outcomes.push(PublishOutcome::Duplicate);
+                continue;
             }
-            return Ok(PublishOutcome::Duplicate);
+            for channel in p.channels {
+                self.with_channel(channel, true, |ch| {
+                    self.append(ch, channel, p.device, reading, p.received_at, now)
+                });
+            }
+            last = reading.seq;
+            outcomes.push(PublishOutcome::Accepted);
         }
-        self.ensure_room(p.channels, self.max_channels)?;
-        for channel in p.channels {
-            self.with_channel(channel, true, |ch| self.append(ch, channel, p, now));
-        }
+        let remembered = DeviceSeq {
+            last_seq: last,
+            seen: now,
+        };
         match devices.get_mut(p.device) {
-            Some(d) => {
-                *d = DeviceSeq {
-                    last_seq: p.seq,
-                    seen: now,
-                }
-            }
+            Some(d) => *d = remembered,
             None => {
-                devices.insert(
-                    p.device.into(),
-                    DeviceSeq {
-                        last_seq: p.seq,
-                        seen: now,
-                    },
-                );
+                devices.insert(p.device.into(), remembered);
             }
         }
-        Ok(PublishOutcome::Accepted)
+        Ok(outcomes)
     }
 
     /// The device's last accepted seq, forgotten `meta_ttl` after its last publish whether or not
@@ -235,17 +237,25 @@ impl Inner {
             .map_or(0, |d| d.last_seq)
     }
 
-    fn append(&self, ch: &mut Channel, name: &str, p: &Publication<'_>, now: Instant) {
+    fn append(
+        &self,
+        ch: &mut Channel,
+        name: &str,
+        device: &str,
+        reading: &Reading<'_>,
+        received_at: Instant,
+        now: Instant,
+    ) {
         ch.offset += 1;
         ch.active = now;
         let message = ServerFrame::Message {
             channel: name.into(),
             epoch: ch.epoch.as_str().into(),
             offset: ch.offset,
-            from: p.device.into(),
-            data: p.data,
+            from: device.into(),
+            data: reading.data,
         };
-        let encoded = frame::text(p.data.get().len() + name.len() + 96, |buf| {
+        let encoded = frame::text(reading.data.get().len() + name.len() + 96, |buf| {
             message.write_json(buf)
         });
         if self.history.size > 0 {
@@ -256,7 +266,7 @@ impl Inner {
             });
             ch.trim(&self.history, now);
         }
-        let delivery = ch.subscribers.deliver(&encoded, p.received_at);
+        let delivery = ch.subscribers.deliver(&encoded, received_at);
         self.metrics.deliveries.add(delivery.delivered as u64);
         self.metrics.delivery_drops.add(delivery.slow as u64);
     }
@@ -359,7 +369,10 @@ async fn sweep(inner: Weak<Inner>, period: Duration) {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    async fn publish(&self, publication: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
+    async fn publish(
+        &self,
+        publication: &Publication<'_>,
+    ) -> Result<Vec<PublishOutcome>, BrokerError> {
         self.inner.publish(publication)
     }
 
@@ -402,15 +415,33 @@ mod tests {
     }
 
     fn publish(b: &MemoryBroker, seq: u64) -> PublishOutcome {
-        let data = RawValue::from_string(format!("{{\"n\":{seq}}}")).unwrap();
+        let outcomes = publish_all(b, &[seq]);
+        assert_eq!(outcomes.len(), 1);
+        outcomes[0]
+    }
+
+    /// One publication of the readings `seqs`, in that order.
+    fn publish_all(b: &MemoryBroker, seqs: &[u64]) -> Vec<PublishOutcome> {
+        let data: Vec<Box<RawValue>> = seqs
+            .iter()
+            .map(|seq| RawValue::from_string(format!("{{\"n\":{seq}}}")).unwrap())
+            .collect();
+        let span = tracing::Span::none();
+        let readings: Vec<Reading<'_>> = seqs
+            .iter()
+            .zip(&data)
+            .map(|(&seq, data)| Reading {
+                seq,
+                data,
+                span: &span,
+            })
+            .collect();
         let channels = vec!["devices.d1".to_string(), "fleet".to_string()];
         let p = Publication {
             device: "d1",
-            seq,
             channels: &channels,
-            data: &data,
+            readings: &readings,
             received_at: Instant::now(),
-            traced: false,
         };
         b.inner.publish(&p).unwrap()
     }
@@ -458,6 +489,24 @@ mod tests {
         );
         assert_eq!(publish(&b, 4), PublishOutcome::Duplicate);
         assert_eq!(b.last_seq("d1").await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn each_reading_of_a_batch_is_judged_against_the_device_and_the_readings_before_it() {
+        use PublishOutcome::{Accepted, Duplicate};
+        let b = broker(10);
+        let (sub, mut rx) = Outbox::new(1, 64);
+        b.subscribe("fleet", None, &sub).await.unwrap();
+        assert_eq!(publish(&b, 2), Accepted);
+        assert_eq!(
+            publish_all(&b, &[1, 3, 3, 2, 5, 4, 6]),
+            [
+                Duplicate, Accepted, Duplicate, Duplicate, Accepted, Duplicate, Accepted
+            ]
+        );
+        assert_eq!(b.last_seq("d1").await.unwrap(), 6);
+        assert_eq!(offsets(&frames(&mut rx)), [1, 2, 3, 4], "2, 3, 5, 6");
+        assert_eq!(publish_all(&b, &[6, 5]), [Duplicate, Duplicate]);
     }
 
     #[tokio::test]

@@ -5,9 +5,11 @@
 //! contract, so connections never know which one they use.
 //!
 //! The contract every broker keeps:
-//! - `publish` is atomic per publication: the duplicate check on (device, `seq`), then for each
-//!   target channel the next offset, the history append and the fan-out. It returns only once the
-//!   publication is stored, so an `ack` is never sent for something that could be lost.
+//! - `publish` is atomic per reading: the duplicate check on (device, `seq`), then for each
+//!   target channel the next offset, the history append and the fan-out. A publication may hold
+//!   several readings (an agent that pipelines); they are checked in order, each against the one
+//!   before it too. It returns only once the readings are stored, so an `ack` is never sent for
+//!   something that could be lost.
 //! - `subscribe` queues the `subscribed` frame and any replay onto the subscriber *before* it can
 //!   receive a live message, so the client sees offsets with no gap and no duplicate.
 //! - Offsets of a channel are gapless within an epoch; a new epoch means history was lost.
@@ -21,6 +23,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use hub_protocol::Position;
 use serde_json::value::RawValue;
+use tracing::Span;
 
 pub use self::redis::RedisBroker;
 use crate::outbox::{Outbound, Outbox};
@@ -30,20 +33,28 @@ pub use memory::MemoryBroker;
 /// still fits in it.
 const REPLAY_CHUNK: usize = 256 * 1024;
 
-/// A publication from an agent, borrowed from the frame it arrived in.
+/// One or more readings of one device, in the order it sent them: a publication that the
+/// broker stores with one call per channel, however many readings it holds.
 #[derive(Debug)]
 pub struct Publication<'a> {
     pub device: &'a str,
-    pub seq: u64,
     /// Target channels, in append order (see `hub_protocol::channel::publication_channels`).
     pub channels: &'a [String],
-    pub data: &'a RawValue,
+    pub readings: &'a [Reading<'a>],
+    /// When the first of them arrived.
     pub received_at: Instant,
-    /// The publish runs inside its own recorded span (the current one): broker spans are its
-    /// children, and its trace travels on with the publication.
-    pub traced: bool,
 }
 
+/// One reading of a [`Publication`].
+#[derive(Debug)]
+pub struct Reading<'a> {
+    pub seq: u64,
+    pub data: &'a RawValue,
+    /// The reading's own `publish` span, disabled when it is not traced. Broker spans are
+    /// children of the first traced reading's, and each traced reading's trace travels on with
+    /// it to the hubs that deliver it.
+    pub span: &'a Span,
+}
 /// A fresh epoch: 64 random bits, so a channel that lost its history is never taken for the one
 /// before.
 pub fn new_epoch() -> String {
@@ -82,7 +93,11 @@ pub enum BrokerError {
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    async fn publish(&self, publication: &Publication<'_>) -> Result<PublishOutcome, BrokerError>;
+    /// One outcome per reading, in order; an error means none of them may be acknowledged.
+    async fn publish(
+        &self,
+        publication: &Publication<'_>,
+    ) -> Result<Vec<PublishOutcome>, BrokerError>;
 
     async fn subscribe(
         &self,

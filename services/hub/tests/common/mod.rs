@@ -247,6 +247,34 @@ impl Client {
             .await;
     }
 
+    /// Sends text frames in one write, so they reach the hub together (as an agent's window of
+    /// publishes does when it is behind).
+    pub async fn send_together(self, texts: &[String]) -> Client {
+        let frames = texts
+            .iter()
+            .map(|t| Frame::text(Payload::Borrowed(t.as_bytes())))
+            .collect();
+        self.send_frames_together(frames).await
+    }
+
+    /// Sends frames in one write.
+    pub async fn send_frames_together(self, frames: Vec<Frame<'_>>) -> Client {
+        use tokio::io::AsyncWriteExt;
+        let mut bytes = Vec::new();
+        let mut scratch = Vec::new();
+        for mut frame in frames {
+            frame.mask();
+            bytes.extend_from_slice(frame.write(&mut scratch));
+        }
+        // Nothing is buffered for reading after `hello`: the stream can be taken out and put back.
+        let mut stream = self.ws.into_inner();
+        stream.write_all(&bytes).await.unwrap();
+        Client {
+            ws: fastwebsockets::WebSocket::after_handshake(stream, fastwebsockets::Role::Client),
+            ..self
+        }
+    }
+
     pub async fn send_frame(&mut self, frame: Frame<'_>) {
         self.ws.write_frame(frame).await.unwrap();
     }
@@ -650,6 +678,82 @@ pub async fn a_device_silent_past_meta_ttl_starts_over_on_every_channel(hub: &Te
             other => panic!("the reading never reached {missing:?}: {other:?}"),
         }
     }
+}
+
+/// Publishes an agent sends together go to the broker as one publication, however many they are,
+/// and are answered in order: each is judged against what the device published before and
+/// against the readings before it in the batch.
+pub async fn publishes_sent_together_are_stored_as_one_and_answered_in_order(hub: &TestHub) {
+    let channels = ["devices.pi-b", "fleet"];
+    let mut viewer = hub.viewer("v", &channels).await;
+    let mut agent = hub.agent("pi-b", &[]).await;
+    assert_eq!(agent.publish(3, json!({"n": 3})).await["type"], "ack");
+    let publications = hub.metric("hub_publish_batch_readings_count").await;
+
+    // 1 and 2 are below 3, which the hub has; 20 comes twice.
+    let seqs: Vec<u64> = (1..=40).chain([20, 41]).collect();
+    let frames: Vec<String> = seqs
+        .iter()
+        .map(|seq| json!({"type": "publish", "seq": seq, "data": {"n": seq}}).to_string())
+        .collect();
+    let mut agent = agent.send_together(&frames).await;
+    let mut last = 3;
+    for seq in &seqs {
+        let duplicate = *seq <= last;
+        last = last.max(*seq);
+        let expected = if duplicate {
+            json!({"type": "ack", "seq": seq, "duplicate": true})
+        } else {
+            json!({"type": "ack", "seq": seq})
+        };
+        assert_eq!(agent.expect("ack").await, expected);
+    }
+    let stored_in = hub.metric("hub_publish_batch_readings_count").await - publications;
+    assert!(
+        stored_in <= 8.0,
+        "{} publishes sent together took {stored_in} broker publications",
+        seqs.len()
+    );
+
+    let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for m in viewer.messages(2 + 2 * 38).await {
+        if m["data"]["n"] == 3 {
+            continue;
+        }
+        let channel = m["channel"].as_str().unwrap().to_owned();
+        seen.entry(channel)
+            .or_default()
+            .push(m["data"]["n"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = (4..=41).collect();
+    for channel in channels {
+        assert_eq!(
+            seen.get(channel),
+            Some(&expected),
+            "{channel}: each once, in order"
+        );
+    }
+}
+
+/// The hub answers pings itself: one that came last with a batch of publishes does not make it
+/// wait for a frame that will not come (the agent waits for the acks).
+pub async fn a_ping_behind_a_batch_does_not_hold_its_acks(hub: &TestHub) {
+    let agent = hub.agent("pi-c", &[]).await;
+    let publish = |seq: u64| json!({"type": "publish", "seq": seq, "data": {}}).to_string();
+    let (one, two) = (publish(1), publish(2));
+    let frames = vec![
+        Frame::text(Payload::Borrowed(one.as_bytes())),
+        Frame::text(Payload::Borrowed(two.as_bytes())),
+        Frame::new(
+            true,
+            fastwebsockets::OpCode::Ping,
+            None,
+            Payload::Borrowed(b"hi"),
+        ),
+    ];
+    let mut agent = agent.send_frames_together(frames).await;
+    assert_eq!(agent.expect("ack").await["seq"], 1);
+    assert_eq!(agent.expect("ack").await["seq"], 2);
 }
 
 /// A 64 KiB outbound queue (16 KiB messages): a replay of 32 KiB or more never fits.

@@ -224,26 +224,56 @@ fn cluster(
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, p: &Publication<'_>) -> Result<PublishOutcome, BrokerError> {
-        // Traced only inside a traced publish (the current span then is the publish's own, not
-        // the connection's); its context rides in the envelope to every hub.
-        let span = if p.traced {
-            self.roots
-                .child_span(|| info_span!("redis.publish", channels = p.channels.len()))
-        } else {
-            Span::none()
-        };
-        let traceparent = observability::propagation::traceparent(&span);
-        let offsets = self
+    async fn publish(&self, p: &Publication<'_>) -> Result<Vec<PublishOutcome>, BrokerError> {
+        // Traced only under a traced reading's publish span; the store call belongs to the first
+        // one's trace, and every traced reading's context rides in its envelope to every hub.
+        let first_traced = p.readings.iter().position(|r| !r.span.is_disabled());
+        let span = first_traced.map_or_else(Span::none, |i| {
+            p.readings[i].span.in_scope(|| {
+                self.roots.child_span(|| {
+                    info_span!(
+                        "redis.publish",
+                        channels = p.channels.len(),
+                        readings = p.readings.len()
+                    )
+                })
+            })
+        });
+        let contexts: Vec<Option<String>> = p
+            .readings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match first_traced {
+                Some(first) if first == i => observability::propagation::traceparent(&span),
+                Some(_) => observability::propagation::traceparent(r.span),
+                None => None,
+            })
+            .collect();
+        let appends: Vec<store::Append<'_>> = p
+            .readings
+            .iter()
+            .zip(&contexts)
+            .map(|(r, traceparent)| store::Append {
+                seq: r.seq,
+                data: r.data,
+                traceparent: traceparent.as_deref(),
+            })
+            .collect();
+        let appended = self
             .store
-            .publish(p.device, p.seq, p.channels, p.data, traceparent.as_deref())
+            .publish(p.device, p.channels, &appends)
             .instrument(span)
             .await?;
-        Ok(if offsets.is_empty() {
-            PublishOutcome::Duplicate
-        } else {
-            PublishOutcome::Accepted
-        })
+        Ok(appended
+            .into_iter()
+            .map(|appended| {
+                if appended {
+                    PublishOutcome::Accepted
+                } else {
+                    PublishOutcome::Duplicate
+                }
+            })
+            .collect())
     }
 
     async fn subscribe(

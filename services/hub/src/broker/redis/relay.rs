@@ -518,39 +518,41 @@ impl Relay {
             self.metrics.broker_unwanted.inc();
             return;
         }
-        let Some(envelope) = Envelope::parse(message.get_payload_bytes()) else {
+        let Some(envelopes) = Envelope::parse_all(message.get_payload_bytes()) else {
             warn!(channel, "unreadable envelope on redis pub/sub");
             return;
         };
-        let age = Duration::from_millis(now_ms().saturating_sub(envelope.published_ms));
-        let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        // One span per traced publication, never per delivery.
-        let span = match envelope.traceparent.map(propagation::remote_parent) {
-            Some(Remote::Recorded(parent)) => {
-                let span = self.roots.remote_child_span(|| {
-                    info_span!(
-                        parent: None,
-                        "relay.deliver",
-                        channel,
-                        offset = envelope.offset,
-                        age_ms = age.as_millis() as u64,
-                    )
-                });
-                propagation::adopt(&span, parent);
-                span
-            }
-            _ => Span::none(),
-        };
-        deliver(
-            &self.store,
-            &self.local,
-            channel,
-            &envelope,
-            published_at,
-            &self.metrics,
-        )
-        .instrument(span)
-        .await;
+        for envelope in &envelopes {
+            let age = Duration::from_millis(now_ms().saturating_sub(envelope.published_ms));
+            let published_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            // One span per traced publication, never per delivery.
+            let span = match envelope.traceparent.map(propagation::remote_parent) {
+                Some(Remote::Recorded(parent)) => {
+                    let span = self.roots.remote_child_span(|| {
+                        info_span!(
+                            parent: None,
+                            "relay.deliver",
+                            channel,
+                            offset = envelope.offset,
+                            age_ms = age.as_millis() as u64,
+                        )
+                    });
+                    propagation::adopt(&span, parent);
+                    span
+                }
+                _ => Span::none(),
+            };
+            deliver(
+                &self.store,
+                &self.local,
+                channel,
+                envelope,
+                published_at,
+                &self.metrics,
+            )
+            .instrument(span)
+            .await;
+        }
     }
 
     /// Compares live channels (name, epoch, delivered offset) with Redis and repairs what

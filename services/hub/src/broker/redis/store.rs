@@ -9,7 +9,7 @@
 //! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
 //! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D`; on a cluster also `#inc`, the device's incarnation |
 //! | `tl:{ch}:from` | hash | cluster only: per device, `incarnation:seq` of the last publication this channel stored |
-//! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | envelopes: `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` |
+//! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | one payload per script call: the messages it appended (see [`Envelope`]) |
 //!
 //! Deduplication on one Redis is per device, as on the embedded broker: one value (kept with the
 //! device's own channel, forgotten `history.meta_ttl` after the device's last publish) decides
@@ -39,71 +39,106 @@ use crate::broker::BrokerError;
 use crate::config::HistorySettings;
 use crate::metrics::Metrics;
 
-/// What every publish script shares: its arguments (`ARGV[1..8]`: device, seq, time, history
-/// size, TTL, a fresh epoch, the data, the traceparent or `''`) and `append`, which adds the
-/// publication to one channel: next offset, `message` JSON built once, stream entry, TTLs, and the
-/// envelope published with `PUB` (PUBLISH, or SPUBLISH on a cluster). `seq`s are compared as
-/// decimal strings: Lua numbers are doubles and u64s do not fit.
+/// What every publish script shares: its arguments and `append`.
+///
+/// `ARGV[1..6]`: device, time, history size, TTL, a fresh epoch, the number of readings `n`;
+/// then three per reading, in the order the agent sent them: seq, data, traceparent or `''`;
+/// then the script's own (from `ARGV[EXTRA]`). `seq`s are compared as decimal strings: Lua
+/// numbers are doubles and u64s do not fit.
+///
+/// `append` adds picked readings to one channel in one go: their offsets, each `message` JSON
+/// built once, the stream entries (trimmed once), the TTLs, and one envelope for all of them
+/// published with `PUB` (PUBLISH, or SPUBLISH on a cluster).
 const PRELUDE: &str = r#"
-local device, seq, now = ARGV[1], ARGV[2], ARGV[3]
-local size, meta_ttl, new_epoch, data = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local trace = ''
-if ARGV[8] ~= '' then trace = ' ' .. ARGV[8] end
+local device, now = ARGV[1], ARGV[2]
+local size, meta_ttl, new_epoch, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
+local EXTRA = 7 + 3 * n
+local function seq_of(i) return ARGV[4 + 3 * i] end
+local function data_of(i) return ARGV[5 + 3 * i] end
 local function above(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local function message(channel, epoch, offset)
-  return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
-    '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data .. '}'
+-- The readings of 1..n to take, each above the last taken (and above `last`); and per reading
+-- 1 when taken, 0 when not.
+local function pick(last)
+  local picked, taken = {}, {}
+  for i = 1, n do
+    local s = seq_of(i)
+    if last == nil or above(s, last) then
+      picked[#picked + 1] = i
+      taken[i] = 1
+      last = s
+    else
+      taken[i] = 0
+    end
+  end
+  return picked, taken, last
 end
-local function append(meta, log, channel)
+local function message(channel, epoch, offset, i)
+  return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
+    '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data_of(i) .. '}'
+end
+local function append(meta, log, channel, picked)
+  local count = #picked
+  if count == 0 then return end
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = new_epoch
     redis.call('HSET', meta, 'epoch', epoch)
   end
-  local offset = redis.call('HINCRBY', meta, 'offset', 1)
-  local msg = message(channel, epoch, offset)
-  if size > 0 then
-    local added = redis.pcall('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
-    if type(added) == 'table' and added.err then
-      -- The stream is ahead of the offset: Redis lost writes it had acknowledged. The old
-      -- history belongs to a lost timeline; start a new epoch with an empty one.
-      redis.call('DEL', log)
-      epoch, offset = new_epoch, 1
-      redis.call('HSET', meta, 'epoch', epoch, 'offset', offset)
-      msg = message(channel, epoch, offset)
-      redis.call('XADD', log, 'MAXLEN', size, offset .. '-0', 't', now, 'm', msg)
+  local first = redis.call('HINCRBY', meta, 'offset', count) - count + 1
+  local parts = {}
+  if count > 1 then parts[1] = '=' .. count .. '\n' end
+  for k = 1, count do
+    local i, offset = picked[k], first + k - 1
+    local msg = message(channel, epoch, offset, i)
+    if size > 0 and k > 1 then
+      redis.call('XADD', log, offset .. '-0', 't', now, 'm', msg)
+    elseif size > 0 then
+      local added = redis.pcall('XADD', log, offset .. '-0', 't', now, 'm', msg)
+      if type(added) == 'table' and added.err then
+        -- The stream is ahead of the offset: Redis lost writes it had acknowledged. The old
+        -- history belongs to a lost timeline; start a new epoch with an empty one.
+        redis.call('DEL', log)
+        epoch, first, offset = new_epoch, 1, 1
+        redis.call('HSET', meta, 'epoch', epoch, 'offset', count)
+        msg = message(channel, epoch, offset, i)
+        redis.call('XADD', log, '1-0', 't', now, 'm', msg)
+      end
     end
+    local head = offset .. ' ' .. epoch .. ' ' .. now
+    if count > 1 then head = head .. ' ' .. #msg end
+    local trace = ARGV[6 + 3 * i]
+    if trace ~= '' then head = head .. ' ' .. trace end
+    parts[#parts + 1] = head .. '\n'
+    parts[#parts + 1] = msg
+  end
+  if size > 0 then
+    redis.call('XTRIM', log, 'MAXLEN', size)
     redis.call('PEXPIRE', log, meta_ttl)
   end
   redis.call('PEXPIRE', meta, meta_ttl)
-  redis.call(PUB, 'tl:{' .. channel .. '}:pub',
-    offset .. ' ' .. epoch .. ' ' .. now .. trace .. '\n' .. msg)
-  return offset
+  redis.call(PUB, 'tl:{' .. channel .. '}:pub', table.concat(parts))
 end
 "#;
 
 /// One publication into every target channel, in one round trip on one Redis. `KEYS[1]` is the
-/// device's seq hash; then `meta`, `log` per channel, whose names follow as `ARGV[9..]`. If the
-/// device's `seq` is not above the last one accepted from it, nothing happens but refreshing that
-/// memory; else it is appended to every channel and remembered. Returns the new offset per
-/// channel, none for a duplicate.
+/// device's seq hash; then `meta`, `log` per channel, whose names follow from `ARGV[EXTRA]`.
+/// Each reading whose `seq` is above the last one accepted from the device (and above the
+/// readings before it) is appended to every channel; the others are duplicates, which only
+/// refresh that memory. Returns per reading 1 (appended) or 0 (a duplicate).
 const PUBLISH: &str = r#"
 local seqs = KEYS[1]
-local last = redis.call('HGET', seqs, device) or '0'
-redis.call('PEXPIRE', seqs, meta_ttl)
-if not above(seq, last) then
-  return {}
+local picked, taken, last = pick(redis.call('HGET', seqs, device) or '0')
+if #picked > 0 then
+  for c = 0, (#KEYS - 1) / 2 - 1 do
+    append(KEYS[c * 2 + 2], KEYS[c * 2 + 3], ARGV[EXTRA + c], picked)
+  end
+  redis.call('HSET', seqs, device, last)
 end
-local offsets = {}
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  offsets[#offsets + 1] = append(KEYS[i * 2 + 2], KEYS[i * 2 + 3], ARGV[9 + i])
-end
-redis.call('HSET', seqs, device, seq)
 redis.call('PEXPIRE', seqs, meta_ttl)
-return offsets
+return taken
 "#;
 
 /// Cluster, first step, in the slot of the device's own channel: the device's seq record
@@ -124,44 +159,45 @@ return {inc, rec[1] or '0'}
 
 /// Cluster, second step, one call per channel other than the device's own, in that channel's
 /// slot (`KEYS`: `meta`, `log`, and the guard hash that remembers `incarnation:seq` per device;
-/// `ARGV[9]` the name, `ARGV[10]` the incarnation). The seq is appended unless this channel
-/// already has it from the same incarnation: a publication cut off half-way is completed by the
-/// resend, without duplicating what it did reach; a device whose numbering started over (a new
-/// incarnation) is new everywhere at once. Returns the new offset, 0 when it was there.
+/// `ARGV[EXTRA]` the name, `ARGV[EXTRA + 1]` the incarnation). The readings (new ones only, in
+/// increasing seq) are appended unless this channel already has them from the same
+/// incarnation: a publication cut off half-way is completed by the resend, without duplicating
+/// what it did reach; a device whose numbering started over (a new incarnation) is new
+/// everywhere at once.
 const PUBLISH_GUARDED: &str = r#"
-local guard, inc = KEYS[3], ARGV[10]
+local guard, inc = KEYS[3], ARGV[EXTRA + 1]
 local mark = redis.call('HGET', guard, device)
+local had = nil
 if mark then
   local sep = string.find(mark, ':', 1, true)
-  if sep and string.sub(mark, 1, sep - 1) == inc and not above(seq, string.sub(mark, sep + 1)) then
-    redis.call('PEXPIRE', guard, meta_ttl)
-    return 0
-  end
+  if sep and string.sub(mark, 1, sep - 1) == inc then had = string.sub(mark, sep + 1) end
 end
-local offset = append(KEYS[1], KEYS[2], ARGV[9])
-redis.call('HSET', guard, device, inc .. ':' .. seq)
+local picked, _, last = pick(had)
+if #picked > 0 then
+  append(KEYS[1], KEYS[2], ARGV[EXTRA], picked)
+  redis.call('HSET', guard, device, inc .. ':' .. last)
+end
 redis.call('PEXPIRE', guard, meta_ttl)
-return offset
+return #picked
 "#;
 
-/// Cluster, last step, once every other channel has the publication: the device's own channel
-/// (`KEYS`: the seq record, `meta`, `log`; `ARGV[9]` its name, `ARGV[10]` the incarnation), and
-/// the record's seq with it. Committed last, the record's seq (the `last_seq` a `hello` tells)
-/// never names a publication that some channel is still missing. Returns the new offset, 0
-/// when `seq` was not above the last one.
+/// Cluster, last step, once every other channel has the readings: the device's own channel
+/// (`KEYS`: the seq record, `meta`, `log`; `ARGV[EXTRA]` its name, `ARGV[EXTRA + 1]` the
+/// incarnation), and the record's seq with it. Committed last, the record's seq (the `last_seq`
+/// a `hello` tells) never names a publication that some channel is still missing. Returns per
+/// reading 1 (appended) or 0 (not above the record's seq).
 const PUBLISH_OWN: &str = r#"
 local seqs = KEYS[1]
-local last = redis.call('HGET', seqs, device) or '0'
-if not above(seq, last) then
-  return 0
-end
-local offset = append(KEYS[2], KEYS[3], ARGV[9])
-redis.call('HSET', seqs, device, seq)
-if not redis.call('HGET', seqs, '#inc') then
-  redis.call('HSET', seqs, '#inc', ARGV[10])
+local picked, taken, last = pick(redis.call('HGET', seqs, device) or '0')
+if #picked > 0 then
+  append(KEYS[2], KEYS[3], ARGV[EXTRA], picked)
+  redis.call('HSET', seqs, device, last)
+  if not redis.call('HGET', seqs, '#inc') then
+    redis.call('HSET', seqs, '#inc', ARGV[EXTRA + 1])
+  end
 end
 redis.call('PEXPIRE', seqs, meta_ttl)
-return offset
+return taken
 "#;
 
 /// Whether `e` says the connection itself is gone, not that a command was refused.
@@ -254,7 +290,21 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A pub/sub message: where it sits and the `message` JSON to send.
+/// One reading for [`Store::publish`].
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub seq: u64,
+    pub data: &'a RawValue,
+    /// The W3C trace context the reading travels with, when it is traced.
+    pub traceparent: Option<&'a str>,
+}
+
+/// One message of a pub/sub payload: where it sits and the `message` JSON to send.
+///
+/// A payload holds the messages one script call appended to a channel. One message is
+/// `<offset> <epoch> <ms>[ <traceparent>]\n<message JSON>` (the form hubs before batching
+/// read); several are `=<count>\n` and then each as `<offset> <epoch> <ms> <length>[
+/// <traceparent>]\n<message JSON of length bytes>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope<'a> {
     pub offset: u64,
@@ -267,9 +317,42 @@ pub struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
+    /// The messages of one payload, in offset order; `None` if any part is unreadable.
+    pub fn parse_all(payload: &'a [u8]) -> Option<Vec<Envelope<'a>>> {
+        let Some(rest) = payload.strip_prefix(b"=") else {
+            return Some(vec![Envelope::parse(payload)?]);
+        };
+        let (count, mut rest) = split_line(rest)?;
+        let count: usize = count.parse().ok()?;
+        // Each message takes more than 8 bytes: a count the payload cannot hold is garbage.
+        let mut out = Vec::with_capacity(count.min(rest.len() / 8));
+        for _ in 0..count {
+            let (head, body) = split_line(rest)?;
+            let mut fields = head.split(' ');
+            let offset = fields.next()?.parse().ok()?;
+            let epoch = fields.next()?;
+            let published_ms = fields.next()?.parse().ok()?;
+            let len: usize = fields.next()?.parse().ok()?;
+            let traceparent = fields.next();
+            if body.len() < len {
+                return None;
+            }
+            let (message, next) = body.split_at(len);
+            out.push(Envelope {
+                offset,
+                epoch,
+                published_ms,
+                traceparent,
+                message,
+            });
+            rest = next;
+        }
+        rest.is_empty().then_some(out)
+    }
+
+    /// A payload of one message.
     pub fn parse(payload: &'a [u8]) -> Option<Envelope<'a>> {
-        let newline = payload.iter().position(|b| *b == b'\n')?;
-        let head = std::str::from_utf8(&payload[..newline]).ok()?;
+        let (head, message) = split_line(payload)?;
         let mut parts = head.split(' ');
         let offset = parts.next()?.parse().ok()?;
         let epoch = parts.next()?;
@@ -279,9 +362,16 @@ impl<'a> Envelope<'a> {
             epoch,
             published_ms,
             traceparent: parts.next(),
-            message: &payload[newline + 1..],
+            message,
         })
     }
+}
+
+/// The text before the first newline, and the bytes after it.
+fn split_line(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let newline = bytes.iter().position(|b| *b == b'\n')?;
+    let head = std::str::from_utf8(&bytes[..newline]).ok()?;
+    Some((head, &bytes[newline + 1..]))
 }
 
 /// One history entry.
@@ -448,42 +538,47 @@ impl Store {
         result
     }
 
-    /// Appends one publication to `channels`; returns the new offsets (none: a duplicate).
-    /// On one Redis it is one script, applied to every channel or to none. On a cluster: the
-    /// device's record, then the other channels at once, then the device's own channel (see the
-    /// module's description); an error anywhere fails the publication, and its resend completes
-    /// the channels it missed without duplicating the others.
+    /// Appends the readings of one device to `channels`; returns per reading whether it was
+    /// appended (`false`: a duplicate). On one Redis it is one script, applied to every channel or
+    /// to none. On a cluster: the device's record, then the other channels at once, then the
+    /// device's own channel (see the module's description), one call each for all the readings;
+    /// an error anywhere fails them all, and their resend completes the channels they missed
+    /// without duplicating the others.
     pub async fn publish(
         &self,
         device: &str,
-        seq: u64,
         channels: &[String],
-        data: &RawValue,
-        traceparent: Option<&str>,
-    ) -> Result<Vec<u64>, BrokerError> {
-        let seq = seq.to_string();
+        readings: &[Append<'_>],
+    ) -> Result<Vec<bool>, BrokerError> {
         let epoch = crate::broker::new_epoch();
-        let shared = |call: &mut redis::ScriptInvocation<'_>| {
+        let now = now_ms();
+        let shared = |call: &mut redis::ScriptInvocation<'_>, readings: &[&Append<'_>]| {
             call.arg(device)
-                .arg(&seq)
-                .arg(now_ms())
+                .arg(now)
                 .arg(self.history.size)
                 .arg(self.history.meta_ttl.as_millis() as u64)
                 .arg(&epoch)
-                .arg(data.get())
-                .arg(traceparent.unwrap_or(""));
+                .arg(readings.len());
+            for r in readings {
+                call.arg(r.seq)
+                    .arg(r.data.get())
+                    .arg(r.traceparent.unwrap_or(""));
+            }
         };
+        let taken = |flags: Vec<u8>| flags.into_iter().map(|f| f == 1).collect::<Vec<_>>();
         if !self.is_cluster() {
+            let all: Vec<&Append<'_>> = readings.iter().collect();
             let mut call = self.publish.prepare_invoke();
             call.key(device_seq_key(device));
             for channel in channels {
                 call.key(meta_key(channel)).key(log_key(channel));
             }
-            shared(&mut call);
+            shared(&mut call, &all);
             for channel in channels {
                 call.arg(channel);
             }
-            return self.run(async |conn| call.invoke_async(conn).await).await;
+            let flags = self.run(async |conn| call.invoke_async(conn).await).await?;
+            return Ok(taken(flags));
         }
         let own = hub_protocol::channel::device_channel(device);
         let mut state = self.seq_state.prepare_invoke();
@@ -495,33 +590,49 @@ impl Store {
         let (incarnation, last): (String, String) = self
             .run(async |conn| state.invoke_async(conn).await)
             .await?;
-        if !seq_above(&seq, &last) {
-            // Applied to every channel already: the own channel is committed last.
-            return Ok(Vec::new());
+        // Those at or below the record's seq are on every channel already: the own channel is
+        // committed last. The rest go on in increasing seq.
+        let mut fresh = Vec::with_capacity(readings.len());
+        let mut is_fresh = Vec::with_capacity(readings.len());
+        let mut newest = last;
+        for r in readings {
+            let seq = r.seq.to_string();
+            let above = seq_above(&seq, &newest);
+            if above {
+                fresh.push(r);
+                newest = seq;
+            }
+            is_fresh.push(above);
+        }
+        if fresh.is_empty() {
+            return Ok(vec![false; readings.len()]);
         }
         let others = channels.iter().filter(|c| **c != own).map(|channel| {
             let mut call = self.publish_guarded.prepare_invoke();
             call.key(meta_key(channel))
                 .key(log_key(channel))
                 .key(guard_key(channel));
-            shared(&mut call);
+            shared(&mut call, &fresh);
             call.arg(channel).arg(&incarnation);
             async move {
                 self.run(async |conn| call.invoke_async::<u64>(conn).await)
                     .await
             }
         });
-        let mut offsets = futures_util::future::try_join_all(others).await?;
+        futures_util::future::try_join_all(others).await?;
         let mut call = self.publish_own.prepare_invoke();
         call.key(device_seq_key(device))
             .key(meta_key(&own))
             .key(log_key(&own));
-        shared(&mut call);
+        shared(&mut call, &fresh);
         call.arg(&own).arg(&incarnation);
-        let first: u64 = self.run(async |conn| call.invoke_async(conn).await).await?;
-        offsets.insert(0, first);
-        offsets.retain(|offset| *offset > 0);
-        Ok(offsets)
+        let flags: Vec<u8> = self.run(async |conn| call.invoke_async(conn).await).await?;
+        // Back to one flag per reading, in the order they came.
+        let mut appended = taken(flags).into_iter();
+        Ok(is_fresh
+            .into_iter()
+            .map(|fresh| fresh && appended.next().unwrap_or(false))
+            .collect())
     }
 
     /// The channel's current `(epoch, offset)`; creates its epoch if it has none.
@@ -771,6 +882,35 @@ mod tests {
         );
         assert!(Envelope::parse(b"no newline").is_none());
         assert!(Envelope::parse(b"x ab 1\n{}").is_none());
+    }
+
+    #[test]
+    fn a_batch_payload_holds_its_messages_in_order_and_garbage_is_refused() {
+        let batch = b"=2\n7 ab 1 5\n{\"a\"}8 ab 1 3 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n{\n}";
+        let all = Envelope::parse_all(batch).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!((all[0].offset, all[0].message), (7, &b"{\"a\"}"[..]));
+        assert_eq!(
+            (all[1].offset, all[1].message),
+            (8, &b"{\n}"[..]),
+            "a newline in the data"
+        );
+        assert!(all[1].traceparent.is_some());
+        let one = Envelope::parse_all(b"12 ab34 1700000000000\n{}").unwrap();
+        assert_eq!((one.len(), one[0].offset), (1, 12));
+        assert!(
+            Envelope::parse_all(b"=2\n7 ab 1 5\n{\"a\"}").is_none(),
+            "one missing"
+        );
+        assert!(
+            Envelope::parse_all(b"=1\n7 ab 1 9\n{}").is_none(),
+            "too short"
+        );
+        assert!(
+            Envelope::parse_all(b"=1\n7 ab 1 2\n{}tail").is_none(),
+            "bytes left over"
+        );
+        assert!(Envelope::parse_all(b"=99999999999\n").is_none());
     }
 
     #[test]
