@@ -225,30 +225,36 @@ fn cluster(
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, p: &Publication<'_>) -> Result<Vec<PublishOutcome>, BrokerError> {
-        // Traced only under a traced reading's publish span; the store call belongs to the first
-        // one's trace, and every traced reading's context rides in its envelope to every hub.
-        let first_traced = p.readings.iter().position(|r| !r.span.is_disabled());
-        let span = first_traced.map_or_else(Span::none, |i| {
-            p.readings[i].span.in_scope(|| {
-                self.roots.child_span(|| {
-                    info_span!(
-                        "redis.publish",
-                        channels = p.channels.len(),
-                        readings = p.readings.len()
-                    )
-                })
-            })
-        });
-        let contexts: Vec<Option<String>> = p
+        // A `redis.publish` span under each traced reading's publish span, all open for the one
+        // store call: every traced reading's trace shows the Redis work that stored it, and its
+        // context rides in its envelope to every hub.
+        let spans: Vec<Span> = p
             .readings
             .iter()
-            .enumerate()
-            .map(|(i, r)| match first_traced {
-                Some(first) if first == i => observability::propagation::traceparent(&span),
-                Some(_) => observability::propagation::traceparent(r.span),
-                None => None,
+            .map(|r| {
+                if r.span.is_disabled() {
+                    return Span::none();
+                }
+                r.span.in_scope(|| {
+                    self.roots.child_span(|| {
+                        info_span!(
+                            "redis.publish",
+                            channels = p.channels.len(),
+                            readings = p.readings.len()
+                        )
+                    })
+                })
             })
             .collect();
+        let contexts: Vec<Option<String>> = spans
+            .iter()
+            .map(observability::propagation::traceparent)
+            .collect();
+        let current = spans
+            .iter()
+            .find(|s| !s.is_disabled())
+            .cloned()
+            .unwrap_or_else(Span::none);
         let appends: Vec<store::Append<'_>> = p
             .readings
             .iter()
@@ -262,8 +268,9 @@ impl Broker for RedisBroker {
         let appended = self
             .store
             .publish(p.device, p.channels, &appends)
-            .instrument(span)
+            .instrument(current)
             .await?;
+        drop(spans);
         Ok(appended
             .into_iter()
             .map(|appended| {
