@@ -303,6 +303,47 @@ async fn with_the_link_down_and_a_small_log_the_oldest_are_dropped_counted_and_t
     assert!(agent.output().contains("dropped"), "{}", agent.output());
 }
 
+/// A backlog goes out a window at a time, each window in one write: the hub stores a window as
+/// one publication, so catching up after an outage costs the broker a fraction of the calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_reaches_the_hub_in_windows_stored_as_few_publications() {
+    let mut hub = Hub::start();
+    let token = hub.token(DEVICE, "agent", "1h");
+    hub.kill();
+    let mut config = AgentConfig::new(&hub, &token);
+    config.interval = "5ms";
+    let mut agent = Agent::start(&config);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    agent.stop();
+    let backlog = agent.log_stats().pending_records;
+    assert!(backlog >= 100, "a backlog of {backlog}");
+
+    // Online it takes few readings more: what the hub sees is the backlog.
+    let config_file = agent.dir.path().join("agent.toml");
+    let toml = std::fs::read_to_string(&config_file).unwrap();
+    std::fs::write(
+        &config_file,
+        toml.replace(r#"interval = "5ms""#, r#"interval = "1h""#),
+    )
+    .unwrap();
+    hub.spawn();
+    let dashboard = Dashboard::follow(&hub, &channel());
+    agent.spawn();
+    let stats = stop_drained(&mut agent);
+    let got = dashboard.readings(taken(&agent, &stats)).await;
+    assert_exactly_once(&got, taken(&agent, &stats));
+
+    let readings = hub.metric("hub_publish_batch_readings_sum");
+    let publications = hub.metric("hub_publish_batch_readings_count");
+    assert!(readings >= backlog as f64, "{readings} of {backlog}");
+    // Windows of at least 8 (32 right after connecting); one sent a reading at a time
+    // made about 4 per publication, by the luck of what the hub read at once.
+    assert!(
+        publications * 6.0 <= readings,
+        "{readings} readings took {publications} publications"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_log_tail_is_cut_off_and_the_agent_carries_on() {
     let mut hub = Hub::start();

@@ -24,7 +24,7 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
 use hub_client::{Connected, DialOptions, Dialer, HubSocket, close_code};
 use hub_protocol::rate::TokenBucket;
 use hub_protocol::{CloseCode, ErrorCode, Retry, ServerFrame};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -35,6 +35,13 @@ use crate::config::HubSettings;
 use crate::store::Log;
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+type Writer = WebSocketWrite<BufWriter<WriteHalf<Upgraded>>>;
+
+/// The fewest readings sent at once while the rate paces a backlog.
+const CATCH_UP_WINDOW: usize = 8;
+
+/// What the write buffer holds before it writes through: a window of typical readings.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// File in `storage.dir` that says this log has met the hub once (see [`Uplink::on_hello`]).
 pub const SYNCED_MARKER: &str = "hub-synced";
@@ -163,10 +170,13 @@ impl Uplink {
     }
 
     async fn link(&self, ws: HubSocket, shutdown: &CancellationToken) -> End {
-        let (mut reader, mut writer): (
-            WebSocketRead<ReadHalf<Upgraded>>,
-            WebSocketWrite<WriteHalf<Upgraded>>,
-        ) = ws.split(tokio::io::split);
+        // Frames are written into a buffer and flushed once per window, so a window reaches
+        // the hub in one segment and is stored as one publication.
+        let (mut reader, mut writer): (WebSocketRead<ReadHalf<Upgraded>>, Writer) =
+            ws.split(|stream| {
+                let (read, write) = tokio::io::split(stream);
+                (read, BufWriter::with_capacity(WRITE_BUFFER, write))
+            });
         reader.set_auto_pong(false);
         reader.set_auto_close(false);
         reader.set_max_message_size(1 << 20);
@@ -194,6 +204,7 @@ impl Uplink {
             let _ = writer
                 .write_frame(Frame::close(CloseCode::Normal.as_u16(), b"agent stopping"))
                 .await;
+            let _ = writer.flush().await;
         }
         read_task.abort();
         end
@@ -410,18 +421,20 @@ impl Window {
 /// One connection's state: what is in flight, refused, paced.
 struct Link<'a> {
     uplink: &'a Uplink,
-    writer: &'a mut WebSocketWrite<WriteHalf<Upgraded>>,
+    writer: &'a mut Writer,
     window: Window,
     /// When to resend from a refused seq.
     retry_at: Option<tokio::time::Instant>,
     retry_backoff: Backoff,
     /// Client-side pacing below the hub's publish rate limit.
     bucket: TokenBucket,
+    /// When the bucket holds a catch-up window again.
+    paced_until: Option<tokio::time::Instant>,
     last_heard: tokio::time::Instant,
 }
 
 impl<'a> Link<'a> {
-    fn new(uplink: &'a Uplink, writer: &'a mut WebSocketWrite<WriteHalf<Upgraded>>) -> Self {
+    fn new(uplink: &'a Uplink, writer: &'a mut Writer) -> Self {
         let s = &uplink.settings;
         Link {
             uplink,
@@ -433,6 +446,7 @@ impl<'a> Link<'a> {
                 s.publish_rate,
                 u32::try_from(s.max_in_flight).unwrap_or(u32::MAX),
             ),
+            paced_until: None,
             last_heard: tokio::time::Instant::now(),
         }
     }
@@ -472,28 +486,19 @@ impl<'a> Link<'a> {
             tokio::select! {
                 _ = shutdown.cancelled() => return End::Shutdown,
                 event = rx.recv() => {
-                    self.last_heard = tokio::time::Instant::now();
-                    match event {
-                        Some(Incoming::Text(text)) => {
-                            if let Err(end) = self.on_frame(&text) {
-                                return end;
-                            }
+                    if let Err(end) = self.on_event(event).await {
+                        return end;
+                    }
+                    // Everything already read is answered before sending again, so the
+                    // room a burst of acks frees goes out as one window, not one per ack.
+                    while let Ok(event) = rx.try_recv() {
+                        if let Err(end) = self.on_event(Some(event)).await {
+                            return end;
                         }
-                        Some(Incoming::Ping(payload)) => {
-                            let pong = Frame::pong(Payload::Owned(payload));
-                            if let Err(e) = self.writer.write_frame(pong).await {
-                                return End::Lost(e.to_string());
-                            }
-                        }
-                        Some(Incoming::Closed(code)) => {
-                            let _ = self.writer.write_frame(Frame::close(code, b"")).await;
-                            return End::Closed(code);
-                        }
-                        Some(Incoming::Failed(e)) => return End::Lost(e),
-                        None => return End::Lost("reader ended".into()),
                     }
                 }
                 _ = appended.notified() => {}
+                _ = wake_at(self.paced_until) => self.paced_until = None,
                 _ = tick.tick() => {
                     if self.last_heard.elapsed() > dead_after {
                         return End::Lost(format!("nothing from the hub for {dead_after:?}"));
@@ -501,6 +506,31 @@ impl<'a> Link<'a> {
                 }
             }
         }
+    }
+
+    async fn on_event(&mut self, event: Option<Incoming>) -> Result<(), End> {
+        self.last_heard = tokio::time::Instant::now();
+        match event {
+            Some(Incoming::Text(text)) => self.on_frame(&text),
+            Some(Incoming::Ping(payload)) => {
+                let pong = Frame::pong(Payload::Owned(payload));
+                self.write_now(pong)
+                    .await
+                    .map_err(|e| End::Lost(e.to_string()))
+            }
+            Some(Incoming::Closed(code)) => {
+                let _ = self.write_now(Frame::close(code, b"")).await;
+                Err(End::Closed(code))
+            }
+            Some(Incoming::Failed(e)) => Err(End::Lost(e)),
+            None => Err(End::Lost("reader ended".into())),
+        }
+    }
+
+    /// Writes one frame and flushes it out of the buffer.
+    async fn write_now(&mut self, frame: Frame<'_>) -> Result<(), fastwebsockets::WebSocketError> {
+        self.writer.write_frame(frame).await?;
+        self.writer.flush().await
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -581,13 +611,27 @@ impl<'a> Link<'a> {
             self.window.resume();
         }
         let room = self.window.room(self.uplink.settings.max_in_flight);
-        let allowed = self.bucket.available(Instant::now()).min(room);
-        if allowed == 0 {
-            return Ok(());
-        }
         let records = {
-            let mut log = self.log();
+            // Through the `&Uplink`, so the guard does not hold `self`.
+            let uplink = self.uplink;
+            let mut log = uplink.log.lock().unwrap_or_else(|p| p.into_inner());
             let after = self.window.cursor.max(log.acked_seq());
+            let pending =
+                usize::try_from(log.last_seq().saturating_sub(after)).unwrap_or(usize::MAX);
+            let wanted = room.min(pending);
+            if wanted == 0 {
+                return Ok(());
+            }
+            let now = Instant::now();
+            let allowed = self.bucket.available(now).min(wanted);
+            // Behind, paced by the rate: tokens are saved up for a window, which the hub
+            // stores as one publication, rather than spent one reading at a time.
+            let window = wanted.min(CATCH_UP_WINDOW);
+            if allowed < window {
+                let wait = self.bucket.time_until(window, now);
+                self.paced_until = Some(tokio::time::Instant::now() + wait);
+                return Ok(());
+            }
             log.read_after(after, allowed, 256 * 1024)
                 .map_err(|e| format!("cannot read the log: {e}"))?
         };
@@ -619,10 +663,18 @@ impl<'a> Link<'a> {
                 self.bucket.take();
                 self.window.sent(record.seq);
             }
-            Ok(())
+            self.writer.flush().await.map_err(|e| e.to_string())
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Resolves at `at`, or never.
+async fn wake_at(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

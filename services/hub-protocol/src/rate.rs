@@ -2,7 +2,7 @@
 //! `limits.subscribe_rate`/`subscribe_burst`): the hub enforces them with it, and a client that
 //! paces itself with the same arithmetic stays under them.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A classic token bucket: `rate` tokens per second, at most `burst` saved up, full at start.
 #[derive(Debug)]
@@ -42,6 +42,16 @@ impl TokenBucket {
         self.tokens.floor() as usize
     }
 
+    /// How long until `n` tokens are saved up (never more than the burst can hold).
+    pub fn time_until(&mut self, n: usize, now: Instant) -> Duration {
+        self.refill(now);
+        let short = (n as f64).min(self.burst) - self.tokens;
+        if short <= 0.0 || self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(short / self.rate).unwrap_or(Duration::MAX)
+    }
+
     /// Spends one token counted by [`TokenBucket::available`].
     pub fn take(&mut self) {
         self.tokens = (self.tokens - 1.0).max(0.0);
@@ -57,7 +67,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn bucket_allows_burst_then_rate() {
@@ -82,5 +91,16 @@ mod tests {
             5,
             "capped at the burst"
         );
+    }
+
+    #[test]
+    fn the_wait_for_a_window_is_what_the_rate_needs_to_fill_it() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(50.0, 32);
+        assert_eq!(b.time_until(8, start), Duration::ZERO);
+        (0..32).for_each(|_| b.take());
+        let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
+        assert_eq!(secs(b.time_until(8, start)), 0.16);
+        assert_eq!(secs(b.time_until(100, start)), 0.64, "at most a full burst");
     }
 }

@@ -700,6 +700,19 @@ impl ReadHalf {
     }
   }
 
+  /// Reads what the stream has into the buffer, first making room for a whole
+  /// initial buffer's worth: frames split off the front shrink the room left,
+  /// and frames that arrived together should be read together.
+  async fn read_more<S>(&mut self, stream: &mut S) -> std::io::Result<usize>
+  where
+    S: AsyncRead + Unpin,
+  {
+    self
+      .buffer
+      .reserve(INITIAL_READ_BUFFER.saturating_sub(self.buffer.len()));
+    stream.read_buf(&mut self.buffer).await
+  }
+
   async fn parse_frame_header<'a, S>(
     &mut self,
     stream: &mut S,
@@ -717,7 +730,7 @@ impl ReadHalf {
 
     // Read the first two bytes
     while self.buffer.remaining() < 2 {
-      eof!(stream.read_buf(&mut self.buffer).await?);
+      eof!(self.read_more(stream).await?);
     }
 
     let fin = self.buffer[0] & 0b10000000 != 0;
@@ -741,7 +754,7 @@ impl ReadHalf {
 
     self.buffer.advance(2);
     while self.buffer.remaining() < extra + masked as usize * 4 {
-      eof!(stream.read_buf(&mut self.buffer).await?);
+      eof!(self.read_more(stream).await?);
     }
 
     let payload_len: usize = match extra {
