@@ -24,6 +24,31 @@ pub struct Pool {
     secret: String,
 }
 
+impl Hub {
+    /// The hub's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/metrics")
+            .header("host", "hub")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let res = sender.send_request(req).await?;
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// One series of a `/metrics` text (name with any labels, as written), 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 impl Pool {
     /// Starts redis and `hubs` hubs with the extra settings `env` (`HUB_*` variables).
     pub fn start(hub_bin: &Path, hubs: usize, env: &[(&str, &str)]) -> anyhow::Result<Pool> {

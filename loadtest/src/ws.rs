@@ -4,8 +4,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, bail};
-use fastwebsockets::{Frame, Payload};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
 use hub_client::{DialOptions, Dialer, HubSocket};
+use hyper_util::rt::TokioIo;
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 
 pub use hub_client::Received as Incoming;
 
@@ -57,5 +59,53 @@ impl Client {
     /// The next text frame or the close code.
     pub async fn next(&mut self) -> anyhow::Result<Incoming> {
         Ok(hub_client::receive(&mut self.ws).await?)
+    }
+}
+
+type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+/// An agent's connection that sends a window of publishes in one write, as the edge agent does:
+/// the hub stores what arrives together as one publication.
+pub struct Publisher {
+    read: WebSocketRead<ReadHalf<Io>>,
+    write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
+}
+
+impl Publisher {
+    pub fn new(client: Client) -> Publisher {
+        let (mut read, write) = client.ws.split(|stream| {
+            let (read, write) = tokio::io::split(stream);
+            (read, BufWriter::with_capacity(64 * 1024, write))
+        });
+        read.set_auto_pong(false);
+        Publisher { read, write }
+    }
+
+    /// Sends `texts` as text frames in one write.
+    pub async fn send_together(&mut self, texts: &[String]) -> anyhow::Result<()> {
+        for text in texts {
+            self.write
+                .write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
+                .await
+                .context("send")?;
+        }
+        self.write.flush().await.context("send")
+    }
+
+    /// The next text frame or the close code; pings are answered on the way.
+    pub async fn next(&mut self) -> anyhow::Result<Incoming> {
+        let mut nothing = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
+        loop {
+            let frame = self.read.read_frame(&mut nothing).await.context("read")?;
+            if frame.opcode == OpCode::Ping {
+                let pong = Frame::pong(Payload::Owned(frame.payload.to_vec()));
+                self.write.write_frame(pong).await.context("pong")?;
+                self.write.flush().await.context("pong")?;
+                continue;
+            }
+            if let Some(received) = Incoming::from_frame(&frame) {
+                return Ok(received);
+            }
+        }
     }
 }

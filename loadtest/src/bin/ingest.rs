@@ -1,20 +1,22 @@
 //! Ingest of a pool: agents publishing as fast as their acks allow through the hubs, onto one
-//! Redis and onto Redis Clusters, in one run. Reports readings acknowledged per second, the
-//! Redis CPU-seconds of each shard, the Redis CPU per reading per target channel, and the shard
+//! Redis and onto Redis Clusters, in one run. Each agent sends a window of `--batch` publishes in
+//! one write and waits for their acks, as the edge agent does when it is behind. Reports readings
+//! acknowledged per second, the Redis CPU-seconds of each shard, the Redis CPU per reading per
+//! target channel, the mean publication the hubs stored (from their `/metrics`), and the shard
 //! imbalance (busiest shard over the mean). On a 2-core machine wall-clock scaling cannot show;
 //! the CPU per reading and per shard do.
 //!
 //!     cargo build --release -p hub -p loadtest
-//!     target/release/ingest --hubs 3 --devices 60 --readings 200 --masters 0,3
+//!     target/release/ingest --hubs 3 --devices 60 --readings 300 --masters 0,3,6 --batch 1,10,100
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use loadtest::pool::Pool;
+use loadtest::pool::{Pool, metric};
 use loadtest::procstat;
-use loadtest::ws::{Client, Incoming};
+use loadtest::ws::{Client, Incoming, Publisher};
 
 #[derive(Parser)]
 struct Args {
@@ -23,12 +25,15 @@ struct Args {
     /// Devices, one agent connection each, spread over the hubs.
     #[arg(long, default_value_t = 60)]
     devices: usize,
-    /// Readings per device, each sent once the previous one is acknowledged.
-    #[arg(long, default_value_t = 200)]
+    /// Readings per device and run (rounded down to a multiple of the batch).
+    #[arg(long, default_value_t = 300)]
     readings: u64,
     /// The Redis setups to compare: 0 is one instance, N a cluster of N masters.
-    #[arg(long, value_delimiter = ',', default_value = "0,3")]
+    #[arg(long, value_delimiter = ',', default_value = "0,3,6")]
     masters: Vec<usize>,
+    /// Publishes an agent sends in one write before it waits for their acks.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    batch: Vec<u64>,
     /// The hub binary.
     #[arg(long, default_value = "target/release/hub")]
     hub_bin: PathBuf,
@@ -42,6 +47,9 @@ const CHANNELS_PER_READING: f64 = 2.0;
 
 struct Run {
     masters: usize,
+    batch: u64,
+    /// Readings per publication the hubs stored.
+    stored_batch: f64,
     acked: u64,
     elapsed: Duration,
     /// Redis CPU of each shard (one entry for one instance).
@@ -71,20 +79,43 @@ impl Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.batch.iter().any(|&b| b == 0 || b > args.readings) {
+        bail!("--batch must be between 1 and --readings");
+    }
     let mut runs = Vec::new();
     for &masters in &args.masters {
-        let run = run(&args, masters)
-            .await
-            .with_context(|| format!("run on {}", setup(masters)))?;
-        runs.push(run);
+        let pool = Pool::start_on(
+            &args.hub_bin,
+            args.hubs,
+            masters,
+            &[
+                ("HUB_LIMITS__PUBLISH_RATE", "1000000"),
+                ("HUB_LIMITS__PUBLISH_BURST", "1000000"),
+                ("HUB_LIMITS__CONNECT_RATE", "100000"),
+            ],
+        )
+        .with_context(|| format!("starting {}", setup(masters)))?;
+        for &batch in &args.batch {
+            let run = run(&args, &pool, masters, batch)
+                .await
+                .with_context(|| format!("batch {batch} on {}", setup(masters)))?;
+            runs.push(run);
+        }
     }
     println!(
         "\n{} hubs, {} devices x {} readings, each to devices.<id> and fleet, sent as acks allow",
         args.hubs, args.devices, args.readings
     );
     println!(
-        "{:<14} {:>10} {:>12} {:>14} {:>18} {:>10}  shards (redis cpu s)",
-        "redis", "acked", "readings/s", "redis cpu s", "us/reading/chan", "max/mean"
+        "{:<14} {:>6} {:>8} {:>10} {:>12} {:>14} {:>18} {:>10}  shards (redis cpu s)",
+        "redis",
+        "batch",
+        "stored",
+        "acked",
+        "readings/s",
+        "redis cpu s",
+        "us/reading/chan",
+        "max/mean"
     );
     for r in &runs {
         let shards: Vec<String> = r
@@ -93,8 +124,10 @@ async fn main() -> anyhow::Result<()> {
             .map(|d| format!("{:.2}", d.as_secs_f64()))
             .collect();
         println!(
-            "{:<14} {:>10} {:>12.0} {:>14.2} {:>18.1} {:>10.2}  {}",
+            "{:<14} {:>6} {:>8.1} {:>10} {:>12.0} {:>14.2} {:>18.1} {:>10.2}  {}",
             setup(r.masters),
+            r.batch,
+            r.stored_batch,
             r.acked,
             r.acked as f64 / r.elapsed.as_secs_f64(),
             r.redis_cpu(),
@@ -105,8 +138,10 @@ async fn main() -> anyhow::Result<()> {
     }
     for r in &runs {
         println!(
-            r#"{{"bench":"ingest","masters":{},"hubs":{},"devices":{},"readings":{},"acked":{},"wall_s":{:.3},"redis_cpu_s":{:.3},"us_per_reading_channel":{:.2},"imbalance":{:.3}}}"#,
+            r#"{{"bench":"ingest","masters":{},"batch":{},"stored_batch":{:.2},"hubs":{},"devices":{},"readings":{},"acked":{},"wall_s":{:.3},"redis_cpu_s":{:.3},"us_per_reading_channel":{:.2},"imbalance":{:.3}}}"#,
             r.masters,
+            r.batch,
+            r.stored_batch,
             args.hubs,
             args.devices,
             args.readings,
@@ -127,20 +162,26 @@ fn setup(masters: usize) -> String {
     }
 }
 
-async fn run(args: &Args, masters: usize) -> anyhow::Result<Run> {
-    let pool = Pool::start_on(
-        &args.hub_bin,
-        args.hubs,
-        masters,
-        &[
-            ("HUB_LIMITS__PUBLISH_RATE", "1000000"),
-            ("HUB_LIMITS__CONNECT_RATE", "100000"),
-        ],
-    )?;
+/// Readings and publications the hubs have stored so far.
+async fn stored(pool: &Pool) -> anyhow::Result<(f64, f64)> {
+    let mut readings = 0.0;
+    let mut publications = 0.0;
+    for hub in &pool.hubs {
+        let text = hub.metrics().await?;
+        readings += metric(&text, "hub_publish_batch_readings_sum");
+        publications += metric(&text, "hub_publish_batch_readings_count");
+    }
+    Ok((readings, publications))
+}
+
+async fn run(args: &Args, pool: &Pool, masters: usize, batch: u64) -> anyhow::Result<Run> {
+    let readings = args.readings / batch * batch;
     let mut agents = Vec::new();
     for d in 0..args.devices {
         let hub = &pool.hubs[d % args.hubs];
-        agents.push(Client::connect(hub.addr, &pool.token(&format!("pi-{d}"), "agent")?).await?);
+        // A device of its own per run: its seqs start at 1.
+        let token = pool.token(&format!("pi-b{batch}-{d}"), "agent")?;
+        agents.push(Publisher::new(Client::connect(hub.addr, &token).await?));
     }
     let cpu = |pool: &Pool| -> std::io::Result<Vec<Duration>> {
         pool.redis
@@ -148,25 +189,28 @@ async fn run(args: &Args, masters: usize) -> anyhow::Result<Run> {
             .map(|r| procstat::cpu_time(r.id()))
             .collect()
     };
-    let before = cpu(&pool)?;
+    let stored_before = stored(pool).await?;
+    let before = cpu(pool)?;
     let start = Instant::now();
-    let readings = args.readings;
     let publishers: Vec<_> = agents
         .into_iter()
         .map(|mut agent| {
             tokio::spawn(async move {
-                for seq in 1..=readings {
-                    agent
-                        .send(&format!(
-                            r#"{{"type":"publish","seq":{seq},"data":{{"v":{seq}}}}}"#
-                        ))
-                        .await?;
-                    match agent.next().await? {
-                        Incoming::Text(t) if t.starts_with(br#"{"type":"ack""#) => {}
-                        Incoming::Text(t) => {
-                            bail!("publish {seq}: {}", String::from_utf8_lossy(&t))
+                let mut window = Vec::new();
+                for first in (1..=readings).step_by(batch as usize) {
+                    window.clear();
+                    window.extend((first..first + batch).map(|seq| {
+                        format!(r#"{{"type":"publish","seq":{seq},"data":{{"v":{seq}}}}}"#)
+                    }));
+                    agent.send_together(&window).await?;
+                    for seq in first..first + batch {
+                        match agent.next().await? {
+                            Incoming::Text(t) if t.starts_with(br#"{"type":"ack""#) => {}
+                            Incoming::Text(t) => {
+                                bail!("publish {seq}: {}", String::from_utf8_lossy(&t))
+                            }
+                            Incoming::Closed(code) => bail!("closed with {code}"),
                         }
-                        Incoming::Closed(code) => bail!("closed with {code}"),
                     }
                 }
                 anyhow::Ok(readings)
@@ -180,14 +224,19 @@ async fn run(args: &Args, masters: usize) -> anyhow::Result<Run> {
             .context("the run took longer than --limit")???;
     }
     let elapsed = start.elapsed();
-    let after = cpu(&pool)?;
+    let after = cpu(pool)?;
+    let stored_after = stored(pool).await?;
     let shards = after
         .iter()
         .zip(&before)
         .map(|(a, b)| a.saturating_sub(*b))
         .collect();
+    let stored_batch =
+        (stored_after.0 - stored_before.0) / (stored_after.1 - stored_before.1).max(1.0);
     Ok(Run {
         masters,
+        batch,
+        stored_batch,
         acked,
         elapsed,
         shards,

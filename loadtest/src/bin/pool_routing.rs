@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use loadtest::pool::Pool;
+use loadtest::pool::{Pool, metric};
 use loadtest::procstat;
 use loadtest::ws::{Client, Incoming};
 
@@ -204,10 +204,10 @@ async fn run(args: &Args, mode: &'static str) -> anyhow::Result<Run> {
     let mut hubs = Vec::new();
     for (hub, before) in pool.hubs.iter().zip(before) {
         // Messages for channels nobody here watches may still be in flight: wait until settled.
-        let mut metrics = get_metrics(hub.addr).await?;
+        let mut metrics = hub.metrics().await?;
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let again = get_metrics(hub.addr).await?;
+            let again = hub.metrics().await?;
             let settled = metric(&again, "hub_broker_messages_total")
                 == metric(&metrics, "hub_broker_messages_total");
             metrics = again;
@@ -217,8 +217,8 @@ async fn run(args: &Args, mode: &'static str) -> anyhow::Result<Run> {
         }
         hubs.push(HubFigures {
             cpu: procstat::cpu_time(hub.child.id())?.saturating_sub(before),
-            received: metric(&metrics, "hub_broker_messages_total"),
-            unwanted: metric(&metrics, "hub_broker_unwanted_messages_total"),
+            received: metric(&metrics, "hub_broker_messages_total") as u64,
+            unwanted: metric(&metrics, "hub_broker_unwanted_messages_total") as u64,
         });
     }
     let redis_cpu = procstat::cpu_time(pool.redis[0].id())?.saturating_sub(redis_before);
@@ -242,25 +242,4 @@ async fn expect(client: &mut Client, kind: &[u8]) -> anyhow::Result<()> {
         ),
         Incoming::Closed(code) => bail!("closed with {code}"),
     }
-}
-
-async fn get_metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/metrics")
-        .header("host", "hub")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let res = sender.send_request(req).await?;
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
