@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hub_protocol::channel::{self, publication_channels};
-use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Position, Role, ServerFrame};
+use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Role, ServerFrame, Since};
 use observability::propagation::{self, Remote};
 use observability::{RootSampler, in_span};
 use serde_json::value::RawValue;
@@ -281,7 +281,7 @@ impl Session {
     async fn subscribe(
         &mut self,
         channel: &str,
-        since: Option<&Position>,
+        since: Option<&Since>,
         reference: Option<&RawValue>,
     ) -> Outcome {
         let refuse = |code, message: &str| (code, message.to_owned());
@@ -364,23 +364,19 @@ impl Session {
     ) -> Outcome {
         let now = Instant::now();
         let limits = self.hub.limits;
-        let refusal = match self.publisher.as_mut() {
-            None => Err((ErrorCode::Forbidden, "only agents publish".to_owned())),
-            Some(_) if device.is_some_and(|d| d != self.identity.sub) => Err((
+        let admission = match self.publisher.as_mut() {
+            None => Admission::Refuse(ErrorCode::Forbidden, "only agents publish".to_owned()),
+            Some(_) if device.is_some_and(|d| d != self.identity.sub) => Admission::Refuse(
                 ErrorCode::Forbidden,
                 format!(
                     "an agent publishes as itself only (`{}`)",
                     self.identity.sub
                 ),
-            )),
-            Some(publisher) => match publisher.admit(seq, now, limits.publish_burst) {
-                Admission::Accept => Ok(true),
-                Admission::Refuse(code, message) => Err((code, message)),
-                Admission::Close => Ok(false),
-            },
+            ),
+            Some(publisher) => publisher.admit(seq, now, limits.publish_burst),
         };
-        match refusal {
-            Ok(true) => {
+        match admission {
+            Admission::Accept => {
                 self.batch_bytes += data.get().len();
                 self.batch.push(Admitted {
                     seq,
@@ -391,12 +387,12 @@ impl Session {
                 });
                 Ok(())
             }
-            Ok(false) => {
+            Admission::Close => {
                 self.hub.metrics.publications.inc("refused");
                 self.flush().await?;
                 Err(CloseCode::RateLimited)
             }
-            Err((code, message)) => {
+            Admission::Refuse(code, message) => {
                 self.hub.metrics.publications.inc("refused");
                 span.record("outcome", "refused");
                 self.flush().await?;
@@ -422,8 +418,16 @@ impl Session {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        let outcome = self.store_and_answer(&batch).await;
+        // Kept for the next batch with its capacity: an agent that is behind sends many.
+        batch.clear();
+        self.batch = batch;
+        outcome
+    }
+
+    async fn store_and_answer(&mut self, batch: &[Admitted]) -> Outcome {
         let Some(publisher) = self.publisher.as_mut() else {
             return Ok(());
         };
@@ -464,7 +468,7 @@ impl Session {
             Err(e) => {
                 publisher.not_stored(batch[0].seq);
                 let message = e.to_string();
-                for admitted in &batch {
+                for admitted in batch {
                     metrics.publications.inc("refused");
                     admitted.span.record("outcome", "unavailable");
                     self.error(
