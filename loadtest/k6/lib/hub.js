@@ -197,9 +197,10 @@ export function parseFrame(data) {
   }
 }
 
+// `since` is one position ({epoch, offset}) or, for a partitioned channel, {partitions: [...]}.
 export function subscribeFrame(channel, since) {
   const f = { type: 'subscribe', channel };
-  if (since) f.since = { epoch: since.epoch, offset: since.offset };
+  if (since) f.since = since;
   return JSON.stringify(f);
 }
 
@@ -213,6 +214,9 @@ export function publishFrame(seq, data) {
 
 const MAX_HELD = 10000;
 
+// A channel the hub splits into partitions (`subscribed` frames with `part` and `parts`) is
+// tracked per partition: each is a log with its own epoch and offsets, answered by its own
+// `subscribed` frame. A one-log channel is partition 0 of 1.
 export class Tracker {
   // opts.onDeliver(channel, frame, live) is called for every message accepted in order.
   // opts.latency: false to skip the publish_to_deliver_ms samples (e.g. soak records its own).
@@ -224,22 +228,46 @@ export class Tracker {
 
   // The subscribe frame for `channel`: with `since` when a position is known (resume).
   subscribe(channel) {
-    let st = this.ch[channel];
-    if (!st) {
-      st = { epoch: null, offset: 0, awaiting: false, sinceSent: false, replayUntil: -1, held: [] };
-      this.ch[channel] = st;
+    let c = this.ch[channel];
+    if (!c) {
+      c = { parts: null, logs: {}, pending: null };
+      this.ch[channel] = c;
     }
-    st.awaiting = true;
-    st.held = [];
-    st.replayUntil = -1;
-    const since = st.epoch !== null ? { epoch: st.epoch, offset: st.offset } : null;
-    st.sinceSent = since !== null;
+    for (const k in c.logs) {
+      c.logs[k].held = [];
+      c.logs[k].replayUntil = -1;
+    }
+    const since = this.position(channel);
+    c.pending = { resumed: since !== null, answered: {}, count: 0, recovered: true };
     return subscribeFrame(channel, since);
   }
 
+  // What a resume of `channel` sends as `since`, null when nothing was seen.
   position(channel) {
-    const st = this.ch[channel];
-    return st && st.epoch !== null ? { epoch: st.epoch, offset: st.offset } : null;
+    const c = this.ch[channel];
+    if (!c || c.parts === null) return null;
+    const at = (k) => {
+      const st = c.logs[k];
+      return st && st.epoch !== null ? { epoch: st.epoch, offset: st.offset } : null;
+    };
+    if (c.parts === 1) return at(0);
+    const partitions = [];
+    let known = false;
+    for (let k = 0; k < c.parts; k++) {
+      // A partition never seen gets a position no epoch matches: answered as new.
+      partitions.push(at(k) || { epoch: '', offset: 0 });
+      known = known || at(k) !== null;
+    }
+    return known ? { partitions } : null;
+  }
+
+  log(c, part) {
+    let st = c.logs[part];
+    if (!st) {
+      st = { epoch: null, offset: 0, replayUntil: -1, held: [] };
+      c.logs[part] = st;
+    }
+    return st;
   }
 
   handle(f) {
@@ -256,28 +284,41 @@ export class Tracker {
   }
 
   onSubscribed(f) {
-    const st = this.ch[f.channel];
-    if (!st) {
+    const c = this.ch[f.channel];
+    if (!c) {
       metrics.protocolErrors.add(1, { reason: 'subscribed_unknown_channel' });
       return;
     }
-    if (st.awaiting) {
-      st.awaiting = false;
-      if (st.sinceSent) {
-        if (f.recovered === true) {
-          // Keep the `since` position: the replay starts right after it and ends at f.offset.
-          metrics.resumedOk.add(1);
-          st.replayUntil = f.epoch === st.epoch ? f.offset : -1;
-        } else {
-          metrics.resumedWithGap.add(1);
-          metrics.holes.add(1);
-          st.epoch = f.epoch;
-          st.offset = f.offset;
-        }
+    const parts = typeof f.parts === 'number' ? f.parts : 1;
+    const part = typeof f.part === 'number' ? f.part : 0;
+    if (c.parts !== parts) {
+      // The pool splits the channel another way now: old positions mean nothing. (On the first
+      // answer the logs hold only messages that came early.)
+      if (c.parts !== null) c.logs = {};
+      c.parts = parts;
+    }
+    const st = this.log(c, part);
+    const p = c.pending;
+    if (p && !p.answered[part]) {
+      p.answered[part] = true;
+      p.count++;
+      const known = st.epoch !== null;
+      if (p.resumed && known && f.recovered === true) {
+        // Keep the `since` position: the replay starts right after it and ends at f.offset.
+        st.replayUntil = f.epoch === st.epoch ? f.offset : -1;
       } else {
-        // Fresh subscription: live from offset + 1, not a hole.
+        if (p.resumed && known) {
+          metrics.holes.add(1);
+          p.recovered = false;
+        } else if (p.resumed) {
+          p.recovered = false; // a partition this client never had: new, not a hole
+        }
         st.epoch = f.epoch;
         st.offset = f.offset;
+      }
+      if (p.count === parts) {
+        c.pending = null;
+        if (p.resumed) (p.recovered ? metrics.resumedOk : metrics.resumedWithGap).add(1);
       }
       const held = st.held;
       st.held = [];
@@ -292,12 +333,14 @@ export class Tracker {
   }
 
   onMessage(f) {
-    const st = this.ch[f.channel];
-    if (!st) {
+    const c = this.ch[f.channel];
+    if (!c) {
       metrics.protocolErrors.add(1, { reason: 'message_unknown_channel' });
       return;
     }
-    if (st.awaiting) {
+    const part = typeof f.part === 'number' ? f.part : 0;
+    const st = this.log(c, part);
+    if (c.pending && !c.pending.answered[part]) {
       if (st.held.length < MAX_HELD) st.held.push(f);
       else metrics.protocolErrors.add(1, { reason: 'held_overflow' });
       return;

@@ -4,10 +4,12 @@
 //! acknowledged per second, the Redis CPU-seconds of each shard, the Redis CPU per reading per
 //! target channel, the mean publication the hubs stored (from their `/metrics`), and the shard
 //! imbalance (busiest shard over the mean). On a 2-core machine wall-clock scaling cannot show;
-//! the CPU per reading and per shard do.
+//! the CPU per reading and per shard do. Clusters run once per `--partitions` value (`fleet`
+//! split into that many logs; 1 is the single hot slot), one instance with 1.
 //!
 //!     cargo build --release -p hub -p loadtest
-//!     target/release/ingest --hubs 3 --devices 60 --readings 300 --masters 0,3,6 --batch 1,10,100
+//!     target/release/ingest --hubs 3 --devices 600 --readings 1000 --masters 0,3,6 \
+//!         --batch 1,10,100 --partitions 1,16
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,6 +33,9 @@ struct Args {
     /// The Redis setups to compare: 0 is one instance, N a cluster of N masters.
     #[arg(long, value_delimiter = ',', default_value = "0,3,6")]
     masters: Vec<usize>,
+    /// `broker.partitions` values to run each cluster with.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    partitions: Vec<u32>,
     /// Publishes an agent sends in one write before it waits for their acks.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     batch: Vec<u64>,
@@ -47,6 +52,7 @@ const CHANNELS_PER_READING: f64 = 2.0;
 
 struct Run {
     masters: usize,
+    partitions: u32,
     batch: u64,
     /// Readings per publication the hubs stored.
     stored_batch: f64,
@@ -84,22 +90,33 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut runs = Vec::new();
     for &masters in &args.masters {
-        let pool = Pool::start_on(
-            &args.hub_bin,
-            args.hubs,
-            masters,
-            &[
-                ("HUB_LIMITS__PUBLISH_RATE", "1000000"),
-                ("HUB_LIMITS__PUBLISH_BURST", "1000000"),
-                ("HUB_LIMITS__CONNECT_RATE", "100000"),
-            ],
-        )
-        .with_context(|| format!("starting {}", setup(masters)))?;
-        for &batch in &args.batch {
-            let run = run(&args, &pool, masters, batch)
-                .await
-                .with_context(|| format!("batch {batch} on {}", setup(masters)))?;
-            runs.push(run);
+        let partitions = if masters == 0 {
+            &[1][..]
+        } else {
+            &args.partitions[..]
+        };
+        for &parts in partitions {
+            let name = format!("{} P={parts}", setup(masters));
+            let parts_text = parts.to_string();
+            let pool = Pool::start_on(
+                &args.hub_bin,
+                args.hubs,
+                masters,
+                &[
+                    ("HUB_LIMITS__PUBLISH_RATE", "1000000"),
+                    ("HUB_LIMITS__PUBLISH_BURST", "1000000"),
+                    ("HUB_LIMITS__CONNECT_RATE", "100000"),
+                    ("HUB_BROKER__PARTITIONS", &parts_text),
+                ],
+            )
+            .with_context(|| format!("starting {name}"))?;
+            for &batch in &args.batch {
+                let mut run = run(&args, &pool, masters, batch)
+                    .await
+                    .with_context(|| format!("batch {batch} on {name}"))?;
+                run.partitions = parts;
+                runs.push(run);
+            }
         }
     }
     println!(
@@ -107,8 +124,9 @@ async fn main() -> anyhow::Result<()> {
         args.hubs, args.devices, args.readings
     );
     println!(
-        "{:<14} {:>6} {:>8} {:>10} {:>12} {:>14} {:>18} {:>10}  shards (redis cpu s)",
+        "{:<14} {:>5} {:>6} {:>8} {:>10} {:>12} {:>14} {:>18} {:>10}  shards (redis cpu s)",
         "redis",
+        "parts",
         "batch",
         "stored",
         "acked",
@@ -124,8 +142,9 @@ async fn main() -> anyhow::Result<()> {
             .map(|d| format!("{:.2}", d.as_secs_f64()))
             .collect();
         println!(
-            "{:<14} {:>6} {:>8.1} {:>10} {:>12.0} {:>14.2} {:>18.1} {:>10.2}  {}",
+            "{:<14} {:>5} {:>6} {:>8.1} {:>10} {:>12.0} {:>14.2} {:>18.1} {:>10.2}  {}",
             setup(r.masters),
+            r.partitions,
             r.batch,
             r.stored_batch,
             r.acked,
@@ -138,8 +157,9 @@ async fn main() -> anyhow::Result<()> {
     }
     for r in &runs {
         println!(
-            r#"{{"bench":"ingest","masters":{},"batch":{},"stored_batch":{:.2},"hubs":{},"devices":{},"readings":{},"acked":{},"wall_s":{:.3},"redis_cpu_s":{:.3},"us_per_reading_channel":{:.2},"imbalance":{:.3}}}"#,
+            r#"{{"bench":"ingest","masters":{},"partitions":{},"batch":{},"stored_batch":{:.2},"hubs":{},"devices":{},"readings":{},"acked":{},"wall_s":{:.3},"redis_cpu_s":{:.3},"us_per_reading_channel":{:.2},"imbalance":{:.3}}}"#,
             r.masters,
+            r.partitions,
             r.batch,
             r.stored_batch,
             args.hubs,
@@ -235,6 +255,7 @@ async fn run(args: &Args, pool: &Pool, masters: usize, batch: u64) -> anyhow::Re
         (stored_after.0 - stored_before.0) / (stored_after.1 - stored_before.1).max(1.0);
     Ok(Run {
         masters,
+        partitions: 1,
         batch,
         stored_batch,
         acked,

@@ -5,13 +5,43 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{FrameError, MAX_REF_BYTES, MAX_SEQ};
+use crate::{FrameError, MAX_PARTITIONS, MAX_REF_BYTES, MAX_SEQ};
 
 /// A position in a channel's history: the last `offset` a client saw in `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     pub epoch: String,
     pub offset: u64,
+}
+
+/// Where a resuming `subscribe` continues: one [`Position`] for a channel that is one log, or
+/// one per partition, in partition order, for a channel the hub splits into partitions (its
+/// `subscribed` frames carry `part` and `parts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Since {
+    One(Position),
+    Partitions { partitions: Vec<Position> },
+}
+
+impl Since {
+    /// What to resume partition `part` of `parts` from. `None` when this `since` was written for
+    /// another number of partitions (the pool changed `broker.partitions`, or the client kept a
+    /// one-log position): that partition is then answered `recovered: false`.
+    pub fn part(&self, part: u32, parts: u32) -> Option<&Position> {
+        match self {
+            Since::One(position) => (parts == 1 && part == 0).then_some(position),
+            Since::Partitions { partitions } => (partitions.len() == parts as usize)
+                .then(|| partitions.get(part as usize))
+                .flatten(),
+        }
+    }
+}
+
+impl From<Position> for Since {
+    fn from(position: Position) -> Self {
+        Since::One(position)
+    }
 }
 
 /// A client → hub frame. `reference` is the optional `ref` field, echoed in `error` frames.
@@ -21,7 +51,7 @@ pub enum ClientFrame<'a> {
     Subscribe {
         channel: Cow<'a, str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        since: Option<Position>,
+        since: Option<Since>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
@@ -59,7 +89,7 @@ struct Wire<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    since: Option<Position>,
+    since: Option<Since>,
     seq: Option<u64>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -89,11 +119,18 @@ impl<'a> ClientFrame<'a> {
             return Err(FrameError::RefTooLong);
         }
         match &*kind {
-            "subscribe" => Ok(ClientFrame::Subscribe {
-                channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
-                since: wire.since,
-                reference,
-            }),
+            "subscribe" => {
+                if let Some(Since::Partitions { partitions }) = &wire.since
+                    && partitions.len() > MAX_PARTITIONS as usize
+                {
+                    return Err(FrameError::TooManyPartitions);
+                }
+                Ok(ClientFrame::Subscribe {
+                    channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
+                    since: wire.since,
+                    reference,
+                })
+            }
             "unsubscribe" => Ok(ClientFrame::Unsubscribe {
                 channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
                 reference,
@@ -218,14 +255,64 @@ mod tests {
                 assert_eq!(channel, "fleet");
                 assert_eq!(
                     since,
-                    Some(Position {
+                    Some(Since::One(Position {
                         epoch: "ab".into(),
                         offset: 3
-                    })
+                    }))
                 );
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_partitioned_since_gives_one_position_per_partition() {
+        let text = br#"{"type":"subscribe","channel":"fleet","since":{"partitions":[{"epoch":"a","offset":1},{"epoch":"b","offset":0}]}}"#;
+        let ClientFrame::Subscribe {
+            since: Some(since), ..
+        } = ClientFrame::parse(text).unwrap()
+        else {
+            panic!("no since");
+        };
+        let b = Position {
+            epoch: "b".into(),
+            offset: 0,
+        };
+        assert_eq!(since.part(1, 2), Some(&b));
+        assert_eq!(since.part(2, 2), None, "no such partition");
+        assert_eq!(since.part(0, 3), None, "written for 2 partitions, not 3");
+        assert_eq!(since.part(0, 1), None);
+    }
+
+    #[test]
+    fn a_one_log_since_resumes_only_a_one_log_channel() {
+        let since = Since::from(Position {
+            epoch: "e".into(),
+            offset: 4,
+        });
+        assert_eq!(since.part(0, 1).map(|p| p.offset), Some(4));
+        assert_eq!(since.part(0, 16), None);
+        assert_eq!(
+            serde_json::to_string(&since).unwrap(),
+            r#"{"epoch":"e","offset":4}"#,
+            "the one-log form is the v1 form"
+        );
+    }
+
+    #[test]
+    fn a_since_with_more_partitions_than_any_pool_has_is_refused() {
+        let parts = vec![r#"{"epoch":"e","offset":0}"#; MAX_PARTITIONS as usize + 1].join(",");
+        let text = format!(
+            r#"{{"type":"subscribe","channel":"fleet","since":{{"partitions":[{parts}]}}}}"#
+        );
+        assert!(matches!(
+            ClientFrame::parse(text.as_bytes()),
+            Err(FrameError::TooManyPartitions)
+        ));
+        assert!(matches!(
+            ClientFrame::parse(br#"{"type":"subscribe","channel":"fleet","since":{"offset":1}}"#),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]

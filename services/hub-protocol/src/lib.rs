@@ -27,7 +27,7 @@ pub mod server;
 
 pub use channel::{ChannelError, ChannelPattern};
 pub use claims::{Claims, Role};
-pub use client::{ClientFrame, Position};
+pub use client::{ClientFrame, Position, Since};
 pub use codes::{CloseCode, ErrorCode, Retry};
 pub use server::ServerFrame;
 
@@ -38,6 +38,10 @@ pub const MAX_SEQ: u64 = (1 << 53) - 1;
 /// The longest `ref` a client frame may carry, in bytes of JSON: errors echo it, so it is
 /// bounded like everything else a client can make the hub queue.
 pub const MAX_REF_BYTES: usize = 256;
+
+/// The most partitions a channel may be split into (`broker.partitions`), and so the longest
+/// partitioned `since` a hub reads.
+pub const MAX_PARTITIONS: u32 = 256;
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum FrameError {
     SeqOutOfRange,
     #[error("`ref` must be at most {MAX_REF_BYTES} bytes of JSON")]
     RefTooLong,
+    #[error("`since.partitions` may list at most {MAX_PARTITIONS} positions")]
+    TooManyPartitions,
 }
 
 impl FrameError {

@@ -24,8 +24,14 @@ pub enum ServerFrame<'a> {
         /// When the token expires and the hub closes with 4001, seconds since the Unix epoch.
         expires_at: u64,
     },
+    /// For a partitioned channel, one per partition (`part` of `parts`), each with the
+    /// partition's own epoch and offsets; absent fields mean the channel is one log.
     Subscribed {
         channel: Cow<'a, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parts: Option<u32>,
         epoch: Cow<'a, str>,
         /// The channel's latest offset when the subscription took effect; the next live message
         /// has `offset + 1` (replayed messages, if any, come first).
@@ -37,6 +43,9 @@ pub enum ServerFrame<'a> {
     },
     Message {
         channel: Cow<'a, str>,
+        /// The partition whose epoch and offset these are; absent for a one-log channel.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
         epoch: Cow<'a, str>,
         offset: u64,
         from: Cow<'a, str>,
@@ -77,6 +86,8 @@ struct Wire<'a> {
     expires_at: Option<u64>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
+    part: Option<u32>,
+    parts: Option<u32>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
     offset: Option<u64>,
@@ -114,6 +125,8 @@ impl<'a> ServerFrame<'a> {
             },
             "subscribed" => ServerFrame::Subscribed {
                 channel: channel()?,
+                part: w.part,
+                parts: w.parts,
                 epoch: epoch()?,
                 offset: offset()?,
                 recovered: w.recovered.ok_or(FrameError::MissingField("recovered"))?,
@@ -123,6 +136,7 @@ impl<'a> ServerFrame<'a> {
             },
             "message" => ServerFrame::Message {
                 channel: channel()?,
+                part: w.part,
                 epoch: epoch()?,
                 offset: offset()?,
                 from: w.from.clone().ok_or(FrameError::MissingField("from"))?,
@@ -161,6 +175,7 @@ mod tests {
         let data = RawValue::from_string(r#"{"temp":{"v":48.2,"unit":"C"}}"#.into()).unwrap();
         let frame = ServerFrame::Message {
             channel: "fleet".into(),
+            part: None,
             epoch: "e1".into(),
             offset: 42,
             from: "pi-1".into(),
@@ -178,6 +193,48 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn partitioned_frames_name_their_partition_and_one_log_frames_do_not() {
+        let one = ServerFrame::Subscribed {
+            channel: "fleet".into(),
+            part: None,
+            parts: None,
+            epoch: "e".into(),
+            offset: 3,
+            recovered: true,
+        };
+        assert_eq!(
+            one.to_json(),
+            r#"{"type":"subscribed","channel":"fleet","epoch":"e","offset":3,"recovered":true}"#
+        );
+        let part = ServerFrame::Subscribed {
+            channel: "fleet".into(),
+            part: Some(2),
+            parts: Some(16),
+            epoch: "e".into(),
+            offset: 3,
+            recovered: false,
+        };
+        let json = part.to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"subscribed","channel":"fleet","part":2,"parts":16,"epoch":"e","offset":3,"recovered":false}"#
+        );
+        assert!(matches!(
+            ServerFrame::parse(json.as_bytes()),
+            Ok(ServerFrame::Subscribed {
+                part: Some(2),
+                parts: Some(16),
+                ..
+            })
+        ));
+        let text = br#"{"type":"message","channel":"fleet","part":5,"epoch":"e","offset":1,"from":"d","data":{}}"#;
+        assert!(matches!(
+            ServerFrame::parse(text),
+            Ok(ServerFrame::Message { part: Some(5), .. })
+        ));
     }
 
     #[test]

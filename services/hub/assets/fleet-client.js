@@ -27,8 +27,11 @@
  *   closed for something this client sent) stops in state `closed`.
  * - Keeps the last `(epoch, offset)` of every channel from each `subscribed`/`message` frame and
  *   resubscribes every channel with `since` after a reconnect, so the hub replays what was missed.
- * - Never delivers a message twice or out of order: in one epoch, offsets <= the last seen are
- *   dropped. Messages arriving before a subscription's `subscribed` answer are held until it.
+ *   A channel the hub splits into partitions (`subscribed` frames with `part` and `parts`: `fleet`
+ *   and `groups.*` on a Redis Cluster) is tracked per partition, and resumed with
+ *   `since: {partitions: [...]}`; its subscription is complete once every partition answered.
+ * - Never delivers a message twice or out of order: in one epoch of one partition, offsets <= the
+ *   last seen are dropped. Messages arriving before their partition's `subscribed` are held.
  * - Reports holes the hub could not fill as `gap` events: `subscribed` with `recovered: false`
  *   answering a resume, an unasked `subscribed` on a live subscription, or an epoch change.
  *
@@ -37,17 +40,20 @@
  *               'connecting' | 'connected' | 'reconnecting' | 'auth_refused' | 'closed'.
  *               `retryAt` is a Date.now() timestamp (reconnecting only), `code` the close code or
  *               the hub's refusal `error` (e.g. 'expired').
- * - `message`   (channel, data, {epoch, offset, from})
- * - `gap`       (channel, {epoch, offset, missedFrom, previousEpoch, unsolicited}) — messages from
- *               `missedFrom` (in `previousEpoch`) up to `offset` (in `epoch`) are lost; live
- *               messages continue from `offset + 1`. `missedFrom` is null when unknown.
- * - `recovered` (channel, {replayed, epoch, offset}) — a resume the hub fully replayed.
+ * - `message`   (channel, data, {epoch, offset, from, part})
+ * - `gap`       (channel, {epoch, offset, missedFrom, previousEpoch, unsolicited, part}) — messages
+ *               from `missedFrom` (in `previousEpoch`) up to `offset` (in `epoch`) of partition
+ *               `part` are lost; live messages continue from `offset + 1`. `missedFrom` is null
+ *               when unknown. `part` is absent for a channel that is one log.
+ * - `recovered` (channel, {replayed, epoch, offset} or {replayed, parts}) — a resume the hub fully
+ *               replayed, every partition of it.
  * - `error`     (frame) — an `error` frame from the hub (frame.channel is set for a refused
  *               subscribe). A subscribe refused as `unavailable` or `rate_limited` is asked for
  *               again 0.5-1.5 s later; one refused for good is dropped from the channel list.
  *
  * Properties: `state`, `hub`, `expiresAt` (token exp, seconds), `channels` (Map snapshot
- * channel → {epoch, offset} | null), `stats` → {messages, messagesPerSecond, dropped}.
+ * channel → {epoch, offset} | {partitions: [{epoch, offset} | null]} | null), `stats` →
+ * {messages, messagesPerSecond, dropped}.
  */
 
 /**
@@ -126,7 +132,11 @@ export class FleetClient {
   #gotHello = false;
   #stopped = true;
   #userClosed = false;
-  /** channel → {pos: {epoch, offset} | null, pending: null | {since}, early: object[]} */
+  /**
+   * channel → {parts: number | null, logs: Map<part, {pos, early}>, waiting: null | {...}}: one
+   * log (part 0) for a one-log channel, one per partition otherwise; `waiting` while a subscribe
+   * is answered partition by partition (see #sendSubscribe).
+   */
   #channels = new Map();
   #messages = 0;
   #dropped = 0;
@@ -194,7 +204,7 @@ export class FleetClient {
    */
   subscribe(channel) {
     if (this.#channels.has(channel)) return;
-    this.#channels.set(channel, { pos: null, pending: null, early: [] });
+    this.#channels.set(channel, { parts: null, logs: new Map(), waiting: null });
     if (this.#gotHello) this.#sendSubscribe(channel);
   }
 
@@ -223,9 +233,18 @@ export class FleetClient {
   get hub() { return this.#hub; }
   get expiresAt() { return this.#expiresAt; }
 
-  /** Snapshot: channel → last {epoch, offset} seen, or null before the first answer. */
+  /**
+   * Snapshot: channel → last {epoch, offset} seen, or {partitions: [...]} (each {epoch, offset}
+   * or null) for a partitioned channel, or null before the first answer.
+   */
   get channels() {
-    return new Map([...this.#channels].map(([name, ch]) => [name, ch.pos && { ...ch.pos }]));
+    const snapshot = (ch) => {
+      if (ch.parts === null) return null;
+      const pos = (k) => { const p = ch.logs.get(k)?.pos; return p ? { ...p } : null; };
+      if (ch.parts === 1) return pos(0);
+      return { partitions: Array.from({ length: ch.parts }, (_, k) => pos(k)) };
+    };
+    return new Map([...this.#channels].map(([name, ch]) => [name, snapshot(ch)]));
   }
 
   /** Delivered messages, messages per second over the last ~2 s, duplicates dropped. */
@@ -283,7 +302,7 @@ export class FleetClient {
     if (this.#stopped) return;
     if (hadHello && this.#opts.now() - this.#openedAt >= BACKOFF.stableMs) this.#attempt = 0;
     // Subscriptions die with the socket; positions stay for the resume.
-    for (const ch of this.#channels.values()) { ch.pending = null; ch.early = []; }
+    for (const ch of this.#channels.values()) forget(ch);
 
     const why = { code, reason: reason || closeReason(code) };
     const retry = retryAfterClose(code);
@@ -386,12 +405,23 @@ export class FleetClient {
     for (const name of this.#channels.keys()) this.#sendSubscribe(name);
   }
 
+  /**
+   * Asks for the channel with `since` from what was seen. `waiting` notes, per partition, what
+   * each answer resumes: `since.get(part)` a position, null for a log never seen (fresh).
+   */
   #sendSubscribe(name) {
     const ch = this.#channels.get(name);
     const frame = { type: 'subscribe', channel: name, ref: `sub:${name}` };
-    if (ch.pos) frame.since = { epoch: ch.pos.epoch, offset: ch.pos.offset };
-    ch.pending = { since: frame.since ?? null };
-    ch.early = [];
+    const since = new Map([...ch.logs].map(([part, log]) => [part, log.pos && { ...log.pos }]));
+    if (ch.parts === 1 && since.get(0)) {
+      frame.since = since.get(0);
+    } else if (ch.parts > 1 && [...since.values()].some(Boolean)) {
+      // A partition never seen gets a position no epoch matches: answered as new.
+      const at = (k) => since.get(k) ?? { epoch: '', offset: 0 };
+      frame.since = { partitions: Array.from({ length: ch.parts }, (_, k) => at(k)) };
+    }
+    ch.waiting = { answered: new Set(), since, resumed: Boolean(frame.since), replayed: 0, recovered: true };
+    for (const log of ch.logs.values()) log.early = [];
     this.#send(frame);
   }
 
@@ -399,28 +429,55 @@ export class FleetClient {
     const name = frame.channel;
     const ch = this.#channels.get(name);
     if (!ch) return; // unsubscribed meanwhile
+    const parts = Number(frame.parts ?? 1);
+    const part = Number(frame.part ?? 0);
+    const w = ch.waiting;
+    if (ch.parts !== parts) {
+      // The first answer, or the pool now splits the channel another way: the old logs' positions
+      // mean nothing here, and what they had not delivered yet is a hole.
+      // (On the first answer the logs hold only messages that came early: keep them.)
+      if (ch.parts !== null) {
+        if (w) w.resized = true;
+        ch.logs = new Map();
+      }
+      ch.parts = parts;
+    }
+    let log = ch.logs.get(part);
+    if (!log) ch.logs.set(part, (log = { pos: null, early: [] }));
     const pos = { epoch: String(frame.epoch), offset: Number(frame.offset) };
-    const { pending } = ch;
-    ch.pending = null;
+    const answering = Boolean(w) && !w.answered.has(part);
+    if (answering) w.answered.add(part);
+    const where = parts > 1 ? { part } : {};
+    // undefined: unasked; null: a fresh log; a position: a resume.
+    const since = answering ? (w.resized ? { lost: true } : (w.since.get(part) ?? null)) : undefined;
 
-    if (pending && !pending.since) {
-      ch.pos = pos; // fresh subscription: live from offset + 1
-    } else if (pending && frame.recovered === true) {
+    if (since === null) {
+      log.pos = pos; // fresh: live from offset + 1
+      if (frame.recovered !== true && w.resumed) w.recovered = false;
+    } else if (since && !since.lost && frame.recovered === true) {
       // The replay follows: keep the position at `since` so replayed offsets are accepted.
-      this.#emit('recovered', name, { replayed: Math.max(0, pos.offset - pending.since.offset), ...pos });
+      w.replayed += Math.max(0, pos.offset - since.offset);
     } else {
-      const prev = pending ? pending.since : ch.pos;
+      const prev = since === undefined ? log.pos : since.lost ? null : since;
       const sameEpoch = prev && prev.epoch === pos.epoch;
-      ch.pos = sameEpoch ? { epoch: pos.epoch, offset: Math.max(prev.offset, pos.offset) } : pos;
+      log.pos = sameEpoch ? { epoch: pos.epoch, offset: Math.max(prev.offset, pos.offset) } : pos;
+      if (answering) w.recovered = false;
       this.#emit('gap', name, {
         ...pos,
         missedFrom: prev ? prev.offset + 1 : null,
         previousEpoch: prev?.epoch ?? null,
-        unsolicited: !pending,
+        unsolicited: !answering,
+        ...where,
       });
     }
-    const early = ch.early;
-    ch.early = [];
+    if (answering && w.answered.size === parts) {
+      ch.waiting = null;
+      if (w.resumed && w.recovered) {
+        this.#emit('recovered', name, parts > 1 ? { replayed: w.replayed, parts } : { replayed: w.replayed, ...pos });
+      }
+    }
+    const early = log.early;
+    log.early = [];
     for (const f of early) this.#onMessage(f);
   }
 
@@ -428,44 +485,53 @@ export class FleetClient {
     const name = frame.channel;
     const ch = this.#channels.get(name);
     if (!ch) return; // not (or no longer) subscribed
-    if (ch.pending) {
-      // Position unknown until the answer; hold it (bounded) and judge it then.
-      if (ch.early.length < EARLY_CAP) ch.early.push(frame);
+    const part = Number(frame.part ?? 0);
+    let log = ch.logs.get(part);
+    if (ch.waiting && !ch.waiting.answered.has(part)) {
+      // Position unknown until its partition's answer; hold it (bounded) and judge it then.
+      if (!log) ch.logs.set(part, (log = { pos: null, early: [] }));
+      if (log.early.length < EARLY_CAP) log.early.push(frame);
       return;
     }
+    if (!log) return; // a partition this subscription does not have
     const epoch = String(frame.epoch);
     const offset = Number(frame.offset);
-    const prev = ch.pos;
+    const prev = log.pos;
+    const where = ch.parts > 1 ? { part } : {};
     if (prev && prev.epoch === epoch && offset <= prev.offset) {
       this.#dropped++;
       return;
     }
     if (prev && prev.epoch !== epoch) {
       // The hub announces epoch changes with `subscribed`; if one slipped by, it is still a hole.
-      this.#emit('gap', name, { epoch, offset, missedFrom: prev.offset + 1, previousEpoch: prev.epoch, unsolicited: true });
+      this.#emit('gap', name, { epoch, offset, missedFrom: prev.offset + 1, previousEpoch: prev.epoch, unsolicited: true, ...where });
     }
-    ch.pos = { epoch, offset };
+    log.pos = { epoch, offset };
     this.#count();
-    this.#emit('message', name, frame.data, { epoch, offset, from: frame.from });
+    this.#emit('message', name, frame.data, { epoch, offset, from: frame.from, ...where });
   }
 
   #onError(frame) {
     const ref = typeof frame.ref === 'string' && frame.ref.startsWith('sub:') ? frame.ref.slice(4) : null;
     const ch = ref !== null ? this.#channels.get(ref) : undefined;
-    if (ch?.pending) {
+    if (ch?.waiting) {
       if (frame.code === 'already_subscribed') {
         // The hub has it already: messages flow; take them as they come.
-        ch.pending = null;
-        const early = ch.early;
-        ch.early = [];
-        for (const f of early) this.#onMessage(f);
+        ch.waiting = null;
+        for (const log of ch.logs.values()) {
+          const early = log.early;
+          log.early = [];
+          for (const f of early) this.#onMessage(f);
+        }
       } else if (frame.code === 'unavailable' || frame.code === 'rate_limited') {
         // The hub cannot take it now (its broker, its channel table, the subscribe rate): the
         // channel stays wanted and is asked for again shortly, on this connection or the next.
-        ch.pending = null;
+        // A partitioned subscribe refused after some partitions answered holds none of them
+        // (the hub undid them); what those answers told stays as the positions to resume from.
+        forget(ch);
         const ws = this.#ws;
         this.#opts.setTimeout(() => {
-          if (this.#ws === ws && this.#gotHello && this.#channels.get(ref) === ch && !ch.pending) {
+          if (this.#ws === ws && this.#gotHello && this.#channels.get(ref) === ch && !ch.waiting) {
             this.#sendSubscribe(ref);
           }
         }, 500 + Math.floor(this.#opts.random() * 1000));
@@ -519,6 +585,12 @@ export class FleetClient {
     const spanMs = (RATE_BUCKETS - 1) * RATE_BUCKET_MS + (now % RATE_BUCKET_MS || RATE_BUCKET_MS);
     return Math.round((sum * 1000) / spanMs);
   }
+}
+
+/** Ends a channel's subscription on this socket (closed, or refused): positions stay. */
+function forget(ch) {
+  ch.waiting = null;
+  for (const log of ch.logs.values()) log.early = [];
 }
 
 /** Human text for the protocol's close codes. */

@@ -130,6 +130,23 @@ pub struct BrokerSettings {
     /// Which publications reach this hub: `interest` (only channels its clients watch) or
     /// `broadcast` (all of them, one pattern subscription; for comparison, see docs/benchmarks.md).
     pub routing: Routing,
+    /// Partitions of `fleet` and of each `groups.<g>`: each is its own log (epoch, offsets,
+    /// history) in its own hash slot, and a device always writes to the same one, so on a
+    /// cluster the fleet's publications spread over the shards. Redis only; unset: 1 with
+    /// `url`, 16 with `cluster_nodes`. Every hub of a pool must use the same number: another
+    /// number names other logs (clients resume them with `recovered: false`).
+    pub partitions: Option<u32>,
+}
+
+impl BrokerSettings {
+    /// Partitions per split channel in effect (see [`BrokerSettings::partitions`]).
+    pub fn partitions(&self) -> u32 {
+        match self.partitions {
+            Some(parts) => parts,
+            None if !self.cluster_nodes.is_empty() => 16,
+            None => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -149,6 +166,7 @@ impl Default for BrokerSettings {
             timeout: Duration::from_secs(2),
             position_check: Duration::from_secs(2),
             routing: Routing::Interest,
+            partitions: None,
         }
     }
 }
@@ -407,6 +425,20 @@ impl Settings {
                 .map_err(|e| invalid("broker.cluster_nodes", format!("`{node}`: {e}")))?;
         }
         let broker = &self.broker;
+        if let Some(parts) = broker.partitions {
+            if broker.url.is_none() && broker.cluster_nodes.is_empty() {
+                return Err(invalid(
+                    "broker.partitions",
+                    "applies to Redis only (broker.url or broker.cluster_nodes); the embedded broker keeps each channel as one log",
+                ));
+            }
+            if !(1..=hub_protocol::MAX_PARTITIONS).contains(&parts) {
+                return Err(invalid(
+                    "broker.partitions",
+                    format!("must be from 1 to {}", hub_protocol::MAX_PARTITIONS),
+                ));
+            }
+        }
         if broker.pool_size == 0 || broker.timeout.is_zero() || broker.position_check.is_zero() {
             return Err(invalid(
                 "broker",
@@ -562,6 +594,22 @@ mod tests {
             message.contains("broker.cluster_nodes") && message.contains("broker.url"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn partitions_default_by_broker_and_need_redis() {
+        let secret = ("HUB_AUTH__HS256_SECRET", "12345678901234567890123456789012");
+        let url = ("HUB_BROKER__URL", "redis://127.0.0.1:6379");
+        let nodes = ("HUB_BROKER__CLUSTER_NODES", "redis://127.0.0.1:7000");
+        let load = |vars: &[(&str, &str)]| Settings::load_from(None, env(vars));
+        assert_eq!(load(&[secret, url]).unwrap().broker.partitions(), 1);
+        assert_eq!(load(&[secret, nodes]).unwrap().broker.partitions(), 16);
+        let four = ("HUB_BROKER__PARTITIONS", "4");
+        assert_eq!(load(&[secret, url, four]).unwrap().broker.partitions(), 4);
+        let embedded = load(&[secret, four]).unwrap_err().to_string();
+        assert!(embedded.contains("broker.partitions"), "{embedded}");
+        let zero = load(&[secret, url, ("HUB_BROKER__PARTITIONS", "0")]);
+        assert!(zero.unwrap_err().to_string().contains("from 1 to 256"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use hub_protocol::{Position, ServerFrame};
+use hub_protocol::{Position, ServerFrame, Since};
 
 use super::{
     Broker, BrokerError, Publication, PublishOutcome, Reading, SubscribeOutcome, new_epoch, pack,
@@ -250,6 +250,7 @@ impl Inner {
         ch.active = now;
         let message = ServerFrame::Message {
             channel: name.into(),
+            part: None,
             epoch: ch.epoch.as_str().into(),
             offset: ch.offset,
             from: device.into(),
@@ -296,6 +297,8 @@ impl Inner {
             let (recovered, replay) = super::within_budget(recovered, replay, outbox);
             let subscribed = frame::server(&ServerFrame::Subscribed {
                 channel: name.into(),
+                part: None,
+                parts: None,
                 epoch: ch.epoch.as_str().into(),
                 offset: ch.offset,
                 recovered,
@@ -379,10 +382,12 @@ impl Broker for MemoryBroker {
     async fn subscribe(
         &self,
         channel: &str,
-        since: Option<&Position>,
+        since: Option<&Since>,
         subscriber: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        self.inner.subscribe(channel, since, subscriber)
+        // Every channel here is one log: a partitioned `since` cannot resume it.
+        self.inner
+            .subscribe(channel, since.and_then(|s| s.part(0, 1)), subscriber)
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
@@ -525,7 +530,10 @@ mod tests {
             epoch: sub.epoch.clone(),
             offset: 2,
         };
-        let outcome = b.subscribe("fleet", Some(&since), &second).await.unwrap();
+        let outcome = b
+            .subscribe("fleet", Some(&Since::from(since.clone())), &second)
+            .await
+            .unwrap();
         assert!(outcome.recovered);
         assert_eq!(outcome.replayed, 3);
         publish(&b, 6);
@@ -547,7 +555,10 @@ mod tests {
             epoch: epoch.clone(),
             offset: 2,
         };
-        let outcome = b.subscribe("fleet", Some(&old), &late).await.unwrap();
+        let outcome = b
+            .subscribe("fleet", Some(&Since::from(old.clone())), &late)
+            .await
+            .unwrap();
         assert_eq!((outcome.recovered, outcome.replayed), (false, 0));
 
         let (other, _other_rx) = Outbox::new(3, 64);
@@ -556,7 +567,7 @@ mod tests {
             offset: 9,
         };
         assert!(
-            !b.subscribe("fleet", Some(&stale), &other)
+            !b.subscribe("fleet", Some(&Since::from(stale.clone())), &other)
                 .await
                 .unwrap()
                 .recovered
@@ -564,7 +575,10 @@ mod tests {
 
         let (edge, _edge_rx) = Outbox::new(4, 64);
         let covered = Position { epoch, offset: 7 };
-        let outcome = b.subscribe("fleet", Some(&covered), &edge).await.unwrap();
+        let outcome = b
+            .subscribe("fleet", Some(&Since::from(covered.clone())), &edge)
+            .await
+            .unwrap();
         assert_eq!((outcome.recovered, outcome.replayed), (true, 3));
     }
 
@@ -581,7 +595,11 @@ mod tests {
             .unwrap()
             .epoch;
         let outcome = b
-            .subscribe("devices.d1", Some(&Position { epoch, offset: 0 }), &o)
+            .subscribe(
+                "devices.d1",
+                Some(&Since::from(Position { epoch, offset: 0 })),
+                &o,
+            )
             .await
             .unwrap();
         assert_eq!(outcome.replayed, 1000);

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use hub_protocol::Position;
+use hub_protocol::Since;
 use serde_json::value::RawValue;
 use tracing::Span;
 
@@ -69,6 +69,9 @@ pub enum PublishOutcome {
 }
 
 /// What a subscription started with; the `subscribed` frame with these values is already queued.
+/// A channel split into partitions has one such frame per partition: `epoch` and `offset` are
+/// then partition 0's, `recovered` says whether every partition recovered, and `replayed` counts
+/// them all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeOutcome {
     pub epoch: String,
@@ -102,7 +105,7 @@ pub trait Broker: Send + Sync + 'static {
     async fn subscribe(
         &self,
         channel: &str,
-        since: Option<&Position>,
+        since: Option<&Since>,
         subscriber: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError>;
 

@@ -78,6 +78,73 @@ const tests = {
     assert.deepEqual(ws.subscribes(), ['fleet'], 'the next connection resubscribes instead');
   },
 
+  async 'a partitioned channel is tracked per partition and resumed with a position for each'() {
+    const { client } = harness();
+    const events = [];
+    client.on('message', (ch, data, meta) => events.push(['message', meta.part, meta.offset]));
+    client.on('gap', (ch, g) => events.push(['gap', g.part]));
+    client.on('recovered', (ch, r) => events.push(['recovered', r.replayed, r.parts]));
+    client.subscribe('fleet');
+    const ws = await connected(client);
+    const sub = (part, epoch, offset, recovered = false) =>
+      ws.hub({ type: 'subscribed', channel: 'fleet', part, parts: 2, epoch, offset, recovered });
+    const msg = (part, epoch, offset) =>
+      ws.hub({ type: 'message', channel: 'fleet', part, epoch, offset, from: 'd', data: {} });
+    sub(0, 'a', 5);
+    msg(0, 'a', 6); // partition 0 is live before partition 1 has answered
+    sub(1, 'b', 0);
+    msg(1, 'b', 1);
+    msg(0, 'a', 6); // a duplicate of partition 0, not of 1
+    assert.deepEqual(events, [['message', 0, 6], ['message', 1, 1]]);
+    assert.deepEqual(client.channels.get('fleet'), {
+      partitions: [{ epoch: 'a', offset: 6 }, { epoch: 'b', offset: 1 }],
+    });
+  },
+
+  async 'a resume of every partition that the hub replays is one recovered event'() {
+    const { client, runTimers } = harness();
+    const events = [];
+    client.on('gap', (ch, g) => events.push(['gap', g.part, g.missedFrom]));
+    client.on('recovered', (ch, r) => events.push(['recovered', r.replayed, r.parts]));
+    client.subscribe('fleet');
+    let ws = await connected(client);
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 0, parts: 2, epoch: 'a', offset: 5, recovered: false });
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 1, parts: 2, epoch: 'b', offset: 2, recovered: false });
+    ws.onclose({ code: 1012, reason: '' });
+    runTimers(1000);
+    ws = FakeSocket.last;
+    ws.hub({ type: 'hello', hub: 'h2', sub: 'v', role: 'viewer', expires_at: 0 });
+    const resume = ws.sent.find((f) => f.type === 'subscribe');
+    assert.deepEqual(resume.since, {
+      partitions: [{ epoch: 'a', offset: 5 }, { epoch: 'b', offset: 2 }],
+    });
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 0, parts: 2, epoch: 'a', offset: 7, recovered: true });
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 1, parts: 2, epoch: 'b', offset: 3, recovered: true });
+    assert.deepEqual(events, [['recovered', 3, 2]]);
+
+    // Next time partition 1 cannot be recovered: a gap there, and no recovered event.
+    ws.onclose({ code: 1012, reason: '' });
+    runTimers(1000);
+    ws = FakeSocket.last;
+    ws.hub({ type: 'hello', hub: 'h3', sub: 'v', role: 'viewer', expires_at: 0 });
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 0, parts: 2, epoch: 'a', offset: 5, recovered: true });
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 1, parts: 2, epoch: 'c', offset: 9, recovered: false });
+    assert.deepEqual(events.slice(1), [['gap', 1, 3]]);
+  },
+
+  async 'a partitioned subscribe refused half-way is asked for again from what it told'() {
+    const { client, runTimers } = harness();
+    client.subscribe('fleet');
+    const ws = await connected(client);
+    ws.hub({ type: 'subscribed', channel: 'fleet', part: 0, parts: 2, epoch: 'a', offset: 5, recovered: false });
+    ws.hub({ type: 'error', code: 'unavailable', message: 'a shard is down', ref: 'sub:fleet' });
+    runTimers(2000);
+    const again = ws.sent.filter((f) => f.type === 'subscribe').at(-1);
+    assert.deepEqual(again.since, {
+      partitions: [{ epoch: 'a', offset: 5 }, { epoch: '', offset: 0 }],
+    }, 'partition 0 resumes; partition 1, never seen, is asked for as new');
+  },
+
   async 'a hub restart is retried within a second and the backoff does not grow'() {
     const { client, states } = harness();
     const ws = await connected(client);

@@ -3,7 +3,7 @@
 
 pub mod redis_cluster;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -323,7 +323,13 @@ impl Client {
             frame["since"] = json!({"epoch": epoch, "offset": offset});
         }
         self.send(frame).await;
-        self.expect("subscribed").await
+        // A partitioned channel answers once per partition (tests/partitions.rs reads replays
+        // among them); the first answer stands for all.
+        let first = self.expect("subscribed").await;
+        for _ in 1..first["parts"].as_u64().unwrap_or(1) {
+            self.expect("subscribed").await;
+        }
+        first
     }
 
     /// Publishes and returns the reply (`ack` or `error`).
@@ -523,7 +529,8 @@ pub struct Followed {
 }
 
 /// Follows `channel` through `addr` as client `client` until `done` says so (or 60 s pass),
-/// reconnecting with jitter and resuming with `since` after every close, as a dashboard does.
+/// reconnecting with jitter and resuming with `since` after every close, as a dashboard does:
+/// one position per partition when the hub splits the channel.
 pub async fn follow(
     addr: SocketAddr,
     token: &str,
@@ -534,7 +541,9 @@ pub async fn follow(
     let path = format!("/ws?client={client}&token={token}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut seen = Followed::default();
-    let mut position: Option<(String, u64)> = None;
+    // Partition (0 for a one-log channel) → last (epoch, offset); and how many partitions.
+    let mut positions: BTreeMap<u64, (String, u64)> = BTreeMap::new();
+    let mut parts = 1;
     while !done(&seen.messages) {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -547,8 +556,15 @@ pub async fn follow(
         seen.hubs
             .push(c.hello["hub"].as_str().unwrap_or_default().to_owned());
         let mut subscribe = json!({"type": "subscribe", "channel": channel});
-        if let Some((epoch, offset)) = &position {
-            subscribe["since"] = json!({"epoch": epoch, "offset": offset});
+        let since: Vec<Value> = positions
+            .values()
+            .map(|(epoch, offset)| json!({"epoch": epoch, "offset": offset}))
+            .collect();
+        let resuming = !since.is_empty();
+        if parts == 1 && since.len() == 1 {
+            subscribe["since"] = since[0].clone();
+        } else if resuming {
+            subscribe["since"] = json!({ "partitions": since });
         }
         c.send(subscribe).await;
         loop {
@@ -557,17 +573,18 @@ pub async fn follow(
             }
             match c.next_within(Duration::from_millis(200)).await {
                 Event::Frame(f) if f["type"] == "subscribed" => {
-                    if position.is_some() && f["recovered"] == false {
+                    if resuming && f["recovered"] == false {
                         seen.holes += 1;
                     }
+                    parts = f["parts"].as_u64().unwrap_or(1);
                     let epoch = f["epoch"].as_str().unwrap().to_owned();
-                    position = Some((epoch, f["offset"].as_u64().unwrap()));
+                    let part = f["part"].as_u64().unwrap_or(0);
+                    positions.insert(part, (epoch, f["offset"].as_u64().unwrap()));
                 }
                 Event::Frame(f) if f["type"] == "message" => {
-                    position = Some((
-                        f["epoch"].as_str().unwrap().to_owned(),
-                        f["offset"].as_u64().unwrap(),
-                    ));
+                    let part = f["part"].as_u64().unwrap_or(0);
+                    let epoch = f["epoch"].as_str().unwrap().to_owned();
+                    positions.insert(part, (epoch, f["offset"].as_u64().unwrap()));
                     seen.messages.push(f);
                 }
                 Event::Frame(other) => panic!("{client} got {other}"),

@@ -182,6 +182,19 @@ impl RedisCluster {
             .expect("some node owns every slot")
     }
 
+    /// The ports of the running masters.
+    pub fn masters(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .filter(|port| {
+                redis_cli(*port, &["INFO", "replication"])
+                    .is_some_and(|i| i.contains("role:master"))
+            })
+            .collect()
+    }
+
     /// Another master than the one at `port`.
     pub fn other_than(&self, port: u16) -> u16 {
         self.nodes
@@ -294,7 +307,9 @@ impl Drop for RedisCluster {
 }
 
 impl TestHub {
-    /// A hub on the Redis Cluster, with quick repair intervals for tests.
+    /// A hub on the Redis Cluster, with quick repair intervals for tests. Its channels are one
+    /// log each (`broker.partitions = 1`), so a test can name the shard of `fleet`; tests of
+    /// partitions (tests/partitions.rs) set their own.
     pub async fn on_cluster(cluster: &RedisCluster) -> TestHub {
         TestHub::on_cluster_with(cluster, |_| {}).await
     }
@@ -306,6 +321,7 @@ impl TestHub {
         let nodes = cluster.urls();
         TestHub::on_shared_redis(|s| {
             s.broker.cluster_nodes = nodes;
+            s.broker.partitions = Some(1);
             configure(s);
         })
         .await

@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame};
 
+use super::partition;
 use super::store::Entry;
 use crate::broker::{BrokerError, SubscribeOutcome, pack};
 use crate::fanout::Subscribers;
@@ -37,17 +38,26 @@ impl LocalChannel {
 
     /// Tells every subscriber that the stream restarts at `offset` of `epoch` with a hole.
     fn restart(&mut self, epoch: &str, offset: u64, name: &str, metrics: &Metrics) {
-        let notice = frame::server(&ServerFrame::Subscribed {
-            channel: name.into(),
-            epoch: epoch.into(),
-            offset,
-            recovered: false,
-        });
+        let notice = subscribed(name, epoch, offset, false);
         self.subscribers.deliver(&notice, Instant::now());
         self.epoch = epoch.to_owned();
         self.offset = offset;
         metrics.history_misses.inc();
     }
+}
+
+/// The `subscribed` frame of the channel with internal name `name`: the public channel, and the
+/// partition when it is one.
+fn subscribed(name: &str, epoch: &str, offset: u64, recovered: bool) -> Bytes {
+    let (channel, partition) = partition::parse(name);
+    frame::server(&ServerFrame::Subscribed {
+        channel: channel.into(),
+        part: partition.map(|(part, _)| part),
+        parts: partition.map(|(_, parts)| parts),
+        epoch: epoch.into(),
+        offset,
+        recovered,
+    })
 }
 
 /// What happened to an offered message.
@@ -297,12 +307,7 @@ impl Local {
             _ => (false, Vec::new()),
         };
         let (recovered, replay) = crate::broker::within_budget(recovered, replay, outbox);
-        let subscribed = frame::server(&ServerFrame::Subscribed {
-            channel: channel.into(),
-            epoch: ch.epoch.as_str().into(),
-            offset: ch.offset,
-            recovered,
-        });
+        let subscribed = subscribed(channel, &ch.epoch, ch.offset, recovered);
         let replay_refs: Vec<&Bytes> = replay.iter().collect();
         for item in pack(subscribed, &replay_refs) {
             outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;

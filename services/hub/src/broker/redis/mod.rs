@@ -4,12 +4,15 @@
 //! - [`store`]: keys, the publish script and the reads (history, positions).
 //! - [`relay`]: the pub/sub connection, interest-based subscriptions and gap repair.
 //! - [`local`]: this hub's channels and subscribers.
+//! - [`partition`]: `fleet` and `groups.<g>` split into partitions, each its own log in its own
+//!   slot; everything below this module works on internal names and never knows.
 //!
 //! A publish is acknowledged once the script has appended it in Redis. It then reaches every
 //! hub, this one included, through pub/sub; no hub delivers its own publications directly, so
 //! all hubs deliver the same offsets in the same order.
 
 pub mod local;
+pub mod partition;
 pub mod relay;
 pub mod store;
 
@@ -18,12 +21,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hub_protocol::Position;
+use hub_protocol::{Position, Since};
 use observability::RootSampler;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, Span, info_span};
 
 use self::local::{Attach, Local};
+use self::partition::Partitions;
 use self::relay::{Command, LinkHealth, Relay, Transport, catch_up};
 use self::store::{Commands, Store};
 use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
@@ -43,6 +47,7 @@ pub struct RedisBroker {
     /// Spans are exported: traced publications carry their trace context through Redis.
     roots: RootSampler,
     max_channels: usize,
+    partitions: Partitions,
 }
 
 impl RedisBroker {
@@ -89,6 +94,7 @@ impl RedisBroker {
             timeout: broker.timeout,
             roots,
             max_channels: settings.limits.max_channels,
+            partitions: Partitions::new(broker.partitions()),
         })
     }
 
@@ -170,6 +176,79 @@ impl RedisBroker {
                 }
             }
         }
+    }
+}
+
+impl RedisBroker {
+    async fn subscribe_one(
+        &self,
+        name: &str,
+        since: Option<&Position>,
+        subscriber: &crate::outbox::Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        self.local.register(name, self.max_channels)?;
+        let result = match self.join(name).await {
+            Ok(()) => self.attach(name, since, subscriber).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() && self.local.abandon(name) {
+            self.leave(name);
+        }
+        result
+    }
+
+    /// Every partition of one channel, or none: all are joined at once (their shards answer in
+    /// parallel), then attached in partition order, each with its own `subscribed` frame and
+    /// replay. A failure undoes the partitions already done; the client, which may have seen
+    /// some of their `subscribed` frames, gets the error and holds no subscription.
+    async fn subscribe_parts(
+        &self,
+        names: &[String],
+        since: Option<&Since>,
+        subscriber: &crate::outbox::Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let undo = |attached: &[String], joining: &[String]| {
+            for name in attached {
+                if self.local.remove_subscriber(name, subscriber.id()) {
+                    self.leave(name);
+                }
+            }
+            for name in joining {
+                if self.local.abandon(name) {
+                    self.leave(name);
+                }
+            }
+        };
+        for (k, name) in names.iter().enumerate() {
+            if let Err(e) = self.local.register(name, self.max_channels) {
+                undo(&[], &names[..k]);
+                return Err(e);
+            }
+        }
+        let joined = futures_util::future::join_all(names.iter().map(|n| self.join(n))).await;
+        if let Some(e) = joined.into_iter().find_map(Result::err) {
+            undo(&[], names);
+            return Err(e);
+        }
+        let parts = names.len() as u32;
+        let mut total: Option<SubscribeOutcome> = None;
+        for (k, name) in names.iter().enumerate() {
+            let position = since.and_then(|s| s.part(k as u32, parts));
+            match self.attach(name, position, subscriber).await {
+                Ok(outcome) => match &mut total {
+                    None => total = Some(outcome),
+                    Some(total) => {
+                        total.recovered &= outcome.recovered;
+                        total.replayed += outcome.replayed;
+                    }
+                },
+                Err(e) => {
+                    undo(&names[..k], &names[k..]);
+                    return Err(e);
+                }
+            }
+        }
+        total.ok_or_else(|| BrokerError::Unavailable("a channel with no partitions".into()))
     }
 }
 
@@ -265,9 +344,20 @@ impl Broker for RedisBroker {
                 traceparent: traceparent.as_deref(),
             })
             .collect();
+        let targets: Vec<String>;
+        let channels = if self.partitions.parts() == 1 {
+            p.channels
+        } else {
+            targets = p
+                .channels
+                .iter()
+                .map(|c| self.partitions.target(c, p.device))
+                .collect();
+            &targets
+        };
         let appended = self
             .store
-            .publish(p.device, p.channels, &appends)
+            .publish(p.device, channels, &appends)
             .instrument(current)
             .await?;
         drop(spans);
@@ -286,23 +376,24 @@ impl Broker for RedisBroker {
     async fn subscribe(
         &self,
         channel: &str,
-        since: Option<&Position>,
+        since: Option<&Since>,
         subscriber: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        self.local.register(channel, self.max_channels)?;
-        let result = match self.join(channel).await {
-            Ok(()) => self.attach(channel, since, subscriber).await,
-            Err(e) => Err(e),
-        };
-        if result.is_err() && self.local.abandon(channel) {
-            self.leave(channel);
+        let names = self.partitions.names(channel);
+        match names.as_slice() {
+            [one] => {
+                self.subscribe_one(one, since.and_then(|s| s.part(0, 1)), subscriber)
+                    .await
+            }
+            parts => self.subscribe_parts(parts, since, subscriber).await,
         }
-        result
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
-        if self.local.remove_subscriber(channel, subscriber) {
-            self.leave(channel);
+        for name in self.partitions.names(channel) {
+            if self.local.remove_subscriber(&name, subscriber) {
+                self.leave(&name);
+            }
         }
     }
 

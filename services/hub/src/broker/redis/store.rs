@@ -1,7 +1,9 @@
 //! Everything the Redis broker stores, and the commands that read and write it, on one Redis or
 //! on a Redis Cluster.
 //!
-//! Keys of one channel share the hash slot `{channel}`, so each channel's keys live on one shard:
+//! Keys of one channel share the hash slot `{channel}`, so each channel's keys live on one shard.
+//! `ch` is the channel's internal name: the channel itself, or one partition of it such as
+//! `fleet#3/16:5` (see [`super::partition`]); messages name the public channel and partition.
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -35,6 +37,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use serde_json::value::RawValue;
 
+use super::partition;
 use crate::broker::BrokerError;
 use crate::config::HistorySettings;
 use crate::metrics::Metrics;
@@ -75,11 +78,12 @@ local function pick(last)
   end
   return picked, taken, last
 end
-local function message(channel, epoch, offset, i)
-  return '{"type":"message","channel":"' .. channel .. '","epoch":"' .. epoch ..
+-- `label`: the JSON after `"channel":`, the public name and, for a partition, its number.
+local function message(label, epoch, offset, i)
+  return '{"type":"message","channel":' .. label .. ',"epoch":"' .. epoch ..
     '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data_of(i) .. '}'
 end
-local function append(meta, log, channel, picked)
+local function append(meta, log, channel, label, picked)
   local count = #picked
   if count == 0 then return end
   local epoch = redis.call('HGET', meta, 'epoch')
@@ -92,7 +96,7 @@ local function append(meta, log, channel, picked)
   if count > 1 then parts[1] = '=' .. count .. '\n' end
   for k = 1, count do
     local i, offset = picked[k], first + k - 1
-    local msg = message(channel, epoch, offset, i)
+    local msg = message(label, epoch, offset, i)
     if size > 0 and k > 1 then
       redis.call('XADD', log, offset .. '-0', 't', now, 'm', msg)
     elseif size > 0 then
@@ -103,7 +107,7 @@ local function append(meta, log, channel, picked)
         redis.call('DEL', log)
         epoch, first, offset = new_epoch, 1, 1
         redis.call('HSET', meta, 'epoch', epoch, 'offset', count)
-        msg = message(channel, epoch, offset, i)
+        msg = message(label, epoch, offset, i)
         redis.call('XADD', log, '1-0', 't', now, 'm', msg)
       end
     end
@@ -124,7 +128,8 @@ end
 "#;
 
 /// One publication into every target channel, in one round trip on one Redis. `KEYS[1]` is the
-/// device's seq hash; then `meta`, `log` per channel, whose names follow from `ARGV[EXTRA]`.
+/// device's seq hash; then `meta`, `log` per channel, whose names and labels follow from
+/// `ARGV[EXTRA]`, two per channel.
 /// Each reading whose `seq` is above the last one accepted from the device (and above the
 /// readings before it) is appended to every channel; the others are duplicates, which only
 /// refresh that memory. Returns per reading 1 (appended) or 0 (a duplicate).
@@ -133,7 +138,7 @@ local seqs = KEYS[1]
 local picked, taken, last = pick(redis.call('HGET', seqs, device) or '0')
 if #picked > 0 then
   for c = 0, (#KEYS - 1) / 2 - 1 do
-    append(KEYS[c * 2 + 2], KEYS[c * 2 + 3], ARGV[EXTRA + c], picked)
+    append(KEYS[c * 2 + 2], KEYS[c * 2 + 3], ARGV[EXTRA + 2 * c], ARGV[EXTRA + 2 * c + 1], picked)
   end
   redis.call('HSET', seqs, device, last)
 end
@@ -159,7 +164,8 @@ return {inc, rec[1] or '0'}
 
 /// Cluster, second step, one call per channel other than the device's own, in that channel's
 /// slot (`KEYS`: `meta`, `log`, and the guard hash that remembers `incarnation:seq` per device;
-/// `ARGV[EXTRA]` the name, `ARGV[EXTRA + 1]` the incarnation). The readings (new ones only, in
+/// `ARGV[EXTRA]` the name, `ARGV[EXTRA + 1]` the incarnation, `ARGV[EXTRA + 2]` the label). The
+/// readings (new ones only, in
 /// increasing seq) are appended unless this channel already has them from the same
 /// incarnation: a publication cut off half-way is completed by the resend, without duplicating
 /// what it did reach; a device whose numbering started over (a new incarnation) is new
@@ -174,7 +180,7 @@ if mark then
 end
 local picked, _, last = pick(had)
 if #picked > 0 then
-  append(KEYS[1], KEYS[2], ARGV[EXTRA], picked)
+  append(KEYS[1], KEYS[2], ARGV[EXTRA], ARGV[EXTRA + 2], picked)
   redis.call('HSET', guard, device, inc .. ':' .. last)
 end
 redis.call('PEXPIRE', guard, meta_ttl)
@@ -183,14 +189,14 @@ return #picked
 
 /// Cluster, last step, once every other channel has the readings: the device's own channel
 /// (`KEYS`: the seq record, `meta`, `log`; `ARGV[EXTRA]` its name, `ARGV[EXTRA + 1]` the
-/// incarnation), and the record's seq with it. Committed last, the record's seq (the `last_seq`
+/// incarnation, `ARGV[EXTRA + 2]` the label), and the record's seq with it. Committed last, the record's seq (the `last_seq`
 /// a `hello` tells) never names a publication that some channel is still missing. Returns per
 /// reading 1 (appended) or 0 (not above the record's seq).
 const PUBLISH_OWN: &str = r#"
 local seqs = KEYS[1]
 local picked, taken, last = pick(redis.call('HGET', seqs, device) or '0')
 if #picked > 0 then
-  append(KEYS[2], KEYS[3], ARGV[EXTRA], picked)
+  append(KEYS[2], KEYS[3], ARGV[EXTRA], ARGV[EXTRA + 2], picked)
   redis.call('HSET', seqs, device, last)
   if not redis.call('HGET', seqs, '#inc') then
     redis.call('HSET', seqs, '#inc', ARGV[EXTRA + 1])
@@ -207,14 +213,6 @@ fn lost_connection(e: &redis::RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()
         || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
-}
-
-/// Whether decimal `seq` is above decimal `last`, as the scripts compare them.
-fn seq_above(seq: &str, last: &str) -> bool {
-    if seq.len() != last.len() {
-        return seq.len() > last.len();
-    }
-    seq > last
 }
 
 /// A publish script's whole text: the publish command, the prelude, the body.
@@ -575,7 +573,7 @@ impl Store {
             }
             shared(&mut call, &all);
             for channel in channels {
-                call.arg(channel);
+                call.arg(channel).arg(partition::label(channel));
             }
             let flags = self.run(async |conn| call.invoke_async(conn).await).await?;
             return Ok(taken(flags));
@@ -592,15 +590,16 @@ impl Store {
             .await?;
         // Those at or below the record's seq are on every channel already: the own channel is
         // committed last. The rest go on in increasing seq.
+        let mut newest: u64 = last
+            .parse()
+            .map_err(|_| unavailable(format!("the seq record of `{device}` holds `{last}`")))?;
         let mut fresh = Vec::with_capacity(readings.len());
         let mut is_fresh = Vec::with_capacity(readings.len());
-        let mut newest = last;
         for r in readings {
-            let seq = r.seq.to_string();
-            let above = seq_above(&seq, &newest);
+            let above = r.seq > newest;
             if above {
                 fresh.push(r);
-                newest = seq;
+                newest = r.seq;
             }
             is_fresh.push(above);
         }
@@ -613,7 +612,9 @@ impl Store {
                 .key(log_key(channel))
                 .key(guard_key(channel));
             shared(&mut call, &fresh);
-            call.arg(channel).arg(&incarnation);
+            call.arg(channel)
+                .arg(&incarnation)
+                .arg(partition::label(channel));
             async move {
                 self.run(async |conn| call.invoke_async::<u64>(conn).await)
                     .await
@@ -625,7 +626,7 @@ impl Store {
             .key(meta_key(&own))
             .key(log_key(&own));
         shared(&mut call, &fresh);
-        call.arg(&own).arg(&incarnation);
+        call.arg(&own).arg(&incarnation).arg(partition::label(&own));
         let flags: Vec<u8> = self.run(async |conn| call.invoke_async(conn).await).await?;
         // Back to one flag per reading, in the order they came.
         let mut appended = taken(flags).into_iter();
