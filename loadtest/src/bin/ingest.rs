@@ -8,7 +8,7 @@
 //! split into that many logs; 1 is the single hot slot), one instance with 1.
 //!
 //!     cargo build --release -p hub -p loadtest
-//!     target/release/ingest --hubs 3 --devices 600 --readings 1000 --masters 0,3,6 \
+//!     target/release/ingest --hubs 3 --devices 600 --readings 500 --masters 0,3,6 \
 //!         --batch 1,10,100 --partitions 1,16
 
 use std::path::PathBuf;
