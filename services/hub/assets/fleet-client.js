@@ -493,7 +493,12 @@ export class FleetClient {
       if (log.early.length < EARLY_CAP) log.early.push(frame);
       return;
     }
-    if (!log) return; // a partition this subscription does not have
+    if (!log) {
+      // Messages flowing with no answer to place them (`already_subscribed`): take them as
+      // they come, as for a one-log channel; a partition the channel does not have is dropped.
+      if (ch.parts !== null && part >= ch.parts) return;
+      ch.logs.set(part, (log = { pos: null, early: [] }));
+    }
     const epoch = String(frame.epoch);
     const offset = Number(frame.offset);
     const prev = log.pos;

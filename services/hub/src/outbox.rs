@@ -124,9 +124,12 @@ impl Outbox {
         self.id
     }
 
-    /// The most bytes this queue holds: a replay larger than this is never attempted.
-    pub fn max_bytes(&self) -> usize {
-        self.closer.max_bytes
+    /// Bytes a replay may take now: half of what the queue holds, less what is queued and not
+    /// yet written. The replays of one subscribe's partitions, or of many resumes at once, share
+    /// it instead of each counting on half of an empty queue.
+    pub fn replay_budget(&self) -> usize {
+        let queued = self.closer.queued_bytes.load(Ordering::Relaxed);
+        (self.closer.max_bytes / 2).saturating_sub(queued)
     }
 
     /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a

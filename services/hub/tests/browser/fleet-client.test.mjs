@@ -145,6 +145,18 @@ const tests = {
     }, 'partition 0 resumes; partition 1, never seen, is asked for as new');
   },
 
+  async 'messages after already_subscribed are taken as they come'() {
+    const { client } = harness();
+    const got = [];
+    client.on('message', (ch, data, meta) => got.push(meta.offset));
+    client.subscribe('fleet');
+    const ws = await connected(client);
+    ws.hub({ type: 'error', code: 'already_subscribed', message: 'have it', ref: 'sub:fleet' });
+    ws.hub({ type: 'message', channel: 'fleet', epoch: 'e', offset: 4, from: 'd', data: {} });
+    ws.hub({ type: 'message', channel: 'fleet', epoch: 'e', offset: 5, from: 'd', data: {} });
+    assert.deepEqual(got, [4, 5]);
+  },
+
   async 'a hub restart is retried within a second and the backoff does not grow'() {
     const { client, states } = harness();
     const ws = await connected(client);

@@ -556,9 +556,13 @@ pub async fn follow(
         seen.hubs
             .push(c.hello["hub"].as_str().unwrap_or_default().to_owned());
         let mut subscribe = json!({"type": "subscribe", "channel": channel});
-        let since: Vec<Value> = positions
-            .values()
-            .map(|(epoch, offset)| json!({"epoch": epoch, "offset": offset}))
+        // A partition not seen yet (a subscribe cut off half-way) is asked for as new.
+        let since: Vec<Value> = (0..parts)
+            .filter_map(|part| match positions.get(&part) {
+                Some((epoch, offset)) => Some(json!({"epoch": epoch, "offset": offset})),
+                None if positions.is_empty() => None,
+                None => Some(json!({"epoch": "", "offset": 0})),
+            })
             .collect();
         let resuming = !since.is_empty();
         if parts == 1 && since.len() == 1 {

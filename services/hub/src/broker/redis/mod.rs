@@ -148,7 +148,7 @@ impl RedisBroker {
                     let read = history.get_or_insert_with(Vec::new);
                     let from = read.last().map_or(after, |e| e.offset).max(after);
                     let held: usize = read.iter().map(|e| e.message.len()).sum();
-                    let budget = (outbox.max_bytes() / 2).saturating_sub(held);
+                    let budget = outbox.replay_budget().saturating_sub(held);
                     let (more, too_big) = self
                         .store
                         .range_within(channel, from, Some(upto), budget)
@@ -380,7 +380,7 @@ impl Broker for RedisBroker {
         subscriber: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let names = self.partitions.names(channel);
-        match names.as_slice() {
+        match &names[..] {
             [one] => {
                 self.subscribe_one(one, since.and_then(|s| s.part(0, 1)), subscriber)
                     .await
@@ -390,9 +390,9 @@ impl Broker for RedisBroker {
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
-        for name in self.partitions.names(channel) {
-            if self.local.remove_subscriber(&name, subscriber) {
-                self.leave(&name);
+        for name in self.partitions.names(channel).iter() {
+            if self.local.remove_subscriber(name, subscriber) {
+                self.leave(name);
             }
         }
     }

@@ -13,15 +13,15 @@
 //! appears in a channel name, so the internal name says which channel and partition it is.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use hub_protocol::channel::FLEET;
 
 /// Redis Cluster's number of hash slots.
 const SLOTS: u32 = 16384;
-/// Internal names kept per hub; the groups a pool's tokens name are few, but a cache filled by
-/// input is bounded all the same.
-const MAX_CACHED: usize = 4096;
+/// Channels whose internal names are kept per hub (each P names); a cache filled by input is
+/// bounded all the same. Past it the cache starts over, which costs recomputing names.
+const MAX_CACHED: usize = 16_384;
 
 /// Whether `channel` is written by many devices and so split when partitions are on.
 pub fn is_partitioned(channel: &str) -> bool {
@@ -100,7 +100,7 @@ pub fn label(name: &str) -> String {
 /// The pool's partitioning: how many partitions a split channel has, and their internal names.
 pub struct Partitions {
     parts: u32,
-    names: Mutex<HashMap<String, Vec<String>>>,
+    names: Mutex<HashMap<String, Arc<[String]>>>,
 }
 
 impl Partitions {
@@ -118,17 +118,24 @@ impl Partitions {
 
     /// The internal names behind `channel`: itself when it is not split, else one per partition
     /// in partition order.
-    pub fn names(&self, channel: &str) -> Vec<String> {
+    pub fn names(&self, channel: &str) -> Arc<[String]> {
         if self.parts == 1 || !is_partitioned(channel) {
-            return vec![channel.to_owned()];
+            return Arc::from([channel.to_owned()]);
         }
-        let mut cache = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(names) = cache.get(channel) {
-            return names.clone();
+        let cached = self
+            .names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(channel)
+            .cloned();
+        if let Some(names) = cached {
+            return names;
         }
-        let names: Vec<String> = (0..self.parts)
+        // Computed outside the lock (about P hashes per name): publishes of other channels go on.
+        let names: Arc<[String]> = (0..self.parts)
             .map(|k| internal(channel, k, self.parts))
             .collect();
+        let mut cache = self.names.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
@@ -142,8 +149,10 @@ impl Partitions {
             return channel.to_owned();
         }
         let part = part_of(device, self.parts) as usize;
-        let mut names = self.names(channel);
-        names.swap_remove(part)
+        self.names(channel)
+            .get(part)
+            .cloned()
+            .unwrap_or_else(|| internal(channel, part as u32, self.parts))
     }
 }
 
@@ -196,11 +205,11 @@ mod tests {
     #[test]
     fn only_channels_with_many_writers_are_split() {
         let p = Partitions::new(4);
-        assert_eq!(p.names("devices.pi-1"), ["devices.pi-1"]);
+        assert_eq!(p.names("devices.pi-1")[..], ["devices.pi-1"]);
         assert_eq!(p.names("fleet").len(), 4);
         assert_eq!(p.names("groups.lab").len(), 4);
         let target = p.target("fleet", "pi-1");
         assert_eq!(parse(&target).1, Some((part_of("pi-1", 4), 4)));
-        assert_eq!(Partitions::new(1).names("fleet"), ["fleet"]);
+        assert_eq!(Partitions::new(1).names("fleet")[..], ["fleet"]);
     }
 }
