@@ -124,12 +124,9 @@ impl Outbox {
         self.id
     }
 
-    /// Bytes a replay may take now: half of what the queue holds, less what is queued and not
-    /// yet written. The replays of one subscribe's partitions, or of many resumes at once, share
-    /// it instead of each counting on half of an empty queue.
-    pub fn replay_budget(&self) -> usize {
-        let queued = self.closer.queued_bytes.load(Ordering::Relaxed);
-        (self.closer.max_bytes / 2).saturating_sub(queued)
+    /// The most bytes this queue holds: a replay larger than half of it is never attempted.
+    pub fn max_bytes(&self) -> usize {
+        self.closer.max_bytes
     }
 
     /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a

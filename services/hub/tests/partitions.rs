@@ -268,3 +268,61 @@ async fn a_since_written_for_another_number_of_partitions_is_answered_not_recove
         "each wrong resume counts once, not once per partition"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitions_of_one_resume_share_one_replay_budget() {
+    let redis = RedisServer::start();
+    // A 64 KiB queue: one subscribe may replay 32 KiB, whatever the number of partitions.
+    let hub = TestHub::on_redis_with(&redis, |s| {
+        common::small_queue(s);
+        s.broker.partitions = Some(4);
+    })
+    .await;
+    let token = hub.token("v", hub_protocol::Role::Viewer);
+    let mut viewer = hub.connect(&token).await;
+    let start: Vec<Value> = subscribe_all(&mut viewer, "fleet", None)
+        .await
+        .iter()
+        .map(|f| json!({"epoch": f["epoch"], "offset": f["offset"]}))
+        .collect();
+    // 48 readings of about 1.1 KB: each partition's share fits 32 KiB, all of them do not.
+    let pad = "x".repeat(1000);
+    for device in devices(16) {
+        let mut agent = hub.agent(&device, &[]).await;
+        for seq in 1..=3 {
+            let reply = agent.publish(seq, json!({"n": seq, "pad": pad})).await;
+            assert_eq!(reply["type"], "ack", "{reply}");
+        }
+    }
+    let mut late = hub.connect(&token).await;
+    let (frames, mut replay) =
+        subscribe_replay(&mut late, "fleet", Some(json!({ "partitions": start }))).await;
+    let recovered: Vec<bool> = frames.iter().map(|f| f["recovered"] == true).collect();
+    assert!(recovered.contains(&true), "{frames:?}");
+    assert!(
+        recovered.contains(&false),
+        "the partitions past the budget are answered not recovered: {frames:?}"
+    );
+    let expected: u64 = frames
+        .iter()
+        .zip(&start)
+        .filter(|(f, _)| f["recovered"] == true)
+        .map(|(f, s)| f["offset"].as_u64().unwrap() - s["offset"].as_u64().unwrap())
+        .sum();
+    let missing = expected as usize - replay.len();
+    replay.extend(late.messages(missing).await);
+    let bytes: usize = replay.iter().map(|m| m.to_string().len()).sum();
+    assert!(bytes <= 32 * 1024, "{bytes} bytes replayed");
+    agent_after(&hub).await;
+    assert_eq!(
+        late.expect("message").await["from"],
+        "pi-late",
+        "still live"
+    );
+}
+
+/// One more reading, from a device of its own.
+async fn agent_after(hub: &TestHub) {
+    let mut agent = hub.agent("pi-late", &[]).await;
+    assert_eq!(agent.publish(1, json!({})).await["type"], "ack");
+}

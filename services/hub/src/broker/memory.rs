@@ -294,7 +294,8 @@ impl Inner {
                     .collect(),
                 None => Vec::new(),
             };
-            let (recovered, replay) = super::within_budget(recovered, replay, outbox);
+            let (recovered, replay) =
+                super::within_budget(recovered, replay, super::replay_budget(outbox));
             let subscribed = frame::server(&ServerFrame::Subscribed {
                 channel: name.into(),
                 part: None,
@@ -312,6 +313,7 @@ impl Inner {
                 offset: ch.offset,
                 recovered,
                 replayed: replay.len(),
+                replayed_bytes: replay.iter().map(|f| f.len()).sum(),
             })
         })
         .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))

@@ -253,6 +253,7 @@ impl Local {
         outbox: &Outbox,
         history: Option<&[Entry]>,
         give_up: bool,
+        budget: usize,
     ) -> Result<Attach, BrokerError> {
         let mut map = self.lock();
         let Some(ch) = map.get_mut(channel).filter(|c| c.live) else {
@@ -306,7 +307,7 @@ impl Local {
             }
             _ => (false, Vec::new()),
         };
-        let (recovered, replay) = crate::broker::within_budget(recovered, replay, outbox);
+        let (recovered, replay) = crate::broker::within_budget(recovered, replay, budget);
         let subscribed = subscribed(channel, &ch.epoch, ch.offset, recovered);
         let replay_refs: Vec<&Bytes> = replay.iter().collect();
         for item in pack(subscribed, &replay_refs) {
@@ -319,6 +320,7 @@ impl Local {
             offset: ch.offset,
             recovered,
             replayed: replay.len(),
+            replayed_bytes: replay.iter().map(Bytes::len).sum(),
         }))
     }
 }

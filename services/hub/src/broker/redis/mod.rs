@@ -130,6 +130,7 @@ impl RedisBroker {
         channel: &str,
         since: Option<&Position>,
         outbox: &crate::outbox::Outbox,
+        budget: usize,
     ) -> Result<SubscribeOutcome, BrokerError> {
         // On a busy channel delivery moves on while history is read: keep what was read and
         // fetch only the tail, for a bounded time, then attach without recovery.
@@ -141,14 +142,14 @@ impl RedisBroker {
             let give_up = beyond_redis || beyond_budget || tokio::time::Instant::now() >= deadline;
             match self
                 .local
-                .attach(channel, since, outbox, history.as_deref(), give_up)?
+                .attach(channel, since, outbox, history.as_deref(), give_up, budget)?
             {
                 Attach::Done(outcome) => return Ok(outcome),
                 Attach::NeedHistory { after, upto } => {
                     let read = history.get_or_insert_with(Vec::new);
                     let from = read.last().map_or(after, |e| e.offset).max(after);
                     let held: usize = read.iter().map(|e| e.message.len()).sum();
-                    let budget = outbox.replay_budget().saturating_sub(held);
+                    let budget = budget.saturating_sub(held);
                     let (more, too_big) = self
                         .store
                         .range_within(channel, from, Some(upto), budget)
@@ -188,7 +189,10 @@ impl RedisBroker {
     ) -> Result<SubscribeOutcome, BrokerError> {
         self.local.register(name, self.max_channels)?;
         let result = match self.join(name).await {
-            Ok(()) => self.attach(name, since, subscriber).await,
+            Ok(()) => {
+                let budget = crate::broker::replay_budget(subscriber);
+                self.attach(name, since, subscriber, budget).await
+            }
             Err(e) => Err(e),
         };
         if result.is_err() && self.local.abandon(name) {
@@ -231,17 +235,24 @@ impl RedisBroker {
             return Err(e);
         }
         let parts = names.len() as u32;
+        // One budget for all the partitions' replays: each would fit alone, all of them might
+        // not, and the client would be closed as a slow consumer on every resume.
+        let mut budget = crate::broker::replay_budget(subscriber);
         let mut total: Option<SubscribeOutcome> = None;
         for (k, name) in names.iter().enumerate() {
             let position = since.and_then(|s| s.part(k as u32, parts));
-            match self.attach(name, position, subscriber).await {
-                Ok(outcome) => match &mut total {
-                    None => total = Some(outcome),
-                    Some(total) => {
-                        total.recovered &= outcome.recovered;
-                        total.replayed += outcome.replayed;
+            match self.attach(name, position, subscriber, budget).await {
+                Ok(outcome) => {
+                    budget = budget.saturating_sub(outcome.replayed_bytes);
+                    match &mut total {
+                        None => total = Some(outcome),
+                        Some(total) => {
+                            total.recovered &= outcome.recovered;
+                            total.replayed += outcome.replayed;
+                            total.replayed_bytes += outcome.replayed_bytes;
+                        }
                     }
-                },
+                }
                 Err(e) => {
                     undo(&names[..k], &names[k..]);
                     return Err(e);
