@@ -181,31 +181,12 @@ impl RedisBroker {
 }
 
 impl RedisBroker {
-    async fn subscribe_one(
-        &self,
-        name: &str,
-        since: Option<&Position>,
-        subscriber: &crate::outbox::Outbox,
-    ) -> Result<SubscribeOutcome, BrokerError> {
-        self.local.register(name, self.max_channels)?;
-        let result = match self.join(name).await {
-            Ok(()) => {
-                let budget = crate::broker::replay_budget(subscriber);
-                self.attach(name, since, subscriber, budget).await
-            }
-            Err(e) => Err(e),
-        };
-        if result.is_err() && self.local.abandon(name) {
-            self.leave(name);
-        }
-        result
-    }
-
-    /// Every partition of one channel, or none: all are joined at once (their shards answer in
-    /// parallel), then attached in partition order, each with its own `subscribed` frame and
-    /// replay. A failure undoes the partitions already done; the client, which may have seen
-    /// some of their `subscribed` frames, gets the error and holds no subscription.
-    async fn subscribe_parts(
+    /// Every internal channel behind one subscription (one, or each partition), or none: all are
+    /// registered and their joins queued at once (the relay runs them in turn), then attached
+    /// in order, each with its own `subscribed` frame and replay, all replays within one
+    /// budget. A failure undoes the ones already done; the client, which may have seen some of
+    /// their `subscribed` frames, gets the error and holds no subscription.
+    async fn subscribe_names(
         &self,
         names: &[String],
         since: Option<&Since>,
@@ -235,7 +216,7 @@ impl RedisBroker {
             return Err(e);
         }
         let parts = names.len() as u32;
-        // One budget for all the partitions' replays: each would fit alone, all of them might
+        // One budget for all the partitions' replays: each might fit alone while all of them do
         // not, and the client would be closed as a slow consumer on every resume.
         let mut budget = crate::broker::replay_budget(subscriber);
         let mut total: Option<SubscribeOutcome> = None;
@@ -391,13 +372,7 @@ impl Broker for RedisBroker {
         subscriber: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let names = self.partitions.names(channel);
-        match &names[..] {
-            [one] => {
-                self.subscribe_one(one, since.and_then(|s| s.part(0, 1)), subscriber)
-                    .await
-            }
-            parts => self.subscribe_parts(parts, since, subscriber).await,
-        }
+        self.subscribe_names(&names, since, subscriber).await
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
