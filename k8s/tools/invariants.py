@@ -93,12 +93,15 @@ def main() -> int:
     pre_stop = hub_c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     drain = seconds(hub["shutdown"]["drain_timeout"])
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    # After the drain the hub flushes its OpenTelemetry export for at most 5 s.
+    # After the drain the hub writes its last presence changes (at most twice broker.timeout,
+    # 2 s by default) and flushes its OpenTelemetry export (at most 5 s).
+    presence = 2 * seconds(hub.get("broker", {}).get("timeout", "2s"))
     flush = 5
     c.check(
-        grace > pre_stop + drain + flush,
-        "grace period outlasts the preStop sleep, the hub's drain timeout and its telemetry flush",
-        f"{grace} <= {pre_stop} + {drain} + {flush}",
+        grace > pre_stop + drain + presence + flush,
+        "grace period outlasts the preStop sleep, the hub's drain timeout, its last presence "
+        "write and its telemetry flush",
+        f"{grace} <= {pre_stop} + {drain} + {presence} + {flush}",
     )
     c.check(pre_stop > 0, "a preStop pause lets endpoints update before the hub drains")
 

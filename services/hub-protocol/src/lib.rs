@@ -11,6 +11,7 @@
 //! - [`channel`]: channel names, the channels a publication is routed to, and subscribe patterns.
 //! - [`codes`]: WebSocket close codes and `error` frame codes.
 //! - [`claims`]: the JWT claims the hub accepts.
+//! - [`presence`]: the `presence` channel's messages: which devices are connected.
 //! - [`rate`]: the token bucket behind the publish and subscribe limits, for the hub that
 //!   enforces them and the clients that pace themselves below them.
 //!
@@ -22,6 +23,7 @@ pub mod channel;
 pub mod claims;
 pub mod client;
 pub mod codes;
+pub mod presence;
 pub mod rate;
 pub mod server;
 

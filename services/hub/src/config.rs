@@ -40,6 +40,7 @@ pub struct Settings {
     pub limits: Limits,
     pub ws: WsSettings,
     pub shutdown: ShutdownSettings,
+    pub presence: PresenceSettings,
     pub demo: DemoSettings,
     pub log: LogSettings,
     /// OpenTelemetry export (traces and metrics over OTLP); off unless an endpoint is set.
@@ -67,6 +68,7 @@ impl Default for Settings {
             limits: Limits::default(),
             ws: WsSettings::default(),
             shutdown: ShutdownSettings::default(),
+            presence: PresenceSettings::default(),
             demo: DemoSettings::default(),
             log: LogSettings::default(),
             telemetry: TelemetrySettings::default(),
@@ -309,6 +311,29 @@ impl Default for ShutdownSettings {
     }
 }
 
+/// How a pool of hubs agrees on who is online (the Redis broker; the embedded one needs none
+/// of it). Each hub holds a lease it renews every `heartbeat`; a hub whose lease is `hub_ttl`
+/// old is taken for dead by the others, which mark its devices offline (`hub_gone`). A device
+/// of a killed hub is so marked offline within `hub_ttl + heartbeat` plus one broker round trip.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PresenceSettings {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// At least twice `heartbeat`, so one late renewal is not taken for a death.
+    #[serde(with = "humantime_serde")]
+    pub hub_ttl: Duration,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        PresenceSettings {
+            heartbeat: Duration::from_secs(2),
+            hub_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
 impl Settings {
     /// Loads defaults, then `file` if given, then `HUB_*` variables, and validates the result.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -497,6 +522,15 @@ impl Settings {
         if self.ws.pong_timeout.is_zero() {
             return Err(invalid("ws.pong_timeout", "must be greater than zero"));
         }
+        let presence = &self.presence;
+        if presence.heartbeat < Duration::from_millis(50)
+            || presence.hub_ttl < presence.heartbeat.saturating_mul(2)
+        {
+            return Err(invalid(
+                "presence.hub_ttl",
+                "presence.heartbeat must be at least 50ms and presence.hub_ttl at least twice it",
+            ));
+        }
         if self.demo.devices > 0 && self.demo.interval < Duration::from_millis(10) {
             return Err(invalid("demo.interval", "must be at least 10ms"));
         }
@@ -628,6 +662,8 @@ mod tests {
             settings.shutdown.drain_timeout,
             defaults.shutdown.drain_timeout
         );
+        assert_eq!(settings.presence.hub_ttl, defaults.presence.hub_ttl);
+        assert_eq!(settings.presence.heartbeat, defaults.presence.heartbeat);
     }
 
     const GOOD: &str = "a-secret-of-at-least-thirty-two-bytes";
@@ -692,5 +728,14 @@ mod tests {
             ("HUB_WS__PING_INTERVAL", "soon"),
         ]);
         assert!(e.contains("ws.ping_interval"), "{e}");
+        let e = err(&[
+            ("HUB_AUTH__HS256_SECRET", GOOD),
+            ("HUB_PRESENCE__HEARTBEAT", "2s"),
+            ("HUB_PRESENCE__HUB_TTL", "3s"),
+        ]);
+        assert!(
+            e.contains("presence.hub_ttl"),
+            "a lease of under two beats: {e}"
+        );
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use fastwebsockets::upgrade::UpgradeFut;
 use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
-use hub_protocol::CloseCode;
+use hub_protocol::{CloseCode, Role};
 use tokio::io::AsyncRead;
 use tracing::debug;
 
 use crate::auth::Identity;
+use crate::broker::PresenceChange;
 use crate::frame;
 use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
@@ -81,9 +82,19 @@ pub async fn serve(
         node_id: state.node_id.clone(),
         limits: SessionLimits::from(&state.settings.limits),
     };
+    // Only an agent whose session started counts for presence: one refused at `hello` was
+    // never online.
+    let device = (role == Role::Agent).then(|| identity.sub.clone());
     let mut session = Session::new(identity, outbox.clone(), permit.share().clone(), context);
+    let mut present = None;
     match session.start().await {
-        Ok(()) => read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await,
+        Ok(()) => {
+            if let Some(device) = device {
+                state.broker.presence(&device, PresenceChange::Connected);
+                present = Some(device);
+            }
+            read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await
+        }
         Err(code) => outbox.close(CloseReason::Hub(code)),
     }
     session.finish();
@@ -91,6 +102,12 @@ pub async fn serve(
     let _ = writer.await;
 
     let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
+    if let Some(device) = present {
+        let change = PresenceChange::Disconnected {
+            reason: reason.label(),
+        };
+        state.broker.presence(&device, change);
+    }
     metrics.disconnects.inc(reason.label());
     if reason == CloseReason::Hub(CloseCode::SlowConsumer) {
         metrics.slow_consumer_disconnects.inc();

@@ -152,6 +152,7 @@ impl Histogram {
 
 pub const PUBLISH_RESULTS: &[&str] = &["accepted", "duplicate", "refused"];
 pub const RECOVERY_RESULTS: &[&str] = &["recovered", "not_recovered"];
+pub const PRESENCE_STATES: &[&str] = &["online", "offline"];
 
 /// Label values that other modules derive from their enums.
 pub struct Labels {
@@ -250,6 +251,12 @@ metrics! { labels;
     history_misses: Counter = Counter::default(),
         "hub_history_misses_total",
         "Live channels whose missed messages were gone from history (subscribers told recovered=false).";
+    presence_changes: CounterVec = CounterVec::new("state", PRESENCE_STATES),
+        "hub_presence_changes_total",
+        "Presence messages this hub published (devices coming online or going offline; hub_gone ones included).";
+    presence_pending: Gauge = Gauge::default(),
+        "hub_presence_pending",
+        "Redis broker: devices whose presence change this hub has not yet written to Redis.";
     ready: Gauge = Gauge::default(),
         "hub_ready", "1 when the hub accepts new connections.";
 }

@@ -108,6 +108,9 @@ impl Server {
                 accepted = listener.accept() => accept(accepted, &state).await,
             }
         }
+        // The agents' connections are closed: their devices leave the pool's presence now,
+        // not when this hub's lease runs out.
+        state.broker.drained().await;
         info!("hub stopped");
     }
 }

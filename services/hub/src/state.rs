@@ -45,12 +45,19 @@ impl AppState {
         roots: RootSampler,
     ) -> Result<AppState, ConfigError> {
         let auth = Authenticator::from_settings(&settings.auth)?;
+        let node_id: Arc<str> = settings.resolved_node_id().into();
         let redis = settings.broker.url.is_some() || !settings.broker.cluster_nodes.is_empty();
         let broker: Arc<dyn Broker> = match redis {
-            true => Arc::new(RedisBroker::new(&settings, metrics.clone(), roots)?),
+            true => Arc::new(RedisBroker::new(
+                &settings,
+                &node_id,
+                metrics.clone(),
+                roots,
+            )?),
             false => Arc::new(MemoryBroker::new(
                 settings.history.clone(),
                 settings.limits.max_channels,
+                node_id.clone(),
                 metrics.clone(),
             )),
         };
@@ -67,7 +74,7 @@ impl AppState {
             },
         );
         Ok(AppState {
-            node_id: settings.resolved_node_id().into(),
+            node_id,
             auth,
             broker,
             metrics,

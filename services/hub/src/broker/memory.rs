@@ -12,9 +12,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hub_protocol::{Position, ServerFrame, Since};
 
-use super::{
-    Broker, BrokerError, Publication, PublishOutcome, Reading, SubscribeOutcome, new_epoch, pack,
-};
+use hub_protocol::presence::CHANNEL as PRESENCE;
+use serde_json::value::RawValue;
+
+use super::presence::{LocalPresence, PresenceChange, presence_data};
+use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome, new_epoch, pack};
 use crate::config::HistorySettings;
 use crate::fanout::Subscribers;
 use crate::frame;
@@ -28,10 +30,21 @@ pub struct MemoryBroker {
 struct Inner {
     channels: RwLock<HashMap<Box<str>, Mutex<Channel>>>,
     devices: Mutex<HashMap<Box<str>, DeviceSeq>>,
+    /// The `presence` channel and the counts it follows, under one lock so that messages come
+    /// in the order of the changes. It is the broker's own channel, outside the table: it
+    /// always exists and takes no room from `limits.max_channels`.
+    presence: Mutex<PresenceLog>,
+    /// This hub's name, the `hub` of its presence messages.
+    node_id: Arc<str>,
     history: HistorySettings,
     /// At most this many channels are held (`limits.max_channels`).
     max_channels: usize,
     metrics: Arc<Metrics>,
+}
+
+struct PresenceLog {
+    local: LocalPresence,
+    channel: Channel,
 }
 
 struct DeviceSeq {
@@ -101,10 +114,20 @@ impl Channel {
 
 impl MemoryBroker {
     /// Creates the broker and its housekeeping task (needs a Tokio runtime).
-    pub fn new(history: HistorySettings, max_channels: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        history: HistorySettings,
+        max_channels: usize,
+        node_id: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let inner = Arc::new(Inner {
             channels: RwLock::new(HashMap::new()),
             devices: Mutex::new(HashMap::new()),
+            presence: Mutex::new(PresenceLog {
+                local: LocalPresence::default(),
+                channel: Channel::new(Instant::now()),
+            }),
+            node_id,
             history,
             max_channels,
             metrics,
@@ -204,7 +227,7 @@ impl Inner {
             }
             for channel in p.channels {
                 self.with_channel(channel, true, |ch| {
-                    self.append(ch, channel, p.device, reading, p.received_at, now)
+                    self.append(ch, channel, p.device, reading.data, p.received_at, now)
                 });
             }
             last = reading.seq;
@@ -242,7 +265,7 @@ impl Inner {
         ch: &mut Channel,
         name: &str,
         device: &str,
-        reading: &Reading<'_>,
+        data: &RawValue,
         received_at: Instant,
         now: Instant,
     ) {
@@ -254,9 +277,9 @@ impl Inner {
             epoch: ch.epoch.as_str().into(),
             offset: ch.offset,
             from: device.into(),
-            data: reading.data,
+            data,
         };
-        let encoded = frame::text(reading.data.get().len() + name.len() + 96, |buf| {
+        let encoded = frame::text(data.get().len() + name.len() + 96, |buf| {
             message.write_json(buf)
         });
         if self.history.size > 0 {
@@ -272,56 +295,90 @@ impl Inner {
         self.metrics.delivery_drops.add(delivery.slow as u64);
     }
 
+    /// Counts the change and appends the presence message it makes, if any, to `presence`.
+    fn presence(&self, device: &str, change: PresenceChange) {
+        let mut log = lock(&self.presence);
+        let Some(transition) = log.local.change(device, change, super::now_ms()) else {
+            return;
+        };
+        let data = presence_data(device, &self.node_id, &transition);
+        let now = Instant::now();
+        self.append(&mut log.channel, PRESENCE, device, &data, now, now);
+        let state = if transition.online {
+            "online"
+        } else {
+            "offline"
+        };
+        self.metrics.presence_changes.inc(state);
+    }
+
     fn subscribe(
         &self,
         name: &str,
         since: Option<&Position>,
         outbox: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        let now = Instant::now();
+        if name == PRESENCE {
+            let mut log = lock(&self.presence);
+            return self.attach(&mut log.channel, name, since, outbox);
+        }
         let for_subscribes = self.max_channels - self.max_channels / 4;
         self.ensure_room(&[name], for_subscribes)?;
-        self.with_channel(name, true, |ch| {
-            ch.trim(&self.history, now);
-            ch.active = now;
-            let (recovered, from) = ch.recovery(since);
-            let replay: Vec<&Bytes> = match from {
-                Some(from) => ch
-                    .history
-                    .iter()
-                    .filter(|e| e.offset >= from)
-                    .map(|e| &e.frame)
-                    .collect(),
-                None => Vec::new(),
-            };
-            let (recovered, replay) =
-                super::within_budget(recovered, replay, super::replay_budget(outbox));
-            let subscribed = frame::server(&ServerFrame::Subscribed {
-                channel: name.into(),
-                part: None,
-                parts: None,
-                epoch: ch.epoch.as_str().into(),
-                offset: ch.offset,
-                recovered,
-            });
-            for item in pack(subscribed, &replay) {
-                outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
-            }
-            ch.subscribers.insert(outbox.clone());
-            Ok(SubscribeOutcome {
-                epoch: ch.epoch.clone(),
-                offset: ch.offset,
-                recovered,
-                replayed: replay.len(),
-                replayed_bytes: replay.iter().map(|f| f.len()).sum(),
-            })
+        self.with_channel(name, true, |ch| self.attach(ch, name, since, outbox))
+            .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+    }
+
+    /// Queues the `subscribed` frame and the replay, then adds the subscriber to the live list.
+    fn attach(
+        &self,
+        ch: &mut Channel,
+        name: &str,
+        since: Option<&Position>,
+        outbox: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let now = Instant::now();
+        ch.trim(&self.history, now);
+        ch.active = now;
+        let (recovered, from) = ch.recovery(since);
+        let replay: Vec<&Bytes> = match from {
+            Some(from) => ch
+                .history
+                .iter()
+                .filter(|e| e.offset >= from)
+                .map(|e| &e.frame)
+                .collect(),
+            None => Vec::new(),
+        };
+        let (recovered, replay) =
+            super::within_budget(recovered, replay, super::replay_budget(outbox));
+        let subscribed = frame::server(&ServerFrame::Subscribed {
+            channel: name.into(),
+            part: None,
+            parts: None,
+            epoch: ch.epoch.as_str().into(),
+            offset: ch.offset,
+            recovered,
+        });
+        for item in pack(subscribed, &replay) {
+            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
+        }
+        ch.subscribers.insert(outbox.clone());
+        Ok(SubscribeOutcome {
+            epoch: ch.epoch.clone(),
+            offset: ch.offset,
+            recovered,
+            replayed: replay.len(),
+            replayed_bytes: replay.iter().map(|f| f.len()).sum(),
         })
-        .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
     }
 
     /// Stops delivery to `subscriber`. A channel nobody ever published to goes with its last
     /// subscriber: subscribing to made-up names leaves nothing behind.
     fn unsubscribe(&self, name: &str, subscriber: u64) {
+        if name == PRESENCE {
+            lock(&self.presence).channel.subscribers.remove(subscriber);
+            return;
+        }
         let unused = self.with_channel(name, false, |ch| {
             ch.subscribers.remove(subscriber);
             ch.subscribers.is_empty() && ch.offset == 0
@@ -359,6 +416,7 @@ impl Inner {
         self.metrics.channels.set(map.len() as i64);
         drop(map);
         lock(&self.devices).retain(|_, d| now.saturating_duration_since(d.seen) <= meta_ttl);
+        lock(&self.presence).channel.trim(&self.history, now);
     }
 }
 
@@ -401,6 +459,10 @@ impl Broker for MemoryBroker {
         Ok(self.inner.remembered(&devices, device, Instant::now()))
     }
 
+    fn presence(&self, device: &str, change: PresenceChange) {
+        self.inner.presence(device, change);
+    }
+
     fn is_ready(&self) -> bool {
         true
     }
@@ -409,6 +471,7 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::Reading;
     use crate::server::metric_labels;
     use hub_protocol::ServerFrame;
     use serde_json::value::RawValue;
@@ -418,7 +481,12 @@ mod tests {
             size,
             ..HistorySettings::default()
         };
-        MemoryBroker::new(history, 1000, Arc::new(Metrics::new(metric_labels())))
+        MemoryBroker::new(
+            history,
+            1000,
+            "hub-a".into(),
+            Arc::new(Metrics::new(metric_labels())),
+        )
     }
 
     fn publish(b: &MemoryBroker, seq: u64) -> PublishOutcome {
@@ -615,7 +683,12 @@ mod tests {
             ttl: Duration::from_millis(1),
             meta_ttl: Duration::from_millis(1),
         };
-        let b = MemoryBroker::new(history, 1000, Arc::new(Metrics::new(metric_labels())));
+        let b = MemoryBroker::new(
+            history,
+            1000,
+            "hub-a".into(),
+            Arc::new(Metrics::new(metric_labels())),
+        );
         publish(&b, 1);
         assert_eq!(b.channel_count(), 2);
         b.inner.sweep(Instant::now() + Duration::from_secs(1));

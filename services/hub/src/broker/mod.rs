@@ -13,8 +13,12 @@
 //! - `subscribe` queues the `subscribed` frame and any replay onto the subscriber *before* it can
 //!   receive a live message, so the client sees offsets with no gap and no duplicate.
 //! - Offsets of a channel are gapless within an epoch; a new epoch means history was lost.
+//! - Presence: a device is online on the `presence` channel from its first agent connection to
+//!   any hub until its last one ends, and offline with the reason of that last close (or
+//!   `hub_gone`, once the hub holding it stops renewing its lease).
 
 pub mod memory;
+pub mod presence;
 pub mod redis;
 
 use std::time::Instant;
@@ -28,6 +32,7 @@ use tracing::Span;
 pub use self::redis::RedisBroker;
 use crate::outbox::{Outbound, Outbox};
 pub use memory::MemoryBroker;
+pub use presence::PresenceChange;
 
 /// Replays are queued in items of about this size, so a replay larger than the outbound queue
 /// still fits in it.
@@ -59,6 +64,13 @@ pub struct Reading<'a> {
 /// before.
 pub fn new_epoch() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// Wall-clock time, ms since the Unix epoch (0 for a clock before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +128,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The highest `seq` accepted from `device`, 0 if none is remembered.
     async fn last_seq(&self, device: &str) -> Result<u64, BrokerError>;
+
+    /// Counts an agent connection of `device` starting or ending on this hub and publishes, on
+    /// `presence`, the change it makes to the device's state. Never waits: the Redis broker
+    /// writes changes from a task of its own.
+    fn presence(&self, device: &str, change: PresenceChange);
+
+    /// The hub's connections are all closed (shutdown): presence changes still unwritten are
+    /// written, within the broker's timeout, and the hub leaves the pool's presence.
+    async fn drained(&self) {}
 
     /// Whether the broker can take publications now (feeds `/readyz`).
     fn is_ready(&self) -> bool;

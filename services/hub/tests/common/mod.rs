@@ -1,6 +1,7 @@
 //! A real hub on a loopback port and real WebSocket clients for the integration tests.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod redis_cluster;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -6,6 +6,7 @@
 //! - [`local`]: this hub's channels and subscribers.
 //! - [`partition`]: `fleet` and `groups.<g>` split into partitions, each its own log in its own
 //!   slot; everything below this module works on internal names and never knows.
+//! - [`presence`]: this hub's presence lease and changes, written by a task of its own.
 //!
 //! A publish is acknowledged once the script has appended it in Redis. It then reaches every
 //! hub, this one included, through pub/sub; no hub delivers its own publications directly, so
@@ -13,6 +14,7 @@
 
 pub mod local;
 pub mod partition;
+pub mod presence;
 pub mod relay;
 pub mod store;
 
@@ -28,9 +30,10 @@ use tracing::{Instrument, Span, info_span};
 
 use self::local::{Attach, Local};
 use self::partition::Partitions;
+use self::presence::Presence;
 use self::relay::{Command, LinkHealth, Relay, Transport, catch_up};
 use self::store::{Commands, Store};
-use super::{Broker, BrokerError, Publication, PublishOutcome, SubscribeOutcome};
+use super::{Broker, BrokerError, PresenceChange, Publication, PublishOutcome, SubscribeOutcome};
 use crate::config::{BrokerSettings, ConfigError, Settings};
 use crate::metrics::Metrics;
 
@@ -48,6 +51,7 @@ pub struct RedisBroker {
     roots: RootSampler,
     max_channels: usize,
     partitions: Partitions,
+    presence: Presence,
 }
 
 impl RedisBroker {
@@ -56,6 +60,7 @@ impl RedisBroker {
     /// spans, traced publications carry their trace context through Redis to every hub.
     pub fn new(
         settings: &Settings,
+        node_id: &str,
         metrics: Arc<Metrics>,
         roots: RootSampler,
     ) -> Result<Self, ConfigError> {
@@ -85,6 +90,7 @@ impl RedisBroker {
         )
         .tracing(roots);
         tokio::spawn(relay.run());
+        let presence = Presence::start(store.clone(), node_id, &settings.presence, metrics.clone());
         Ok(RedisBroker {
             store,
             local,
@@ -95,6 +101,7 @@ impl RedisBroker {
             roots,
             max_channels: settings.limits.max_channels,
             partitions: Partitions::new(broker.partitions()),
+            presence,
         })
     }
 
@@ -385,6 +392,14 @@ impl Broker for RedisBroker {
 
     async fn last_seq(&self, device: &str) -> Result<u64, BrokerError> {
         self.store.last_seq(device).await
+    }
+
+    fn presence(&self, device: &str, change: PresenceChange) {
+        self.presence.change(device, change);
+    }
+
+    async fn drained(&self) {
+        self.presence.leave(2 * self.timeout).await;
     }
 
     fn is_ready(&self) -> bool {

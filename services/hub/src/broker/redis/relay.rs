@@ -24,8 +24,9 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span, warn};
 
 use super::local::{Local, Offer};
-use super::store::{Envelope, Store, channel_of, now_ms, pubsub_channel};
+use super::store::{Envelope, Store, channel_of, pubsub_channel};
 use crate::broker::BrokerError;
+use crate::broker::now_ms;
 use crate::config::{BrokerSettings, Routing};
 use crate::metrics::Metrics;
 

@@ -12,6 +12,10 @@
 //! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D`; on a cluster also `#inc`, the device's incarnation |
 //! | `tl:{ch}:from` | hash | cluster only: per device, `incarnation:seq` of the last publication this channel stored |
 //! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | one payload per script call: the messages it appended (see [`Envelope`]) |
+//! | `tl:{presence}:hubs` | sorted set | presence leases: hub instance → expiry, ms by Redis's clock |
+//! | `tl:{presence}:on:<instance>` | set | the devices that hub instance holds |
+//! | `tl:{presence}:online` | hash | per online device, how many live hub instances hold it |
+//! | `tl:{presence}:gone` | list | dead instances whose devices are still being taken off, each in `tl:{presence}:gone:<instance>` |
 //!
 //! Deduplication on one Redis is per device, as on the embedded broker: one value (kept with the
 //! device's own channel, forgotten `history.meta_ttl` after the device's last publish) decides
@@ -29,7 +33,7 @@
 //! back as a new incarnation, new on every channel at once, as on one Redis.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use deadpool_redis::Pool;
 use redis::cluster::ClusterClient;
@@ -38,7 +42,7 @@ use redis::{Script, Value};
 use serde_json::value::RawValue;
 
 use super::partition;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, now_ms};
 use crate::config::HistorySettings;
 use crate::metrics::Metrics;
 
@@ -79,9 +83,13 @@ local function pick(last)
   return picked, taken, last
 end
 -- `label`: the JSON after `"channel":`, the public name and, for a partition, its number.
+-- `from_of` and `trace_of` say whose message `i` is and its trace context; the presence script,
+-- whose messages are not one device's readings, replaces them and `data_of`.
+local function from_of(i) return device end
+local function trace_of(i) return ARGV[6 + 3 * i] end
 local function message(label, epoch, offset, i)
   return '{"type":"message","channel":' .. label .. ',"epoch":"' .. epoch ..
-    '","offset":' .. offset .. ',"from":"' .. device .. '","data":' .. data_of(i) .. '}'
+    '","offset":' .. offset .. ',"from":"' .. from_of(i) .. '","data":' .. data_of(i) .. '}'
 end
 local function append(meta, log, channel, label, picked)
   local count = #picked
@@ -115,7 +123,7 @@ local function append(meta, log, channel, label, picked)
     end
     local head = offset .. ' ' .. epoch .. ' ' .. now
     if count > 1 then head = head .. ' ' .. #msg end
-    local trace = ARGV[6 + 3 * i]
+    local trace = trace_of(i)
     if trace ~= '' then head = head .. ' ' .. trace end
     parts[#parts + 1] = head .. '\n'
     parts[#parts + 1] = msg
@@ -208,6 +216,98 @@ redis.call('PEXPIRE', seqs, meta_ttl)
 return taken
 "#;
 
+/// Presence of the whole pool, in the slot of the `presence` channel (see [`super::presence`]).
+/// `KEYS`: the channel's `meta` and `log`, the lease zset, the online hash, this hub's set, the
+/// list of dead hubs still being swept. `ARGV[EXTRA..]`: this hub's instance, its lease in ms,
+/// `1` when it is leaving, the sweep budget, the channel's label, the number of changes `m`;
+/// then four per change: device, `1` online or `0` offline, reason, time in ms.
+///
+/// A device is online while some live hub's set holds it: `online` counts those hubs. The
+/// script moves the sets of hubs whose lease ran out (this one's too) to the sweep list, renews
+/// this hub's lease (by Redis's clock, the same for every hub), applies the changes, and takes
+/// devices of dead hubs off, `budget` at most per call. A device whose count reaches zero gets its
+/// offline message; one whose count leaves it, its online message. Writes are absolute (is the
+/// device held here or not), so a write repeated after a lost reply changes nothing. Returns
+/// `{1 if the lease was held before, online messages, offline messages, dead hubs left to
+/// sweep}`.
+const PRESENCE: &str = r#"
+local meta, log, hubs, online, mine, gone = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local instance, lease = ARGV[EXTRA], tonumber(ARGV[EXTRA + 1])
+local leaving, budget, label = ARGV[EXTRA + 2], tonumber(ARGV[EXTRA + 3]), ARGV[EXTRA + 4]
+local m = tonumber(ARGV[EXTRA + 5])
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local on_prefix = string.sub(mine, 1, #mine - #instance)
+local function hub_of(inst) return string.match(inst, '^(.*)/') or inst end
+local froms, datas, ons = {}, {}, 0
+local function announce(dev, on, hub, at, reason)
+  if on == 'true' then ons = ons + 1 end
+  froms[#froms + 1] = dev
+  datas[#datas + 1] = '{"device":"' .. dev .. '","online":' .. on .. ',"hub":' ..
+    cjson.encode(hub) .. ',"at":' .. at .. ',"reason":"' .. reason .. '"}'
+end
+
+-- Leases that ran out, this hub's own included: whoever notices first, a lease that ran out
+-- is a dead hub, and its devices go offline.
+local function bury()
+  for _, dead in ipairs(redis.call('ZRANGEBYSCORE', hubs, '-inf', clock, 'LIMIT', 0, 16)) do
+    redis.call('ZREM', hubs, dead)
+    local set = on_prefix .. dead
+    if redis.call('EXISTS', set) == 1 then
+      redis.call('RENAME', set, gone .. ':' .. dead)
+      redis.call('RPUSH', gone, dead)
+    end
+  end
+end
+bury()
+local held = redis.call('ZSCORE', hubs, instance) and 1 or 0
+redis.call('ZADD', hubs, clock + lease, instance)
+local me = hub_of(instance)
+for k = 0, m - 1 do
+  local at = EXTRA + 6 + 4 * k
+  local dev, on, reason, when = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  if on == '1' then
+    if redis.call('SADD', mine, dev) == 1 and redis.call('HINCRBY', online, dev, 1) == 1 then
+      announce(dev, 'true', me, when, reason)
+    end
+  elseif redis.call('SREM', mine, dev) == 1 and redis.call('HINCRBY', online, dev, -1) <= 0 then
+    redis.call('HDEL', online, dev)
+    announce(dev, 'false', me, when, reason)
+  end
+end
+
+if leaving == '1' then
+  redis.call('ZADD', hubs, 0, instance)
+  bury()
+end
+local now_text = string.format('%.0f', clock)
+local left = budget
+while left > 0 do
+  local dead = redis.call('LINDEX', gone, 0)
+  if not dead then break end
+  local set = gone .. ':' .. dead
+  for _, dev in ipairs(redis.call('SPOP', set, left)) do
+    left = left - 1
+    if redis.call('HINCRBY', online, dev, -1) <= 0 then
+      redis.call('HDEL', online, dev)
+      announce(dev, 'false', hub_of(dead), now_text, 'hub_gone')
+    end
+  end
+  if redis.call('EXISTS', set) == 0 then redis.call('LPOP', gone) end
+end
+
+for _, key in ipairs({hubs, online, mine, gone}) do redis.call('PEXPIRE', key, meta_ttl) end
+if #froms > 0 then
+  from_of = function(i) return froms[i] end
+  data_of = function(i) return datas[i] end
+  trace_of = function() return '' end
+  local picked = {}
+  for i = 1, #froms do picked[i] = i end
+  append(meta, log, 'presence', label, picked)
+end
+return {held, ons, #froms - ons, redis.call('LLEN', gone)}
+"#;
+
 /// Whether `e` says the connection itself is gone, not that a command was refused.
 fn lost_connection(e: &redis::RedisError) -> bool {
     e.is_io_error()
@@ -284,10 +384,44 @@ pub fn channel_of(pubsub: &str) -> Option<&str> {
     pubsub.strip_prefix("tl:{")?.strip_suffix("}:pub")
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// A key of the pool's presence state, in the slot of the `presence` channel.
+pub fn presence_key(name: &str) -> String {
+    format!("tl:{{{}}}:{name}", hub_protocol::presence::CHANNEL)
+}
+
+/// One call of [`Store::presence`].
+#[derive(Debug)]
+pub struct PresenceWrite<'a> {
+    /// This hub process: `<node id>/<random>`, new at every start.
+    pub instance: &'a str,
+    pub lease: Duration,
+    /// The hub is stopping: its lease ends now and its devices go with it.
+    pub leaving: bool,
+    /// At most this many devices of dead hubs are taken off per call.
+    pub sweep_budget: usize,
+    pub changes: &'a [PresenceUpdate<'a>],
+}
+
+/// Whether a device is held by this hub now, and since when and why.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceUpdate<'a> {
+    pub device: &'a str,
+    pub online: bool,
+    pub reason: &'a str,
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceReply {
+    /// The lease existed before this call: false on the first write, and after other hubs took
+    /// this one for dead (its devices were then marked offline and must be written again).
+    pub held: bool,
+    /// Online messages this call published.
+    pub online: u64,
+    /// Offline messages this call published (this hub's and dead hubs').
+    pub offline: u64,
+    /// Dead hubs whose devices are still to be taken off.
+    pub sweeping: u64,
 }
 
 /// One reading for [`Store::publish`].
@@ -438,6 +572,7 @@ pub struct Store {
     publish_own: Script,
     position: Script,
     rewound: Script,
+    presence: Script,
     history: HistorySettings,
     /// How long a channel nobody has published to keeps its epoch unless a hub watching it
     /// extends it.
@@ -461,13 +596,17 @@ impl Store {
     ) -> Self {
         let idle_ttl = idle_ttl.min(history.meta_ttl);
         Store {
-            commands,
             publish: script("PUBLISH", PUBLISH),
             seq_state: Script::new(SEQ_STATE),
             publish_guarded: script("SPUBLISH", PUBLISH_GUARDED),
             publish_own: script("SPUBLISH", PUBLISH_OWN),
             position: Script::new(POSITION),
             rewound: Script::new(REWOUND),
+            presence: match &commands {
+                Commands::Single(_) => script("PUBLISH", PRESENCE),
+                Commands::Cluster(_) => script("SPUBLISH", PRESENCE),
+            },
+            commands,
             history,
             idle_ttl,
             timeout,
@@ -796,6 +935,45 @@ impl Store {
                 return Ok((entries, false));
             }
         }
+    }
+
+    /// Renews this hub's presence lease, writes its changes and sweeps dead hubs (the
+    /// [`PRESENCE`] script).
+    pub async fn presence(&self, write: &PresenceWrite<'_>) -> Result<PresenceReply, BrokerError> {
+        let channel = hub_protocol::presence::CHANNEL;
+        let mut call = self.presence.prepare_invoke();
+        call.key(meta_key(channel))
+            .key(log_key(channel))
+            .key(presence_key("hubs"))
+            .key(presence_key("online"))
+            .key(presence_key(&format!("on:{}", write.instance)))
+            .key(presence_key("gone"));
+        call.arg("")
+            .arg(now_ms())
+            .arg(self.history.size)
+            .arg(self.history.meta_ttl.as_millis() as u64)
+            .arg(crate::broker::new_epoch())
+            .arg(0);
+        call.arg(write.instance)
+            .arg(write.lease.as_millis() as u64)
+            .arg(u8::from(write.leaving))
+            .arg(write.sweep_budget)
+            .arg(partition::label(channel))
+            .arg(write.changes.len());
+        for change in write.changes {
+            call.arg(change.device)
+                .arg(u8::from(change.online))
+                .arg(change.reason)
+                .arg(change.at);
+        }
+        let (held, online, offline, sweeping): (u8, u64, u64, u64) =
+            self.run(async |conn| call.invoke_async(conn).await).await?;
+        Ok(PresenceReply {
+            held: held == 1,
+            online,
+            offline,
+            sweeping,
+        })
     }
 
     /// The last `seq` accepted from `device`.
