@@ -52,6 +52,10 @@ pub enum ClientFrame<'a> {
         channel: Cow<'a, str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<Since>,
+        /// Start with a `snapshot`: the latest message of every device on the channel, then
+        /// the live stream after it (`since` is then not used: a resume is a new snapshot).
+        #[serde(default, skip_serializing_if = "is_false")]
+        snapshot: bool,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
@@ -90,6 +94,8 @@ struct Wire<'a> {
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
     since: Option<Since>,
+    #[serde(default)]
+    snapshot: bool,
     seq: Option<u64>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -100,6 +106,10 @@ struct Wire<'a> {
     traceparent: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The text of a JSON string without escapes (what a `traceparent` is), else `None`.
@@ -128,6 +138,7 @@ impl<'a> ClientFrame<'a> {
                 Ok(ClientFrame::Subscribe {
                     channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
                     since: wire.since,
+                    snapshot: wire.snapshot,
                     reference,
                 })
             }

@@ -41,6 +41,24 @@ pub enum ServerFrame<'a> {
     Unsubscribed {
         channel: Cow<'a, str>,
     },
+    /// After `subscribed` when the subscribe asked for one: the latest `message` of every device
+    /// on the channel (of a partition: of the partition) as of `offset`, so the live stream
+    /// goes on from `offset + 1` with nothing in both and nothing missed between. A large one
+    /// comes in several frames, all with `more: true` but the last.
+    Snapshot {
+        channel: Cow<'a, str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
+        epoch: Cow<'a, str>,
+        offset: u64,
+        /// `message` frames, as they were delivered.
+        items: &'a RawValue,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+        /// Devices were left out: over the hub's snapshot limits (the oldest go first).
+        #[serde(default, skip_serializing_if = "is_false")]
+        truncated: bool,
+    },
     Message {
         channel: Cow<'a, str>,
         /// The partition whose epoch and offset these are; absent for a one-log channel.
@@ -93,6 +111,12 @@ struct Wire<'a> {
     offset: Option<u64>,
     recovered: Option<bool>,
     #[serde(borrow)]
+    items: Option<&'a RawValue>,
+    #[serde(default)]
+    more: bool,
+    #[serde(default)]
+    truncated: bool,
+    #[serde(borrow)]
     from: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -133,6 +157,15 @@ impl<'a> ServerFrame<'a> {
             },
             "unsubscribed" => ServerFrame::Unsubscribed {
                 channel: channel()?,
+            },
+            "snapshot" => ServerFrame::Snapshot {
+                channel: channel()?,
+                part: w.part,
+                epoch: epoch()?,
+                offset: offset()?,
+                items: w.items.ok_or(FrameError::MissingField("items"))?,
+                more: w.more,
+                truncated: w.truncated,
             },
             "message" => ServerFrame::Message {
                 channel: channel()?,
@@ -234,6 +267,41 @@ mod tests {
         assert!(matches!(
             ServerFrame::parse(text),
             Ok(ServerFrame::Message { part: Some(5), .. })
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_holds_messages_and_says_whether_more_follow() {
+        let items = RawValue::from_string(
+            r#"[{"type":"message","channel":"fleet","epoch":"e","offset":7,"from":"d","data":{}}]"#
+                .into(),
+        )
+        .unwrap();
+        let frame = ServerFrame::Snapshot {
+            channel: "fleet".into(),
+            part: None,
+            epoch: "e".into(),
+            offset: 9,
+            items: &items,
+            more: true,
+            truncated: false,
+        };
+        let json = frame.to_json();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"type":"snapshot","channel":"fleet","epoch":"e","offset":9,"items":{},"more":true}}"#,
+                items.get()
+            )
+        );
+        assert!(matches!(
+            ServerFrame::parse(json.as_bytes()),
+            Ok(ServerFrame::Snapshot {
+                offset: 9,
+                more: true,
+                truncated: false,
+                ..
+            })
         ));
     }
 

@@ -204,6 +204,9 @@ pub struct HistorySettings {
     /// `seq` for deduplication.
     #[serde(with = "humantime_serde")]
     pub meta_ttl: Duration,
+    /// Devices whose latest message a channel keeps for snapshots (the least recently heard go
+    /// first past it), and so the most a snapshot holds; a device silent for `meta_ttl` leaves.
+    pub snapshot_devices: usize,
 }
 
 impl Default for HistorySettings {
@@ -212,6 +215,7 @@ impl Default for HistorySettings {
             size: 1000,
             ttl: Duration::from_secs(300),
             meta_ttl: Duration::from_secs(24 * 3600),
+            snapshot_devices: 100_000,
         }
     }
 }
@@ -521,6 +525,12 @@ impl Settings {
         }
         if self.ws.pong_timeout.is_zero() {
             return Err(invalid("ws.pong_timeout", "must be greater than zero"));
+        }
+        if self.history.snapshot_devices == 0 {
+            return Err(invalid(
+                "history.snapshot_devices",
+                "must be greater than zero",
+            ));
         }
         let presence = &self.presence;
         if presence.heartbeat < Duration::from_millis(50)

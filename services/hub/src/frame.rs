@@ -46,6 +46,17 @@ pub fn text(size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
+/// The payload of a frame made by [`text`]: the message JSON a snapshot quotes, without a copy.
+pub fn payload(frame: &Bytes) -> Bytes {
+    let start = match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return Bytes::new(),
+    };
+    frame.slice(start.min(frame.len())..)
+}
+
 /// A server frame as a complete WebSocket text frame.
 pub fn server(frame: &ServerFrame<'_>) -> Bytes {
     text(128, |buf| frame.write_json(buf))
@@ -94,6 +105,9 @@ mod tests {
         let large = text(0, |b| b.resize(b.len() + 70_000, b'x'));
         assert_eq!(&large[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(large[2..10].try_into().unwrap()), 70_000);
+        assert_eq!(&payload(&small)[..], b"hi");
+        assert_eq!(payload(&medium).len(), 300);
+        assert_eq!(payload(&large).len(), 70_000);
     }
 
     #[test]

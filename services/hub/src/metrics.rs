@@ -104,6 +104,9 @@ const LATENCY_BOUNDS_US: &[u64] = &[
     2_500_000,
 ];
 
+/// Counts of things (devices in a snapshot), by powers of ten.
+const SIZE_BOUNDS: &[u64] = &[1, 10, 100, 1_000, 10_000, 100_000, 1_000_000];
+
 /// Queue depths: powers of two up to the largest `limits.outbound_queue` worth telling apart.
 const DEPTH_BOUNDS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
 
@@ -125,6 +128,11 @@ impl Histogram {
     /// Item counts.
     pub fn depth() -> Self {
         Self::with_bounds(DEPTH_BOUNDS, 1.0)
+    }
+
+    /// Larger counts, by powers of ten.
+    pub fn sizes() -> Self {
+        Self::with_bounds(SIZE_BOUNDS, 1.0)
     }
 
     pub fn observe(&self, d: Duration) {
@@ -251,6 +259,12 @@ metrics! { labels;
     history_misses: Counter = Counter::default(),
         "hub_history_misses_total",
         "Live channels whose missed messages were gone from history (subscribers told recovered=false).";
+    snapshot_devices: Histogram = Histogram::sizes(),
+        "hub_snapshot_devices",
+        "Devices in each snapshot sent (subscribes with `snapshot: true`).";
+    snapshots_truncated: Counter = Counter::default(),
+        "hub_snapshots_truncated_total",
+        "Snapshots cut short by history.snapshot_devices or the subscriber's queue (the oldest devices left out).";
     presence_changes: CounterVec = CounterVec::new("state", PRESENCE_STATES),
         "hub_presence_changes_total",
         "Presence messages this hub published (devices coming online or going offline; hub_gone ones included).";

@@ -31,6 +31,15 @@ pub struct Context {
     pub limits: SessionLimits,
 }
 
+/// Where a subscription starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// Live, or resumed from `since`.
+    Since(Option<&'a Since>),
+    /// With a snapshot of the channel's latest messages, then live.
+    Snapshot,
+}
+
 /// The limits a session enforces itself (`[limits]` in the settings).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
@@ -229,6 +238,7 @@ impl Session {
             ClientFrame::Subscribe {
                 channel,
                 since,
+                snapshot,
                 reference,
             } => {
                 let span = self.hub.roots.child_span(|| {
@@ -236,11 +246,17 @@ impl Session {
                         "subscribe",
                         channel = %channel,
                         resume = since.is_some(),
+                        snapshot,
                         recovered = Empty,
                         replayed = Empty,
                     )
                 });
-                in_span(span, self.subscribe(&channel, since.as_ref(), reference)).await
+                // A snapshot stands in for a replay: a resume with one is a new snapshot.
+                let start = match snapshot {
+                    true => Start::Snapshot,
+                    false => Start::Since(since.as_ref()),
+                };
+                in_span(span, self.subscribe(&channel, start, reference)).await
             }
             ClientFrame::Unsubscribe { channel, reference } => {
                 self.unsubscribe(&channel, reference)
@@ -281,7 +297,7 @@ impl Session {
     async fn subscribe(
         &mut self,
         channel: &str,
-        since: Option<&Since>,
+        start: Start<'_>,
         reference: Option<&RawValue>,
     ) -> Outcome {
         let refuse = |code, message: &str| (code, message.to_owned());
@@ -311,12 +327,16 @@ impl Session {
         if let Some((code, message)) = refusal {
             return self.error(code, &message, None, reference);
         }
-        match self
-            .hub
-            .broker
-            .subscribe(channel, since, &self.outbox)
-            .await
-        {
+        let broker = &self.hub.broker;
+        let subscribed = match start {
+            Start::Since(since) => broker.subscribe(channel, since, &self.outbox).await,
+            Start::Snapshot => broker.subscribe_with_snapshot(channel, &self.outbox).await,
+        };
+        let since = match start {
+            Start::Since(since) => since,
+            Start::Snapshot => None,
+        };
+        match subscribed {
             Ok(outcome) => {
                 let span = Span::current();
                 span.record("recovered", outcome.recovered);
@@ -324,6 +344,12 @@ impl Session {
                 self.subscriptions.insert(channel.to_owned());
                 let metrics = &self.hub.metrics;
                 metrics.subscriptions.inc();
+                if let Some(size) = outcome.snapshot {
+                    metrics.snapshot_devices.observe_value(size.devices as u64);
+                    if size.truncated {
+                        metrics.snapshots_truncated.inc();
+                    }
+                }
                 if since.is_some() {
                     metrics.recoveries.inc(if outcome.recovered {
                         "recovered"

@@ -58,10 +58,19 @@ struct Entry {
     at: Instant,
 }
 
+/// A device's latest message on a channel, for snapshots.
+struct Latest {
+    frame: Bytes,
+    offset: u64,
+    at: Instant,
+}
+
 struct Channel {
     epoch: String,
     offset: u64,
     history: VecDeque<Entry>,
+    /// Per device, bounded by `history.snapshot_devices`.
+    latest: HashMap<Box<str>, Latest>,
     subscribers: Subscribers,
     active: Instant,
 }
@@ -76,6 +85,7 @@ impl Channel {
             epoch: new_epoch(),
             offset: 0,
             history: VecDeque::new(),
+            latest: HashMap::new(),
             subscribers: Subscribers::default(),
             active: now,
         }
@@ -92,6 +102,41 @@ impl Channel {
         {
             self.history.pop_front();
         }
+    }
+
+    /// Keeps `frame` as `device`'s latest message. Past `max` devices the least recently heard
+    /// sixteenth goes at once, so a fleet larger than the store costs one scan per 1/16 of it.
+    fn remember(&mut self, device: &str, frame: &Bytes, now: Instant, max: usize) {
+        let latest = Latest {
+            frame: frame.clone(),
+            offset: self.offset,
+            at: now,
+        };
+        if let Some(held) = self.latest.get_mut(device) {
+            *held = latest;
+            return;
+        }
+        if self.latest.len() >= max {
+            let mut offsets: Vec<u64> = self.latest.values().map(|l| l.offset).collect();
+            let cut = (offsets.len() / 16).max(1).min(offsets.len()) - 1;
+            let (_, oldest_kept, _) = offsets.select_nth_unstable(cut);
+            let cutoff = *oldest_kept;
+            self.latest.retain(|_, l| l.offset > cutoff);
+        }
+        self.latest.insert(device.into(), latest);
+    }
+
+    /// The latest messages of devices heard within `meta_ttl`, oldest first.
+    fn snapshot_items(&mut self, meta_ttl: Duration, now: Instant) -> Vec<Bytes> {
+        self.latest
+            .retain(|_, l| now.saturating_duration_since(l.at) <= meta_ttl);
+        let mut items: Vec<(u64, Bytes)> = self
+            .latest
+            .values()
+            .map(|l| (l.offset, frame::payload(&l.frame)))
+            .collect();
+        items.sort_unstable_by_key(|(offset, _)| *offset);
+        items.into_iter().map(|(_, payload)| payload).collect()
     }
 
     /// Decides what a subscribe with `since` can replay: `(recovered, first offset to replay)`.
@@ -290,6 +335,7 @@ impl Inner {
             });
             ch.trim(&self.history, now);
         }
+        ch.remember(device, &encoded, now, self.history.snapshot_devices);
         let delivery = ch.subscribers.deliver(&encoded, received_at);
         self.metrics.deliveries.add(delivery.delivered as u64);
         self.metrics.delivery_drops.add(delivery.slow as u64);
@@ -326,6 +372,70 @@ impl Inner {
         self.ensure_room(&[name], for_subscribes)?;
         self.with_channel(name, true, |ch| self.attach(ch, name, since, outbox))
             .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+    }
+
+    fn subscribe_with_snapshot(
+        &self,
+        name: &str,
+        outbox: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        if name == PRESENCE {
+            let mut log = lock(&self.presence);
+            return self.attach_snapshot(&mut log.channel, name, outbox);
+        }
+        let for_subscribes = self.max_channels - self.max_channels / 4;
+        self.ensure_room(&[name], for_subscribes)?;
+        self.with_channel(name, true, |ch| self.attach_snapshot(ch, name, outbox))
+            .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+    }
+
+    /// Queues `subscribed` and the snapshot as of the channel's offset, then adds the subscriber
+    /// to the live list: all under the channel's lock, so the live stream starts right after it.
+    fn attach_snapshot(
+        &self,
+        ch: &mut Channel,
+        name: &str,
+        outbox: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let now = Instant::now();
+        ch.trim(&self.history, now);
+        ch.active = now;
+        let items = ch.snapshot_items(self.history.meta_ttl, now);
+        let at = super::SnapshotAt {
+            channel: name,
+            part: None,
+            epoch: &ch.epoch,
+            offset: ch.offset,
+        };
+        let (frames, size) = super::snapshot_frames(
+            &at,
+            &items,
+            false,
+            self.history.snapshot_devices,
+            super::replay_budget(outbox),
+        );
+        let subscribed = frame::server(&ServerFrame::Subscribed {
+            channel: name.into(),
+            part: None,
+            parts: None,
+            epoch: ch.epoch.as_str().into(),
+            offset: ch.offset,
+            // The snapshot joins the live stream with nothing missed.
+            recovered: true,
+        });
+        let refs: Vec<&Bytes> = frames.iter().collect();
+        for item in pack(subscribed, &refs) {
+            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
+        }
+        ch.subscribers.insert(outbox.clone());
+        Ok(SubscribeOutcome {
+            epoch: ch.epoch.clone(),
+            offset: ch.offset,
+            recovered: true,
+            replayed: 0,
+            replayed_bytes: 0,
+            snapshot: Some(size),
+        })
     }
 
     /// Queues the `subscribed` frame and the replay, then adds the subscriber to the live list.
@@ -369,6 +479,7 @@ impl Inner {
             recovered,
             replayed: replay.len(),
             replayed_bytes: replay.iter().map(|f| f.len()).sum(),
+            snapshot: None,
         })
     }
 
@@ -409,6 +520,8 @@ impl Inner {
         map.retain(|_, ch| {
             let ch = ch.get_mut().unwrap_or_else(PoisonError::into_inner);
             ch.trim(&self.history, now);
+            ch.latest
+                .retain(|_, l| now.saturating_duration_since(l.at) <= meta_ttl);
             !(ch.subscribers.is_empty()
                 && ch.history.is_empty()
                 && now.saturating_duration_since(ch.active) > meta_ttl)
@@ -448,6 +561,14 @@ impl Broker for MemoryBroker {
         // Every channel here is one log: a partitioned `since` cannot resume it.
         self.inner
             .subscribe(channel, since.and_then(|s| s.part(0, 1)), subscriber)
+    }
+
+    async fn subscribe_with_snapshot(
+        &self,
+        channel: &str,
+        subscriber: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        self.inner.subscribe_with_snapshot(channel, subscriber)
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {
@@ -682,6 +803,7 @@ mod tests {
             size: 10,
             ttl: Duration::from_millis(1),
             meta_ttl: Duration::from_millis(1),
+            ..HistorySettings::default()
         };
         let b = MemoryBroker::new(
             history,

@@ -80,6 +80,104 @@ pub enum PublishOutcome {
     Duplicate,
 }
 
+/// The snapshot frames of one channel (or partition, `part`) as of `(epoch, offset)`: `items`
+/// are the latest `message` JSON of each device, oldest first. At most `max` of them and
+/// `budget` bytes are sent, the newest kept; frames hold about [`REPLAY_CHUNK`] each. `cut`: the
+/// items are already short of the channel's (the store stopped reading them). Returns the
+/// frames and what they hold.
+pub(crate) fn snapshot_frames<B: AsRef<[u8]>>(
+    at: &SnapshotAt<'_>,
+    items: &[B],
+    cut: bool,
+    max: usize,
+    budget: usize,
+) -> (Vec<Bytes>, SnapshotSize) {
+    let mut keep = 0;
+    let mut bytes = 0usize;
+    for item in items.iter().rev() {
+        let len = item.as_ref().len() + 1;
+        if keep == max || bytes + len > budget {
+            break;
+        }
+        bytes += len;
+        keep += 1;
+    }
+    let kept = &items[items.len() - keep..];
+    let truncated = cut || keep < items.len();
+    let SnapshotAt {
+        channel,
+        part,
+        epoch,
+        offset,
+    } = *at;
+    let write_frame = |chunk: &[B], more: bool| {
+        let size: usize = chunk.iter().map(|i| i.as_ref().len() + 1).sum();
+        crate::frame::text(size + channel.len() + epoch.len() + 96, |buf| {
+            buf.extend_from_slice(b"{\"type\":\"snapshot\",\"channel\":");
+            // A channel name and an epoch are plain strings; they always serialise.
+            let _ = serde_json::to_writer(&mut *buf, channel);
+            if let Some(part) = part {
+                buf.extend_from_slice(format!(",\"part\":{part}").as_bytes());
+            }
+            buf.extend_from_slice(b",\"epoch\":");
+            let _ = serde_json::to_writer(&mut *buf, epoch);
+            buf.extend_from_slice(format!(",\"offset\":{offset},\"items\":[").as_bytes());
+            for (k, item) in chunk.iter().enumerate() {
+                if k > 0 {
+                    buf.push(b',');
+                }
+                buf.extend_from_slice(item.as_ref());
+            }
+            buf.push(b']');
+            if more {
+                buf.extend_from_slice(b",\"more\":true");
+            }
+            if truncated && !more {
+                buf.extend_from_slice(b",\"truncated\":true");
+            }
+            buf.push(b'}');
+        })
+    };
+    let mut frames = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (k, item) in kept.iter().enumerate() {
+        let len = item.as_ref().len() + 1;
+        if k > start && size + len > REPLAY_CHUNK {
+            frames.push(write_frame(&kept[start..k], true));
+            start = k;
+            size = 0;
+        }
+        size += len;
+    }
+    frames.push(write_frame(&kept[start..], false));
+    let size = SnapshotSize {
+        devices: keep,
+        bytes: frames.iter().map(Bytes::len).sum(),
+        truncated,
+    };
+    (frames, size)
+}
+
+/// Which channel (or partition) a snapshot is of, and as of which position.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnapshotAt<'a> {
+    pub channel: &'a str,
+    pub part: Option<u32>,
+    pub epoch: &'a str,
+    pub offset: u64,
+}
+
+/// What a snapshot held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSize {
+    pub devices: usize,
+    /// Bytes of its frames, counted against the subscribe's [`replay_budget`].
+    pub bytes: usize,
+    /// Devices were left out, over `history.snapshot_devices` or the subscriber's queue.
+    pub truncated: bool,
+}
+
 /// What a subscription started with; the `subscribed` frame with these values is already queued.
 /// A channel split into partitions has one such frame per partition: `epoch` and `offset` are
 /// then partition 0's, `recovered` says whether every partition recovered, and `replayed` counts
@@ -93,6 +191,8 @@ pub struct SubscribeOutcome {
     pub replayed: usize,
     /// Bytes of the replay, counted against the subscribe's [`replay_budget`].
     pub replayed_bytes: usize,
+    /// What the snapshot held, when one was asked for.
+    pub snapshot: Option<SnapshotSize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +220,15 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         channel: &str,
         since: Option<&Since>,
+        subscriber: &Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError>;
+
+    /// As `subscribe` without `since`, with the snapshot frames queued after `subscribed`: the
+    /// latest message of each device on the channel as of the position the live stream starts
+    /// after (see `ServerFrame::Snapshot`).
+    async fn subscribe_with_snapshot(
+        &self,
+        channel: &str,
         subscriber: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError>;
 
@@ -197,4 +306,88 @@ pub(crate) fn pack(subscribed: Bytes, replay: &[&Bytes]) -> Vec<Outbound> {
         published_at: None,
     });
     items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hub_protocol::ServerFrame;
+
+    /// The payloads of frames made by `frame::text`.
+    fn texts(frames: &[Bytes]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| String::from_utf8(crate::frame::payload(f).to_vec()).unwrap())
+            .collect()
+    }
+
+    fn item(n: usize) -> String {
+        format!(
+            r#"{{"type":"message","channel":"fleet","epoch":"e","offset":{n},"from":"d{n}","data":{{"pad":"{}"}}}}"#,
+            "x".repeat(200)
+        )
+    }
+
+    #[test]
+    fn a_large_snapshot_comes_in_frames_of_a_chunk_all_but_the_last_saying_more() {
+        let items: Vec<String> = (1..=3000).map(item).collect();
+        let at = SnapshotAt {
+            channel: "fleet",
+            part: Some(3),
+            epoch: "e",
+            offset: 3000,
+        };
+        let (frames, size) = snapshot_frames(&at, &items, false, usize::MAX, usize::MAX);
+        assert!(frames.len() > 1, "{} bytes in one frame", size.bytes);
+        assert_eq!((size.devices, size.truncated), (3000, false));
+        let mut offsets = Vec::new();
+        for (k, text) in texts(&frames).iter().enumerate() {
+            assert!(text.len() <= REPLAY_CHUNK + 512);
+            match ServerFrame::parse(text.as_bytes()).unwrap() {
+                ServerFrame::Snapshot {
+                    part,
+                    offset,
+                    items,
+                    more,
+                    truncated,
+                    ..
+                } => {
+                    assert_eq!((part, offset, truncated), (Some(3), 3000, false));
+                    assert_eq!(more, k + 1 < frames.len());
+                    let items: Vec<serde_json::Value> = serde_json::from_str(items.get()).unwrap();
+                    offsets.extend(items.iter().map(|i| i["offset"].as_u64().unwrap()));
+                }
+                other => panic!("not a snapshot: {other:?}"),
+            }
+        }
+        assert_eq!(
+            offsets,
+            (1..=3000).collect::<Vec<u64>>(),
+            "every item once, in order"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_over_its_limits_keeps_the_newest_and_says_it_was_cut() {
+        let items: Vec<String> = (1..=100).map(item).collect();
+        let at = SnapshotAt {
+            channel: "fleet",
+            part: None,
+            epoch: "e",
+            offset: 100,
+        };
+        let (frames, size) = snapshot_frames(&at, &items, false, 10, usize::MAX);
+        assert_eq!((size.devices, size.truncated), (10, true));
+        let text = &texts(&frames)[0];
+        assert!(text.contains(r#""offset":91,"#) && !text.contains(r#""offset":90,"#));
+        assert!(text.ends_with(r#","truncated":true}"#), "{text}");
+        let (_, size) = snapshot_frames(&at, &items, false, 100, 5 * items[0].len());
+        assert_eq!(
+            (size.devices, size.truncated),
+            (4, true),
+            "the bytes bound it too"
+        );
+        let (frames, size) = snapshot_frames(&at, &items[..0], true, 100, 100);
+        assert_eq!((size.devices, size.truncated, frames.len()), (0, true, 1));
+    }
 }

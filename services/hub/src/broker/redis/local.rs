@@ -245,7 +245,9 @@ impl Local {
     }
 
     /// Tries to attach `outbox` to the live channel, replaying from `history` what `since` missed.
-    /// `give_up` attaches without recovery when catching up did not converge.
+    /// `give_up` attaches without recovery when catching up did not converge. `lead` (a
+    /// snapshot as of `since`) is queued between `subscribed` and the replay.
+    #[allow(clippy::too_many_arguments)]
     pub fn attach(
         &self,
         channel: &str,
@@ -254,6 +256,7 @@ impl Local {
         history: Option<&[Entry]>,
         give_up: bool,
         budget: usize,
+        lead: &[Bytes],
     ) -> Result<Attach, BrokerError> {
         let mut map = self.lock();
         let Some(ch) = map.get_mut(channel).filter(|c| c.live) else {
@@ -309,7 +312,7 @@ impl Local {
         };
         let (recovered, replay) = crate::broker::within_budget(recovered, replay, budget);
         let subscribed = subscribed(channel, &ch.epoch, ch.offset, recovered);
-        let replay_refs: Vec<&Bytes> = replay.iter().collect();
+        let replay_refs: Vec<&Bytes> = lead.iter().chain(&replay).collect();
         for item in pack(subscribed, &replay_refs) {
             outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
         }
@@ -321,6 +324,7 @@ impl Local {
             recovered,
             replayed: replay.len(),
             replayed_bytes: replay.iter().map(Bytes::len).sum(),
+            snapshot: None,
         }))
     }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use hub_protocol::{Position, Since};
 use observability::RootSampler;
 use tokio::sync::{mpsc, oneshot};
@@ -50,6 +51,7 @@ pub struct RedisBroker {
     /// Spans are exported: traced publications carry their trace context through Redis.
     roots: RootSampler,
     max_channels: usize,
+    snapshot_devices: usize,
     partitions: Partitions,
     presence: Presence,
 }
@@ -100,6 +102,7 @@ impl RedisBroker {
             timeout: broker.timeout,
             roots,
             max_channels: settings.limits.max_channels,
+            snapshot_devices: settings.history.snapshot_devices,
             partitions: Partitions::new(broker.partitions()),
             presence,
         })
@@ -138,6 +141,7 @@ impl RedisBroker {
         since: Option<&Position>,
         outbox: &crate::outbox::Outbox,
         budget: usize,
+        lead: &[Bytes],
     ) -> Result<SubscribeOutcome, BrokerError> {
         // On a busy channel delivery moves on while history is read: keep what was read and
         // fetch only the tail, for a bounded time, then attach without recovery.
@@ -147,10 +151,15 @@ impl RedisBroker {
         let mut beyond_budget = false;
         loop {
             let give_up = beyond_redis || beyond_budget || tokio::time::Instant::now() >= deadline;
-            match self
-                .local
-                .attach(channel, since, outbox, history.as_deref(), give_up, budget)?
-            {
+            match self.local.attach(
+                channel,
+                since,
+                outbox,
+                history.as_deref(),
+                give_up,
+                budget,
+                lead,
+            )? {
                 Attach::Done(outcome) => return Ok(outcome),
                 Attach::NeedHistory { after, upto } => {
                     let read = history.get_or_insert_with(Vec::new);
@@ -193,11 +202,16 @@ impl RedisBroker {
     /// in order, each with its own `subscribed` frame and replay, all replays within one
     /// budget. A failure undoes the ones already done; the client, which may have seen some of
     /// their `subscribed` frames, gets the error and holds no subscription.
+    ///
+    /// With `snapshot`, each one's snapshot is read (its position and latest messages in one
+    /// script) once it is joined, and it is attached as a resume from that position: the
+    /// snapshot goes after `subscribed`, then whatever was published since it, then live.
     async fn subscribe_names(
         &self,
         names: &[String],
         since: Option<&Since>,
         subscriber: &crate::outbox::Outbox,
+        snapshot: bool,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let undo = |attached: &[String], joining: &[String]| {
             for name in attached {
@@ -228,16 +242,28 @@ impl RedisBroker {
         let mut budget = crate::broker::replay_budget(subscriber);
         let mut total: Option<SubscribeOutcome> = None;
         for (k, name) in names.iter().enumerate() {
-            let position = since.and_then(|s| s.part(k as u32, parts));
-            match self.attach(name, position, subscriber, budget).await {
+            let attached = if snapshot {
+                self.attach_snapshot(name, subscriber, budget).await
+            } else {
+                let position = since.and_then(|s| s.part(k as u32, parts));
+                self.attach(name, position, subscriber, budget, &[]).await
+            };
+            match attached {
                 Ok(outcome) => {
-                    budget = budget.saturating_sub(outcome.replayed_bytes);
+                    let snapshot_bytes = outcome.snapshot.map_or(0, |s| s.bytes);
+                    budget = budget.saturating_sub(outcome.replayed_bytes + snapshot_bytes);
                     match &mut total {
                         None => total = Some(outcome),
                         Some(total) => {
                             total.recovered &= outcome.recovered;
                             total.replayed += outcome.replayed;
                             total.replayed_bytes += outcome.replayed_bytes;
+                            if let (Some(all), Some(one)) = (&mut total.snapshot, outcome.snapshot)
+                            {
+                                all.devices += one.devices;
+                                all.bytes += one.bytes;
+                                all.truncated |= one.truncated;
+                            }
                         }
                     }
                 }
@@ -248,6 +274,33 @@ impl RedisBroker {
             }
         }
         total.ok_or_else(|| BrokerError::Unavailable("a channel with no partitions".into()))
+    }
+
+    /// Reads `name`'s snapshot within `budget` and attaches the subscriber as of it.
+    async fn attach_snapshot(
+        &self,
+        name: &str,
+        subscriber: &crate::outbox::Outbox,
+        budget: usize,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let (epoch, offset, items, cut) = self.store.snapshot(name, budget).await?;
+        let (channel, partition) = partition::parse(name);
+        let part = partition.map(|(part, _)| part);
+        let at = crate::broker::SnapshotAt {
+            channel,
+            part,
+            epoch: &epoch,
+            offset,
+        };
+        let (frames, size) =
+            crate::broker::snapshot_frames(&at, &items, cut, self.snapshot_devices, budget);
+        let position = Position { epoch, offset };
+        let budget = budget.saturating_sub(size.bytes);
+        let mut outcome = self
+            .attach(name, Some(&position), subscriber, budget, &frames)
+            .await?;
+        outcome.snapshot = Some(size);
+        Ok(outcome)
     }
 }
 
@@ -379,7 +432,16 @@ impl Broker for RedisBroker {
         subscriber: &crate::outbox::Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
         let names = self.partitions.names(channel);
-        self.subscribe_names(&names, since, subscriber).await
+        self.subscribe_names(&names, since, subscriber, false).await
+    }
+
+    async fn subscribe_with_snapshot(
+        &self,
+        channel: &str,
+        subscriber: &crate::outbox::Outbox,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        let names = self.partitions.names(channel);
+        self.subscribe_names(&names, None, subscriber, true).await
     }
 
     fn unsubscribe(&self, channel: &str, subscriber: u64) {

@@ -12,6 +12,8 @@
 //! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D`; on a cluster also `#inc`, the device's incarnation |
 //! | `tl:{ch}:from` | hash | cluster only: per device, `incarnation:seq` of the last publication this channel stored |
 //! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | one payload per script call: the messages it appended (see [`Envelope`]) |
+//! | `tl:{ch}:last` | hash | per device, its latest `message` JSON on the channel (for snapshots) |
+//! | `tl:{ch}:ages` | sorted set | per device, when that message came (ms); past `history.snapshot_devices` or `meta_ttl` the device leaves both |
 //! | `tl:{presence}:hubs` | sorted set | presence leases: hub instance → expiry, ms by Redis's clock |
 //! | `tl:{presence}:on:<instance>` | set | the devices that hub instance holds |
 //! | `tl:{presence}:online` | hash | per online device, how many live hub instances hold it |
@@ -48,20 +50,22 @@ use crate::metrics::Metrics;
 
 /// What every publish script shares: its arguments and `append`.
 ///
-/// `ARGV[1..6]`: device, time, history size, TTL, a fresh epoch, the number of readings `n`;
-/// then three per reading, in the order the agent sent them: seq, data, traceparent or `''`;
+/// `ARGV[1..7]`: device, time, history size, TTL, a fresh epoch, the number of readings `n`,
+/// the devices a channel's latest-value store keeps; then three per reading, in the order the agent sent them: seq, data, traceparent or `''`;
 /// then the script's own (from `ARGV[EXTRA]`). `seq`s are compared as decimal strings: Lua
 /// numbers are doubles and u64s do not fit.
 ///
 /// `append` adds picked readings to one channel in one go: their offsets, each `message` JSON
-/// built once, the stream entries (trimmed once), the TTLs, and one envelope for all of them
-/// published with `PUB` (PUBLISH, or SPUBLISH on a cluster).
+/// built once, the stream entries (trimmed once), the TTLs, each device's latest message (see
+/// `remember`), and one envelope for all of them published with `PUB` (PUBLISH, or SPUBLISH on
+/// a cluster).
 const PRELUDE: &str = r#"
 local device, now = ARGV[1], ARGV[2]
 local size, meta_ttl, new_epoch, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
-local EXTRA = 7 + 3 * n
-local function seq_of(i) return ARGV[4 + 3 * i] end
-local function data_of(i) return ARGV[5 + 3 * i] end
+local max_latest = tonumber(ARGV[7])
+local EXTRA = 8 + 3 * n
+local function seq_of(i) return ARGV[5 + 3 * i] end
+local function data_of(i) return ARGV[6 + 3 * i] end
 local function above(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
@@ -86,10 +90,39 @@ end
 -- `from_of` and `trace_of` say whose message `i` is and its trace context; the presence script,
 -- whose messages are not one device's readings, replaces them and `data_of`.
 local function from_of(i) return device end
-local function trace_of(i) return ARGV[6 + 3 * i] end
+local function trace_of(i) return ARGV[7 + 3 * i] end
 local function message(label, epoch, offset, i)
   return '{"type":"message","channel":' .. label .. ',"epoch":"' .. epoch ..
     '","offset":' .. offset .. ',"from":"' .. from_of(i) .. '","data":' .. data_of(i) .. '}'
+end
+-- Each device's latest message on the channel, for snapshots: `last` (device -> message) and
+-- `ages` (device -> ms). Every 32 offsets, devices silent for `meta_ttl` and those past
+-- `max_latest` (the least recently heard) leave, 256 at most per call.
+local function remember(channel, latest, first, count)
+  local last, ages = 'tl:{' .. channel .. '}:last', 'tl:{' .. channel .. '}:ages'
+  local fields, scores = {}, {}
+  for from, msg in pairs(latest) do
+    fields[#fields + 1] = from
+    fields[#fields + 1] = msg
+    scores[#scores + 1] = now
+    scores[#scores + 1] = from
+  end
+  redis.call('HSET', last, unpack(fields))
+  redis.call('ZADD', ages, unpack(scores))
+  redis.call('PEXPIRE', last, meta_ttl)
+  redis.call('PEXPIRE', ages, meta_ttl)
+  if math.floor((first + count - 1) / 32) == math.floor((first - 1) / 32) then return end
+  local gone = redis.call('ZRANGEBYSCORE', ages, '-inf', '(' .. (now - meta_ttl), 'LIMIT', 0, 256)
+  local over = redis.call('ZCARD', ages) - #gone - max_latest
+  if over > 0 then
+    for _, d in ipairs(redis.call('ZRANGE', ages, #gone, #gone + math.min(over, 256) - 1)) do
+      gone[#gone + 1] = d
+    end
+  end
+  if #gone > 0 then
+    redis.call('HDEL', last, unpack(gone))
+    redis.call('ZREM', ages, unpack(gone))
+  end
 end
 local function append(meta, log, channel, label, picked)
   local count = #picked
@@ -100,7 +133,7 @@ local function append(meta, log, channel, label, picked)
     redis.call('HSET', meta, 'epoch', epoch)
   end
   local first = redis.call('HINCRBY', meta, 'offset', count) - count + 1
-  local parts = {}
+  local parts, latest = {}, {}
   if count > 1 then parts[1] = '=' .. count .. '\n' end
   for k = 1, count do
     -- The offset as text once: Lua turns a number into text with printf, which is a good part
@@ -127,12 +160,14 @@ local function append(meta, log, channel, label, picked)
     if trace ~= '' then head = head .. ' ' .. trace end
     parts[#parts + 1] = head .. '\n'
     parts[#parts + 1] = msg
+    latest[from_of(i)] = msg
   end
   if size > 0 then
     redis.call('XTRIM', log, 'MAXLEN', size)
     redis.call('PEXPIRE', log, meta_ttl)
   end
   redis.call('PEXPIRE', meta, meta_ttl)
+  remember(channel, latest, first, count)
   redis.call(PUB, 'tl:{' .. channel .. '}:pub', table.concat(parts))
 end
 "#;
@@ -328,17 +363,47 @@ fn script(publish_command: &str, body: &str) -> Script {
 /// published to yet is kept only `ARGV[3]` ms (the relay extends that while it is watched), so a
 /// subscribe to a made-up name leaves no key for `meta_ttl`; a published one gets `ARGV[2]` ms.
 const POSITION: &str = r#"
-local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
-local v = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
-local offset = v[2] or '0'
-if created == 1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-elseif offset == '0' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3], 'GT')
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return position()
+"#;
+
+/// What [`POSITION`] and [`SNAPSHOT`] share: `position()` reads (and creates) the epoch and
+/// offset of `KEYS[1]` as `POSITION` describes.
+const POSITION_OF: &str = r#"
+local function position()
+  local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+  local v = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+  local offset = v[2] or '0'
+  if created == 1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  elseif offset == '0' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3], 'GT')
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  return {v[1], offset}
 end
-return {v[1], offset}
+"#;
+
+/// The channel's position (as [`POSITION`]: `KEYS[1]` meta, `ARGV[1..3]`) and, as of it, the
+/// latest message of each device heard since `ARGV[4]` (ms), newest first, at most `ARGV[5]` of
+/// them and about `ARGV[6]` bytes (`KEYS[2]` last, `KEYS[3]` ages). Returns `{epoch, offset,
+/// {message, ...}}`; one call, so no message is newer than the offset.
+const SNAPSHOT: &str = r#"
+local pos = position()
+local devices = redis.call('ZREVRANGEBYSCORE', KEYS[3], '+inf', ARGV[4], 'LIMIT', 0, ARGV[5])
+local items, bytes, budget = {}, 0, tonumber(ARGV[6])
+for start = 1, #devices, 512 do
+  local chunk = {}
+  for k = start, math.min(start + 511, #devices) do chunk[#chunk + 1] = devices[k] end
+  for _, msg in ipairs(redis.call('HMGET', KEYS[2], unpack(chunk))) do
+    if msg then
+      bytes = bytes + #msg + 1
+      if bytes > budget then return {pos[1], pos[2], items, 1} end
+      items[#items + 1] = msg
+    end
+  end
+end
+return {pos[1], pos[2], items, 0}
 "#;
 
 /// Gives the channel a new epoch if it still has `ARGV[1]` and its offset is below `ARGV[2]`:
@@ -361,6 +426,16 @@ pub fn meta_key(channel: &str) -> String {
 
 pub fn log_key(channel: &str) -> String {
     format!("tl:{{{channel}}}:log")
+}
+
+/// Each device's latest message on the channel (field: device), for snapshots.
+pub fn latest_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:last")
+}
+
+/// When each device's latest message on the channel came (score: ms).
+pub fn ages_key(channel: &str) -> String {
+    format!("tl:{{{channel}}}:ages")
 }
 
 /// The hash that remembers `device`'s last accepted `seq` (field `device`), kept in the slot of
@@ -571,6 +646,7 @@ pub struct Store {
     publish_guarded: Script,
     publish_own: Script,
     position: Script,
+    snapshot: Script,
     rewound: Script,
     presence: Script,
     history: HistorySettings,
@@ -600,7 +676,8 @@ impl Store {
             seq_state: Script::new(SEQ_STATE),
             publish_guarded: script("SPUBLISH", PUBLISH_GUARDED),
             publish_own: script("SPUBLISH", PUBLISH_OWN),
-            position: Script::new(POSITION),
+            position: Script::new(&format!("{POSITION_OF}\n{POSITION}")),
+            snapshot: Script::new(&format!("{POSITION_OF}\n{SNAPSHOT}")),
             rewound: Script::new(REWOUND),
             presence: match &commands {
                 Commands::Single(_) => script("PUBLISH", PRESENCE),
@@ -697,7 +774,8 @@ impl Store {
                 .arg(self.history.size)
                 .arg(self.history.meta_ttl.as_millis() as u64)
                 .arg(&epoch)
-                .arg(readings.len());
+                .arg(readings.len())
+                .arg(self.history.snapshot_devices);
             for r in readings {
                 call.arg(r.seq)
                     .arg(r.data.get())
@@ -787,6 +865,31 @@ impl Store {
         let (epoch, offset): (String, u64) =
             self.run(async |conn| call.invoke_async(conn).await).await?;
         Ok((epoch, offset))
+    }
+
+    /// The channel's position and, as of it, the latest message of each device heard within
+    /// `history.meta_ttl`, oldest first: at most `history.snapshot_devices` of them and about
+    /// `budget` bytes, the newest kept. The flag says some were left out for the bytes.
+    pub async fn snapshot(
+        &self,
+        channel: &str,
+        budget: usize,
+    ) -> Result<(String, u64, Vec<Vec<u8>>, bool), BrokerError> {
+        let since = now_ms().saturating_sub(self.history.meta_ttl.as_millis() as u64);
+        let mut call = self.snapshot.prepare_invoke();
+        call.key(meta_key(channel))
+            .key(latest_key(channel))
+            .key(ages_key(channel))
+            .arg(crate::broker::new_epoch())
+            .arg(self.history.meta_ttl.as_millis() as u64)
+            .arg(self.idle_ttl.as_millis() as u64)
+            .arg(since)
+            .arg(self.history.snapshot_devices)
+            .arg(budget);
+        let (epoch, offset, mut items, cut): (String, u64, Vec<Vec<u8>>, u8) =
+            self.run(async |conn| call.invoke_async(conn).await).await?;
+        items.reverse();
+        Ok((epoch, offset, items, cut == 1))
     }
 
     /// Starts a new epoch for a channel whose offset fell below `delivered` in `epoch`; returns
@@ -953,7 +1056,8 @@ impl Store {
             .arg(self.history.size)
             .arg(self.history.meta_ttl.as_millis() as u64)
             .arg(crate::broker::new_epoch())
-            .arg(0);
+            .arg(0)
+            .arg(self.history.snapshot_devices);
         call.arg(write.instance)
             .arg(write.lease.as_millis() as u64)
             .arg(u8::from(write.leaving))
