@@ -56,6 +56,10 @@ pub enum ClientFrame<'a> {
         /// the live stream after it (`since` is then not used: a resume is a new snapshot).
         #[serde(default, skip_serializing_if = "is_false")]
         snapshot: bool,
+        /// Conflated: each device's latest message at most this many times a second (from
+        /// [`MIN_RATE`] to [`MAX_RATE`]), never cut off for falling behind.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_rate: Option<f64>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
@@ -96,6 +100,7 @@ struct Wire<'a> {
     since: Option<Since>,
     #[serde(default)]
     snapshot: bool,
+    max_rate: Option<f64>,
     seq: Option<u64>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -107,6 +112,11 @@ struct Wire<'a> {
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
 }
+
+/// The slowest conflated rate a subscribe may ask for: one message per device a minute.
+pub const MIN_RATE: f64 = 1.0 / 60.0;
+/// The fastest: above it a conflated stream is hardly different from the exact one.
+pub const MAX_RATE: f64 = 100.0;
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -135,10 +145,17 @@ impl<'a> ClientFrame<'a> {
                 {
                     return Err(FrameError::TooManyPartitions);
                 }
+                if wire
+                    .max_rate
+                    .is_some_and(|r| !(MIN_RATE..=MAX_RATE).contains(&r))
+                {
+                    return Err(FrameError::MaxRateOutOfRange);
+                }
                 Ok(ClientFrame::Subscribe {
                     channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
                     since: wire.since,
                     snapshot: wire.snapshot,
+                    max_rate: wire.max_rate,
                     reference,
                 })
             }

@@ -62,6 +62,8 @@ pub enum FrameError {
     RefTooLong,
     #[error("`since.partitions` may list at most {MAX_PARTITIONS} positions")]
     TooManyPartitions,
+    #[error("`max_rate` must be from 1/60 to 100 messages per second per device")]
+    MaxRateOutOfRange,
 }
 
 impl FrameError {

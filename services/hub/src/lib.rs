@@ -19,7 +19,9 @@
 //! - `outbox`: the bounded queue between everything that sends to a connection and its writer;
 //!   a full queue marks a slow consumer, which is closed rather than waited for.
 //! - `broker`: offsets, history, deduplication and fan-out behind one `Broker` trait, embedded
-//!   in memory or on Redis for a pool; `fanout` is the per-channel subscriber list.
+//!   in memory or on Redis for a pool; `fanout` is the per-channel subscriber list;
+//!   `conflate` turns a subscription with `max_rate` into each device's latest value at that
+//!   rate.
 //! - `frame`: outbound WebSocket framing. A publication is encoded once, header and all, and
 //!   the same bytes go to every subscriber.
 //! - `limits`, `metrics`, [`config`], [`shutdown`]: admission control, Prometheus metrics,
@@ -31,6 +33,7 @@ mod assets;
 pub mod auth;
 mod broker;
 pub mod config;
+mod conflate;
 mod connection;
 mod demo;
 mod fanout;

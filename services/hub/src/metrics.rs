@@ -265,6 +265,9 @@ metrics! { labels;
     snapshots_truncated: Counter = Counter::default(),
         "hub_snapshots_truncated_total",
         "Snapshots cut short by history.snapshot_devices or the subscriber's queue (the oldest devices left out).";
+    conflated: Counter = Counter::default(),
+        "hub_conflated_messages_total",
+        "Messages of conflated subscriptions (max_rate) replaced by a newer one of the same device before they were sent.";
     presence_changes: CounterVec = CounterVec::new("state", PRESENCE_STATES),
         "hub_presence_changes_total",
         "Presence messages this hub published (devices coming online or going offline; hub_gone ones included).";

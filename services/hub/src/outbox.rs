@@ -132,24 +132,39 @@ impl Outbox {
     /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a
     /// slow consumer.
     pub fn push(&self, item: Outbound) -> Result<(), SendError> {
+        self.enqueue(item, true)
+    }
+
+    /// As [`Outbox::push`], but a full queue only refuses the item (`SendError::SlowConsumer`)
+    /// and leaves the connection open: for a conflated subscription, which waits and sends newer
+    /// values instead.
+    pub fn offer(&self, item: Outbound) -> Result<(), SendError> {
+        self.enqueue(item, false)
+    }
+
+    fn enqueue(&self, item: Outbound, close_when_full: bool) -> Result<(), SendError> {
         // The reason is set before the token is cancelled, and reading it is one atomic load;
         // `CancellationToken::is_cancelled` takes a mutex, once per delivery per subscriber.
         if self.is_closed() {
             return Err(SendError::Closed);
         }
+        let full = || {
+            if close_when_full {
+                self.close(CloseReason::Hub(CloseCode::SlowConsumer));
+            }
+            Err(SendError::SlowConsumer)
+        };
         let len = item.frames.len();
         let queued = &self.closer.queued_bytes;
         if queued.fetch_add(len, Ordering::Relaxed).saturating_add(len) > self.closer.max_bytes {
             queued.fetch_sub(len, Ordering::Relaxed);
-            self.close(CloseReason::Hub(CloseCode::SlowConsumer));
-            return Err(SendError::SlowConsumer);
+            return full();
         }
         match self.tx.try_send(item) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                self.close(CloseReason::Hub(CloseCode::SlowConsumer));
-                Err(SendError::SlowConsumer)
+                full()
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
@@ -220,6 +235,15 @@ mod tests {
             outbox.close_reason(),
             Some(CloseReason::Hub(CloseCode::SlowConsumer))
         );
+    }
+
+    #[test]
+    fn an_offer_to_a_full_queue_is_refused_and_the_connection_stays_open() {
+        let (outbox, _rx) = Outbox::new(1, 1);
+        let item = || Outbound::control(Bytes::from_static(b"x"));
+        assert!(outbox.offer(item()).is_ok());
+        assert_eq!(outbox.offer(item()), Err(SendError::SlowConsumer));
+        assert!(!outbox.is_closed());
     }
 
     #[test]

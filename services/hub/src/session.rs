@@ -1,7 +1,7 @@
 //! What a connection may do, frame by frame: the protocol logic between the reader and the
 //! broker. Refusals the client can fix are `error` frames; `Err(code)` ends the connection.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +16,7 @@ use tracing::{Span, info_span, warn};
 use crate::auth::Identity;
 use crate::broker::{Broker, BrokerError, Publication, PublishOutcome, Reading};
 use crate::config::Limits;
+use crate::conflate::Conflation;
 use crate::frame;
 use crate::limits::{Share, TokenBucket};
 use crate::metrics::Metrics;
@@ -66,7 +67,8 @@ pub struct Session {
     identity: Identity,
     hub: Context,
     outbox: Outbox,
-    subscriptions: HashSet<String>,
+    /// Each subscribed channel, with its conflation when it has a `max_rate`.
+    subscriptions: HashMap<String, Option<Conflation>>,
     /// Subscribes: each can make the broker create channel state.
     changes: TokenBucket,
     changes_refused_in_row: u32,
@@ -172,7 +174,7 @@ impl Session {
             identity,
             hub,
             outbox,
-            subscriptions: HashSet::new(),
+            subscriptions: HashMap::new(),
             changes,
             changes_refused_in_row: 0,
             publisher,
@@ -239,6 +241,7 @@ impl Session {
                 channel,
                 since,
                 snapshot,
+                max_rate,
                 reference,
             } => {
                 let span = self.hub.roots.child_span(|| {
@@ -247,16 +250,19 @@ impl Session {
                         channel = %channel,
                         resume = since.is_some(),
                         snapshot,
+                        max_rate,
                         recovered = Empty,
                         replayed = Empty,
                     )
                 });
-                // A snapshot stands in for a replay: a resume with one is a new snapshot.
-                let start = match snapshot {
+                // A snapshot stands in for a replay: a resume with one is a new snapshot, and
+                // so is a conflated one's (a conflated stream skips values anyway).
+                let start = match snapshot || (max_rate.is_some() && since.is_some()) {
                     true => Start::Snapshot,
                     false => Start::Since(since.as_ref()),
                 };
-                in_span(span, self.subscribe(&channel, start, reference)).await
+                let subscribe = self.subscribe(&channel, start, max_rate, reference);
+                in_span(span, subscribe).await
             }
             ClientFrame::Unsubscribe { channel, reference } => {
                 self.unsubscribe(&channel, reference)
@@ -298,6 +304,7 @@ impl Session {
         &mut self,
         channel: &str,
         start: Start<'_>,
+        max_rate: Option<f64>,
         reference: Option<&RawValue>,
     ) -> Outcome {
         let refuse = |code, message: &str| (code, message.to_owned());
@@ -310,7 +317,7 @@ impl Session {
                 ErrorCode::Forbidden,
                 &format!("token may not subscribe to `{channel}`"),
             ))
-        } else if self.subscriptions.contains(channel) {
+        } else if self.subscriptions.contains_key(channel) {
             Some(refuse(
                 ErrorCode::AlreadySubscribed,
                 &format!("already subscribed to `{channel}`"),
@@ -328,10 +335,18 @@ impl Session {
             return self.error(code, &message, None, reference);
         }
         let broker = &self.hub.broker;
+        let conflation =
+            max_rate.map(|rate| Conflation::start(&self.outbox, rate, self.hub.metrics.clone()));
+        let subscriber = conflation.as_ref().map_or(&self.outbox, Conflation::feed);
         let subscribed = match start {
-            Start::Since(since) => broker.subscribe(channel, since, &self.outbox).await,
-            Start::Snapshot => broker.subscribe_with_snapshot(channel, &self.outbox).await,
+            Start::Since(since) => broker.subscribe(channel, since, subscriber).await,
+            Start::Snapshot => broker.subscribe_with_snapshot(channel, subscriber).await,
         };
+        if subscribed.is_err()
+            && let Some(conflation) = &conflation
+        {
+            conflation.stop();
+        }
         let since = match start {
             Start::Since(since) => since,
             Start::Snapshot => None,
@@ -341,7 +356,7 @@ impl Session {
                 let span = Span::current();
                 span.record("recovered", outcome.recovered);
                 span.record("replayed", outcome.replayed);
-                self.subscriptions.insert(channel.to_owned());
+                self.subscriptions.insert(channel.to_owned(), conflation);
                 let metrics = &self.hub.metrics;
                 metrics.subscriptions.inc();
                 if let Some(size) = outcome.snapshot {
@@ -367,11 +382,14 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, channel: &str, reference: Option<&RawValue>) -> Outcome {
-        if !self.subscriptions.remove(channel) {
+        let Some(conflation) = self.subscriptions.remove(channel) else {
             let message = format!("not subscribed to `{channel}`");
             return self.error(ErrorCode::NotSubscribed, &message, None, reference);
-        }
+        };
         self.hub.broker.unsubscribe(channel, self.outbox.id());
+        if let Some(conflation) = conflation {
+            conflation.stop();
+        }
         self.hub.metrics.subscriptions.dec();
         self.send(&ServerFrame::Unsubscribed {
             channel: channel.into(),
@@ -532,8 +550,11 @@ impl Session {
 
     /// Leaves every channel.
     pub fn finish(&mut self) {
-        for channel in self.subscriptions.drain() {
+        for (channel, conflation) in self.subscriptions.drain() {
             self.hub.broker.unsubscribe(&channel, self.outbox.id());
+            if let Some(conflation) = conflation {
+                conflation.stop();
+            }
             self.hub.metrics.subscriptions.dec();
         }
     }
