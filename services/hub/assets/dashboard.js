@@ -11,6 +11,7 @@ const MARKER_CAP = 200;
 const INTERVALS_KEPT = 21;
 const STALE_MIN_MS = 5_000;
 const OFFLINE_MS = 60_000;
+const FLEET_RATE = 2; // fleet updates per device per second (conflated by the hub)
 const GAP_BANNER_MS = 15_000;
 const CARD_REFRESH_MS = 200; // cards redraw at most 5×/s: readable, and cheap with many devices
 const CHART_SLIDE_MS = 250; // redraw idle charts this often so the time axis keeps moving
@@ -115,6 +116,8 @@ function newDevice(id) {
     id,
     lastSeen: 0,
     intervals: [],
+    /** From the `presence` channel: {online, reason, at, hub}, or null before it says. */
+    presence: null,
     sensors: new Set(),
     /** name → {unit, value, spark: Ring} */
     metrics: new Map(),
@@ -158,18 +161,23 @@ function readingTime(data, now) {
   return now;
 }
 
-function ingestFleet(data, from) {
+/**
+ * A fleet reading: live, or from the snapshot (`old`), which may be minutes old: it is dated by
+ * the device's clock where that is plausible and does not count as an interval.
+ */
+function ingestFleet(data, from, old = false) {
   // Who published is `from`, set by the hub from the agent's verified token. `data` is whatever
   // the agent wrote: a `device` field in it proves nothing, and any agent could name another.
   const id = from;
   if (typeof id !== 'string' || !id) return;
-  const now = Date.now();
+  const arrived = Date.now();
+  const now = old ? Math.min(readingTime(data, arrived), arrived) : arrived;
   const dev = getDevice(id);
-  if (dev.lastSeen) {
+  if (dev.lastSeen && !old) {
     dev.intervals.push(now - dev.lastSeen);
     if (dev.intervals.length > INTERVALS_KEPT) dev.intervals.shift();
   }
-  dev.lastSeen = now;
+  dev.lastSeen = Math.max(dev.lastSeen, now);
   const sensor = typeof data?.sensor === 'string' ? data.sensor : '?';
   dev.sensors.add(sensor);
   if (isError(data)) {
@@ -227,9 +235,31 @@ function ingestDetail(detail, data) {
   detail.dirty = true;
 }
 
+/** A `presence` message: the device's connection state, whether it publishes or not. */
+function ingestPresence(data, from) {
+  if (typeof from !== 'string' || !from || typeof data?.online !== 'boolean') return;
+  const dev = getDevice(from);
+  dev.presence = {
+    online: data.online,
+    reason: typeof data.reason === 'string' ? data.reason : '',
+    at: Number.isFinite(data.at) ? data.at : Date.now(),
+    hub: typeof data.hub === 'string' ? data.hub : '',
+  };
+  dev.dirty = true;
+}
+
 function onMessage(channel, data, meta) {
   if (channel === 'fleet') ingestFleet(data, meta?.from);
+  else if (channel === 'presence') ingestPresence(data, meta?.from);
   else if (state.detail && channel === state.detail.channel) ingestDetail(state.detail, data);
+}
+
+/** The fleet and presence come with a snapshot: the view is complete the moment it opens. */
+function onSnapshot(channel, items) {
+  for (const item of items) {
+    if (channel === 'fleet') ingestFleet(item.data, item.from, true);
+    else if (channel === 'presence') ingestPresence(item.data, item.from);
+  }
 }
 
 function onGap(channel) {
@@ -276,7 +306,11 @@ function signIn(token) {
   client.on('message', onMessage);
   client.on('gap', onGap);
   client.on('recovered', () => { state.recovered++; });
-  client.subscribe('fleet');
+  client.on('snapshot', onSnapshot);
+  // The fleet at two updates a second per device, however fast they publish: a slow link sees
+  // fewer values, never a cut-off. The device view keeps the exact stream.
+  client.subscribe('fleet', { snapshot: true, maxRate: FLEET_RATE });
+  client.subscribe('presence', { snapshot: true });
   route();
 }
 
@@ -395,10 +429,19 @@ function median(values) {
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
 }
 
-/** online / stale (no reading for 3× the median interval, at least 5 s) / offline (60 s). */
+/**
+ * offline when `presence` says so (no agent connection to any hub); otherwise online, or stale
+ * when no reading came for 3× the median interval (at least 5 s; a connected device whose
+ * interval is not known yet is online). Without presence (a token
+ * not granted it) a device is also offline after 60 s without a reading.
+ */
 function deviceStatus(dev, now) {
+  if (dev.presence && !dev.presence.online) return 'offline';
+  if (!dev.lastSeen) return dev.presence ? 'online' : 'offline';
   const silent = now - dev.lastSeen;
-  if (silent > OFFLINE_MS) return 'offline';
+  if (!dev.presence && silent > OFFLINE_MS) return 'offline';
+  // Its usual interval is unknown until two readings came live: connected is online till then.
+  if (dev.presence && dev.intervals.length === 0) return 'online';
   const staleAfter = Math.max(STALE_MIN_MS, 3 * median(dev.intervals));
   return silent > staleAfter ? 'stale' : 'online';
 }
@@ -407,19 +450,29 @@ function buildCard(dev) {
   const card = h('article', { class: 'card', 'data-testid': 'device-card', 'data-device': dev.id, tabindex: '0', role: 'link' });
   const status = h('span', { class: 'badge' });
   const lastSeen = h('span', { 'data-testid': 'last-seen' });
+  const presence = h('p', { class: 'presence', 'data-testid': 'presence' });
   const sensors = h('span', { class: 'sensors' });
   const warn = h('p', { class: 'warn', hidden: '' });
   const metrics = h('ul', { class: 'metrics' });
   card.append(
     h('div', { class: 'card-head' }, h('span', { class: 'dot', 'aria-hidden': 'true' }), h('h2', { text: dev.id, title: dev.id }), status),
     h('div', { class: 'card-meta' }, lastSeen, sensors),
+    presence,
     warn,
     metrics,
   );
   const open = () => { location.hash = `#/devices/${encodeURIComponent(dev.id)}`; };
   card.addEventListener('click', open);
   card.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); open(); } });
-  return { card, status, lastSeen, sensors, warn, metrics, rows: new Map() };
+  return { card, status, lastSeen, presence, sensors, warn, metrics, rows: new Map() };
+}
+
+/** "connected 4m 2s ago via hub-a" / "offline since 12:03:04 · ping_timeout". */
+function presenceText(p, now) {
+  if (!p) return '';
+  const via = p.hub ? ` via ${p.hub}` : '';
+  if (p.online) return `connected ${fmtAgo(now - p.at)}${via}`;
+  return `offline since ${fmtClock(p.at, true)} · ${p.reason.replaceAll('_', ' ')}`;
 }
 
 function buildMetricRow(name) {
@@ -434,7 +487,10 @@ function syncCardOrder() {
   const ids = [...state.devices.keys()].sort(); // plain code-unit order, as Array#sort
   const nodes = ids.map((id) => {
     const dev = state.devices.get(id);
-    dev.view ??= buildCard(dev);
+    if (!dev.view) {
+      dev.view = buildCard(dev);
+      onScreen.observe(dev.view.card);
+    }
     return dev.view.card;
   });
   ui.cards.replaceChildren(...nodes);
@@ -447,13 +503,45 @@ function renderValue(node, value, unit) {
   node.replaceChildren(text, ...(unit ? [h('small', { text: unit })] : []));
 }
 
+/**
+ * Sparklines to draw once every card's text is written: their sizes are then read in one pass
+ * (one layout) instead of a layout per canvas after each card's changes, which made 2,000 cards
+ * take seconds.
+ */
+const sparks = [];
+
+/**
+ * Which cards are on screen: only theirs get sparklines drawn (a canvas each costs its backing
+ * store; 8,000 of them for 2,000 devices would take seconds). A card scrolled into view is drawn
+ * then.
+ */
+const visible = new WeakSet();
+const onScreen = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (e.isIntersecting) {
+      visible.add(e.target);
+      const dev = state.devices.get(e.target.dataset.device);
+      if (dev) dev.dirty = true;
+    } else {
+      visible.delete(e.target);
+    }
+  }
+}, { rootMargin: '200px' });
+
+function drawSparks() {
+  const sizes = sparks.map(({ canvas }) => [canvas.clientWidth, canvas.clientHeight]);
+  sparks.forEach(({ canvas, ring, color }, k) => drawSpark(canvas, ring, color, sizes[k]));
+  sparks.length = 0;
+}
+
 function renderCard(dev, now, full) {
   const v = dev.view;
   const status = deviceStatus(dev, now);
   setAttr(v.card, 'data-status', status);
   setAttr(v.status, 'data-status', status);
   setText(v.status, status);
-  setText(v.lastSeen, dev.lastSeen ? `seen ${fmtAgo(now - dev.lastSeen)}` : '—');
+  setText(v.lastSeen, dev.lastSeen ? `seen ${fmtAgo(now - dev.lastSeen)}` : 'no reading yet');
+  setText(v.presence, presenceText(dev.presence, now));
   if (!full) return;
   setText(v.sensors, [...dev.sensors].join(', '));
   const errs = [...dev.errors].map(([sensor, e]) => `⚠ ${sensor}: ${e.text}`);
@@ -468,7 +556,9 @@ function renderCard(dev, now, full) {
   for (const [name, m] of dev.metrics) {
     const row = v.rows.get(name);
     renderValue(row.value, m.value, m.unit);
-    drawSpark(row.canvas, m.spark, status === 'online' ? '#58a6ff' : '#8b98a8');
+    if (visible.has(v.card)) {
+      sparks.push({ canvas: row.canvas, ring: m.spark, color: status === 'online' ? '#58a6ff' : '#8b98a8' });
+    }
   }
 }
 
@@ -492,6 +582,7 @@ function renderFleet(now) {
     if (tick || full) renderCard(dev, now, full);
     counts[deviceStatus(dev, now)]++;
   }
+  drawSparks();
   const n = state.devices.size;
   setText(ui.summary, n === 0 ? 'Waiting for readings…'
     : `${n} device${n === 1 ? '' : 's'} · ${counts.online} online · ${counts.stale} stale · ${counts.offline} offline`);
@@ -500,10 +591,10 @@ function renderFleet(now) {
 // ---- canvas ------------------------------------------------------------------------------------
 
 /** Sizes the backing store to the CSS box × devicePixelRatio; returns a context in CSS pixels. */
-function prepare(canvas) {
+/** Sizes the canvas to its CSS box (`size`: [width, height] when already read). */
+function prepare(canvas, size) {
   const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth;
-  const hgt = canvas.clientHeight;
+  const [w, hgt] = size ?? [canvas.clientWidth, canvas.clientHeight];
   if (w === 0 || hgt === 0) return null;
   const bw = Math.round(w * dpr);
   const bh = Math.round(hgt * dpr);
@@ -517,8 +608,8 @@ function prepare(canvas) {
   return { ctx, w, h: hgt };
 }
 
-function drawSpark(canvas, ring, color) {
-  const c = prepare(canvas);
+function drawSpark(canvas, ring, color, size) {
+  const c = prepare(canvas, size);
   if (!c || ring.length < 1) return;
   const { ctx, w, h: hgt } = c;
   let min = Infinity;

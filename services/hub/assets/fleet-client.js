@@ -11,7 +11,10 @@
  *   client.on('message', (channel, data, { epoch, offset, from }) => append(data));
  *   client.on('gap', (channel, { epoch, offset, missedFrom }) => markHole(channel));
  *   client.on('recovered', (channel, { replayed }) => {});
- *   client.subscribe('fleet');
+ *   client.on('snapshot', (channel, items, { more, truncated }) => items.forEach(show));
+ *   client.subscribe('devices.pi-01');                       // exact, resumed with `since`
+ *   client.subscribe('fleet', { snapshot: true, maxRate: 2 }); // complete at once, conflated
+ *   client.subscribe('presence', { snapshot: true });         // who is online, and why not
  *   // later: client.unsubscribe('fleet'); client.close();
  *
  * Behaviour
@@ -34,6 +37,11 @@
  *   last seen are dropped. Messages arriving before their partition's `subscribed` are held.
  * - Reports holes the hub could not fill as `gap` events: `subscribed` with `recovered: false`
  *   answering a resume, an unasked `subscribed` on a live subscription, or an epoch change.
+ * - A channel subscribed with `{snapshot: true}` asks for a snapshot on every (re)subscribe
+ *   instead of a resume with `since`: each `snapshot` frame is a `snapshot` event, and the live
+ *   messages go on from the snapshot's offset. With `{maxRate}` the hub conflates the channel
+ *   (each device's latest value at most that many times a second); offsets then skip by
+ *   design, which is not a gap.
  *
  * Events (`on(event, fn)` returns a function that removes the listener):
  * - `state`     ({state, hub, retryInMs, retryAt, reason, code}) — state is one of
@@ -47,6 +55,9 @@
  *               when unknown. `part` is absent for a channel that is one log.
  * - `recovered` (channel, {replayed, epoch, offset} or {replayed, parts}) — a resume the hub fully
  *               replayed, every partition of it.
+ * - `snapshot`  (channel, items, {epoch, offset, part, more, truncated}) — items are
+ *               {data, from, epoch, offset}, each device's latest message as of `offset`;
+ *               `more` says another frame of the same snapshot follows.
  * - `error`     (frame) — an `error` frame from the hub (frame.channel is set for a refused
  *               subscribe). A subscribe refused as `unavailable` or `rate_limited` is asked for
  *               again 0.5-1.5 s later; one refused for good is dropped from the channel list.
@@ -176,7 +187,7 @@ export class FleetClient {
 
   /**
    * Adds a listener; returns a function that removes it.
-   * @param {'state'|'message'|'gap'|'recovered'|'error'} event
+   * @param {'state'|'message'|'gap'|'recovered'|'snapshot'|'error'} event
    * @param {Function} fn
    */
   on(event, fn) {
@@ -201,10 +212,15 @@ export class FleetClient {
   /**
    * Subscribes a channel (idempotent). Sent now if connected, else on the next connection.
    * @param {string} channel e.g. 'fleet' or 'devices.pi-01'
+   * @param {object} [opts]
+   * @param {boolean} [opts.snapshot] start (and restart after each reconnect) with a snapshot
+   * @param {number} [opts.maxRate] conflate: each device's latest message at most this many
+   *   times a second (1/60 to 100)
    */
-  subscribe(channel) {
+  subscribe(channel, { snapshot = false, maxRate } = {}) {
     if (this.#channels.has(channel)) return;
-    this.#channels.set(channel, { parts: null, logs: new Map(), waiting: null });
+    const mode = { snapshot: Boolean(snapshot), maxRate: maxRate ?? null };
+    this.#channels.set(channel, { parts: null, logs: new Map(), waiting: null, mode });
     if (this.#gotHello) this.#sendSubscribe(channel);
   }
 
@@ -389,6 +405,7 @@ export class FleetClient {
       case 'hello': return this.#onHello(frame);
       case 'subscribed': return this.#onSubscribed(frame);
       case 'message': return this.#onMessage(frame);
+      case 'snapshot': return this.#onSnapshot(frame);
       case 'error': return this.#onError(frame);
       default: return undefined; // 'unsubscribed' and future frame types need nothing
     }
@@ -412,7 +429,14 @@ export class FleetClient {
   #sendSubscribe(name) {
     const ch = this.#channels.get(name);
     const frame = { type: 'subscribe', channel: name, ref: `sub:${name}` };
-    const since = new Map([...ch.logs].map(([part, log]) => [part, log.pos && { ...log.pos }]));
+    if (ch.mode.snapshot) frame.snapshot = true;
+    if (ch.mode.maxRate !== null) frame.max_rate = ch.mode.maxRate;
+    // A snapshot (or a conflated stream) starts over instead of resuming: no `since`.
+    const resumes = !ch.mode.snapshot && ch.mode.maxRate === null;
+    const since = resumes
+      ? new Map([...ch.logs].map(([part, log]) => [part, log.pos && { ...log.pos }]))
+      : new Map();
+    if (!resumes) ch.logs = new Map();
     if (ch.parts === 1 && since.get(0)) {
       frame.since = since.get(0);
     } else if (ch.parts > 1 && [...since.values()].some(Boolean)) {
@@ -479,6 +503,29 @@ export class FleetClient {
     const early = log.early;
     log.early = [];
     for (const f of early) this.#onMessage(f);
+  }
+
+  /**
+   * A snapshot comes right after its partition's `subscribed`, before any of its messages: the
+   * partition's position becomes the snapshot's, so the messages between it and `subscribed`'s
+   * offset (sent next) are taken.
+   */
+  #onSnapshot(frame) {
+    const name = frame.channel;
+    const ch = this.#channels.get(name);
+    if (!ch) return;
+    const part = Number(frame.part ?? 0);
+    const log = ch.logs.get(part);
+    const epoch = String(frame.epoch);
+    const offset = Number(frame.offset);
+    if (log) log.pos = { epoch, offset };
+    const items = (Array.isArray(frame.items) ? frame.items : []).map((m) => ({
+      data: m.data, from: m.from, epoch: String(m.epoch), offset: Number(m.offset),
+    }));
+    const where = ch.parts > 1 ? { part } : {};
+    this.#emit('snapshot', name, items, {
+      epoch, offset, more: frame.more === true, truncated: frame.truncated === true, ...where,
+    });
   }
 
   #onMessage(frame) {

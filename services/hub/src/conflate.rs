@@ -50,6 +50,7 @@ impl Conflation {
             period: Duration::from_secs_f64(1.0 / max_rate),
             stopped: stopped.clone(),
             pending: HashMap::new(),
+            arrivals: 0,
             metrics,
         };
         tokio::spawn(task.run());
@@ -73,8 +74,10 @@ struct Task {
     connection: Outbox,
     period: Duration,
     stopped: Arc<Mutex<bool>>,
-    /// The newest unsent live message per device.
-    pending: HashMap<Box<str>, Bytes>,
+    /// The newest unsent live message per device, with the order it arrived in: they are sent
+    /// in that order, so each partition's offsets still only grow.
+    pending: HashMap<Box<str>, (u64, Bytes)>,
+    arrivals: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -117,13 +120,15 @@ impl Task {
     fn take(&mut self, item: Outbound) -> bool {
         let live = item.published_at.is_some() && item.count == 1;
         if let Some(device) = live.then(|| device_of(&item.frames)).flatten() {
+            self.arrivals += 1;
+            let entry = (self.arrivals, item.frames.clone());
             match self.pending.get_mut(device) {
                 Some(held) => {
-                    *held = item.frames;
+                    *held = entry;
                     self.metrics.conflated.inc();
                 }
                 None => {
-                    self.pending.insert(device.into(), item.frames);
+                    self.pending.insert(device.into(), entry);
                 }
             }
             return true;
@@ -142,41 +147,31 @@ impl Task {
     /// outbox has no room for, they stay pending. False once the subscription or the connection
     /// has ended.
     fn flush(&mut self) -> bool {
-        let mut rest = std::mem::take(&mut self.pending).into_iter();
-        let mut chunk: Vec<(Box<str>, Bytes)> = Vec::new();
-        let mut bytes = 0;
-        let mut refused = false;
-        loop {
-            let next = rest.next();
-            let full = next
-                .as_ref()
-                .is_none_or(|(_, frame)| bytes + frame.len() > FLUSH_CHUNK);
-            if full && !chunk.is_empty() {
-                let mut frames = BytesMut::with_capacity(bytes);
-                for (_, frame) in &chunk {
-                    frames.extend_from_slice(frame);
-                }
-                let item = Outbound {
-                    frames: frames.freeze(),
-                    count: chunk.len() as u32,
-                    published_at: None,
-                };
-                if !self.send(item, false) {
-                    refused = true;
-                    self.pending.extend(chunk.drain(..));
-                    self.pending.extend(next);
-                    break;
-                }
-                chunk.clear();
-                bytes = 0;
+        let mut all: Vec<(Box<str>, (u64, Bytes))> = self.pending.drain().collect();
+        all.sort_unstable_by_key(|(_, (arrival, _))| *arrival);
+        let mut start = 0;
+        while start < all.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < all.len() && (end == start || bytes + all[end].1.1.len() <= FLUSH_CHUNK) {
+                bytes += all[end].1.1.len();
+                end += 1;
             }
-            let Some((device, frame)) = next else { break };
-            bytes += frame.len();
-            chunk.push((device, frame));
+            let mut frames = BytesMut::with_capacity(bytes);
+            for (_, (_, frame)) in &all[start..end] {
+                frames.extend_from_slice(frame);
+            }
+            let item = Outbound {
+                frames: frames.freeze(),
+                count: (end - start) as u32,
+                published_at: None,
+            };
+            if !self.send(item, false) {
+                break;
+            }
+            start = end;
         }
-        if refused {
-            self.pending.extend(rest);
-        }
+        self.pending.extend(all.drain(start..));
         !self.connection.is_closed()
             && !*self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
     }

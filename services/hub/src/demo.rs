@@ -1,6 +1,7 @@
 //! Simulated devices inside the hub (`demo.devices`), so a first run shows a live fleet without
 //! a Pi or an agent. Their readings take the same path as an agent's (`Broker::publish`, with
-//! the agent's reading format) and the same channels (`devices.<id>`, `fleet`, `groups.demo`).
+//! the agent's reading format) and the same channels (`devices.<id>`, `fleet`, `groups.demo`),
+//! and they are online in `presence` while the hub runs, as if each had an agent connected.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{Broker, Publication, Reading};
+use crate::broker::{Broker, PresenceChange, Publication, Reading};
 
 /// One simulated device: a few slowly drifting metrics.
 struct Device {
@@ -84,9 +85,18 @@ pub async fn run(
     let started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    for device in &fleet {
+        broker.presence(&device.id, PresenceChange::Connected);
+    }
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                let reason = hub_protocol::CloseCode::ServiceRestart.reason();
+                for device in &fleet {
+                    broker.presence(&device.id, PresenceChange::Disconnected { reason });
+                }
+                return;
+            }
             _ = ticker.tick() => {}
         }
         // Unix milliseconds: increasing across hub restarts, so Redis' dedup never takes a new

@@ -76,7 +76,9 @@ impl Server {
         }
         if state.settings.demo.devices > 0 {
             let demo = &state.settings.demo;
-            tokio::spawn(crate::demo::run(
+            // Tracked with the connections: its devices leave presence before the broker's
+            // last presence write.
+            state.connections.spawn(crate::demo::run(
                 state.broker.clone(),
                 state.shutdown.clone(),
                 demo.devices,

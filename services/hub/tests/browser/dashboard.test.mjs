@@ -101,9 +101,9 @@ async function main() {
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
       "--disable-component-update", "--disable-sync", "--no-first-run"],
   });
+  const errors = [];
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
-    const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
     const shot = (name) => page.screenshot({ path: join(artifacts, `${name}.png`), fullPage: true });
     const testid = (id) => page.locator(`[data-testid="${id}"]`);
@@ -128,7 +128,11 @@ async function main() {
     assert.ok(hubNode.length > 0, "the serving hub is shown");
     await until("a message rate", async () => parseFloat(await testid("rate").innerText()) > 0);
     await shot("2-fleet");
-    console.log(`ok   signed in; 3 devices live; served by ${hubNode}`);
+    const sparkWidth = await page.locator(".spark").first().evaluate((c) => c.clientWidth);
+    assert.ok(sparkWidth >= 150, `a sparkline has room for a trend: ${sparkWidth}px`);
+    const presence = await page.locator('[data-testid="device-card"][data-device="demo-01"] [data-testid="presence"]').innerText();
+    assert.match(presence, /connected .* via /, `presence on the card: ${presence}`);
+    console.log(`ok   signed in; 3 devices live, online in presence; served by ${hubNode}; sparklines ${sparkWidth}px`);
 
     // 2b. A reading is credited to the agent that published it (`from`), whatever its data says:
     // an agent naming another device in `data.device` paints only its own card.
@@ -164,6 +168,12 @@ async function main() {
     assert.equal(await demoCard.locator('[data-metric="spoofed"]').count(), 0, "demo-01 is not painted");
     await agentPage.close();
     console.log("ok   a reading is credited to its publisher (from), not to data.device");
+    // Its agent closed: presence says offline, and why, at once (not after 60 s of silence).
+    await until("pi-spoof offline", async () => (await spoofCard.getAttribute("data-status")) === "offline");
+    const gone = await spoofCard.locator('[data-testid="presence"]').innerText();
+    assert.match(gone, /offline since .* peer closed/, `the reason on the card: ${gone}`);
+    await shot("2c-presence");
+    console.log(`ok   presence: the agent's close shows on its card at once ("${gone}")`);
 
     // 3. A device's detail view: its charts grow without a reload.
     await page.locator('[data-testid="device-card"][data-device="demo-01"]').click();
@@ -204,8 +214,43 @@ async function main() {
       (await testid("connection").getAttribute("data-state")) === "connected");
     console.log("ok   a reload keeps the view and the session");
 
+    // 6. A fleet of 2,000 devices that publish once a minute: the snapshot shows all of them
+    // within 2 s of opening the page, instead of over the next minute.
+    const bigPort = await freePort();
+    const bigBase = `http://127.0.0.1:${bigPort}`;
+    const { HUB_BROKER__URL: _redis, ...embedded } = hubEnv; // the embedded broker
+    start(hubBin, ["serve"], { ...embedded, HUB_LISTEN: `127.0.0.1:${bigPort}`,
+      HUB_DEMO__DEVICES: "2000", HUB_DEMO__INTERVAL: "60s" });
+    await until("the big hub", async () => {
+      try { return (await fetch(`${bigBase}/readyz`)).ok; } catch { return false; }
+    });
+    await sleep(1000); // the demo's first readings, then silence for a minute
+    const big = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+    big.on("pageerror", (e) => errors.push(String(e)));
+    const opened = Date.now();
+    await big.goto(`${bigBase}/?token=${token}`);
+    // Every card with its latest reading (the fleet snapshot) and its connection (presence's).
+    const complete = () => big.evaluate(() => [...document.querySelectorAll('[data-testid="device-card"]')]
+      .filter((c) => c.querySelector('[data-metric="cpu_temp"]')
+        && /^connected /.test(c.querySelector('[data-testid="presence"]').textContent)).length);
+    await until("2,000 cards with their readings and presence", async () => (await complete()) === 2000,
+      10_000).catch(async (e) => {
+      await big.screenshot({ path: join(artifacts, "6-fleet-2000-failed.png") });
+      const shown = await complete();
+      const summary = await big.locator('[data-testid="summary"]').innerText();
+      throw new Error(`${e.message}: ${shown} complete, "${summary}"`);
+    });
+    const took = Date.now() - opened;
+    await until("all online", async () =>
+      /2000 online/.test(await big.locator('[data-testid="summary"]').innerText()), 5_000);
+    await big.screenshot({ path: join(artifacts, "6-fleet-2000.png") });
+    assert.ok(took <= 2000, `2,000 devices shown ${took} ms after opening (at most 2,000)`);
+    await big.close();
+    console.log(`ok   2,000 devices on the page ${took} ms after opening, all online (snapshot + presence)`);
+
     assert.deepEqual(errors, [], "no uncaught errors in the page");
   } catch (e) {
+    console.error("page errors: " + JSON.stringify(errors));
     console.error("hub log tail:\n" + (hub.logs?.() ?? ""));
     throw e;
   } finally {

@@ -176,6 +176,39 @@ const tests = {
     assert.equal(last.retryInMs, 0.5 * BACKOFF.baseMs, 'the first backoff step, not the restart jitter');
   },
 
+  async 'a snapshot subscription starts from the snapshot and asks for a new one after a reconnect'() {
+    const { client, runTimers } = harness();
+    const snapshots = [];
+    const messages = [];
+    client.on('snapshot', (channel, items, info) => snapshots.push({ channel, items, info }));
+    client.on('message', (channel, data, { offset }) => messages.push(offset));
+    const gaps = [];
+    client.on('gap', (channel, g) => gaps.push(g));
+    client.subscribe('fleet', { snapshot: true, maxRate: 2 });
+    let ws = await connected(client);
+    assert.deepEqual(ws.sent.at(-1), { type: 'subscribe', channel: 'fleet', ref: 'sub:fleet', snapshot: true, max_rate: 2 });
+    ws.hub({ type: 'subscribed', channel: 'fleet', epoch: 'e', offset: 12, recovered: true });
+    const item = { type: 'message', channel: 'fleet', epoch: 'e', offset: 9, from: 'pi-1', data: { n: 1 } };
+    ws.hub({ type: 'snapshot', channel: 'fleet', epoch: 'e', offset: 10, items: [item], more: true });
+    ws.hub({ type: 'snapshot', channel: 'fleet', epoch: 'e', offset: 10, items: [] });
+    assert.equal(snapshots.length, 2);
+    assert.deepEqual(snapshots[0].items, [{ data: { n: 1 }, from: 'pi-1', epoch: 'e', offset: 9 }]);
+    assert.deepEqual([snapshots[0].info.more, snapshots[1].info.more], [true, false]);
+    // Published between the snapshot and `subscribed`: taken, not dropped as old.
+    for (const offset of [11, 12, 15]) ws.hub({ ...item, offset });
+    assert.deepEqual(messages, [11, 12, 15], 'conflated offsets skip; that is no gap');
+    assert.deepEqual(gaps, []);
+    ws.onclose({ code: 1012, reason: '' });
+    await new Promise((r) => setTimeout(r, 10));
+    runTimers(2000);
+    await new Promise((r) => setTimeout(r, 10));
+    ws = FakeSocket.last;
+    ws.hub({ type: 'hello', hub: 'h2', sub: 'v', role: 'viewer', expires_at: 0 });
+    const again = ws.sent.at(-1);
+    assert.equal(again.snapshot, true);
+    assert.equal(again.since, undefined, 'a new snapshot, not a resume');
+  },
+
   async 'a close for something the client sent stops instead of repeating it'() {
     const { client, states, runTimers } = harness();
     const ws = await connected(client);
