@@ -7,13 +7,11 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given) |
+//! | `tl:{ch}:meta` | hash | `epoch`, `offset` (the last one given); for snapshots `@<device>`: `<ms> <message JSON>`, the device's latest message, and `scan`, the trimming cursor |
 //! | `tl:{ch}:log` | stream | history; entry id `<offset>-0`, fields `t` (ms) and `m` (message JSON) |
 //! | `tl:{devices.D}:seq` | hash | field `D`: the last `seq` accepted from device `D`; on a cluster also `#inc`, the device's incarnation |
 //! | `tl:{ch}:from` | hash | cluster only: per device, `incarnation:seq` of the last publication this channel stored |
 //! | `tl:{ch}:pub` | pub/sub channel (sharded on a cluster) | one payload per script call: the messages it appended (see [`Envelope`]) |
-//! | `tl:{ch}:last` | hash | per device, its latest `message` JSON on the channel (for snapshots) |
-//! | `tl:{ch}:ages` | sorted set | per device, when that message came (ms); past `history.snapshot_devices` or `meta_ttl` the device leaves both |
 //! | `tl:{presence}:hubs` | sorted set | presence leases: hub instance → expiry, ms by Redis's clock |
 //! | `tl:{presence}:on:<instance>` | set | the devices that hub instance holds |
 //! | `tl:{presence}:online` | hash | per online device, how many live hub instances hold it |
@@ -95,34 +93,39 @@ local function message(label, epoch, offset, i)
   return '{"type":"message","channel":' .. label .. ',"epoch":"' .. epoch ..
     '","offset":' .. offset .. ',"from":"' .. from_of(i) .. '","data":' .. data_of(i) .. '}'
 end
--- Each device's latest message on the channel, for snapshots: `last` (device -> message) and
--- `ages` (device -> ms). Every 32 offsets, devices silent for `meta_ttl` and those past
--- `max_latest` (the least recently heard) leave, 256 at most per call.
-local function remember(channel, latest, first, count)
-  local last, ages = 'tl:{' .. channel .. '}:last', 'tl:{' .. channel .. '}:ages'
-  local fields, scores = {}, {}
+-- Each device's latest message on the channel, for snapshots: field `@<device>` of the meta
+-- hash, `<ms> <message>` (one HSET per call, and the meta key's TTL already covers it). Every 32
+-- offsets 64 fields are looked at (the cursor is field `scan`): devices silent for `meta_ttl`
+-- leave, and while the channel holds more than `max_latest` devices the oldest of those looked
+-- at leave too.
+local function remember(meta, latest, first, count)
+  local fields = {}
   for from, msg in pairs(latest) do
-    fields[#fields + 1] = from
-    fields[#fields + 1] = msg
-    scores[#scores + 1] = now
-    scores[#scores + 1] = from
+    fields[#fields + 1] = '@' .. from
+    fields[#fields + 1] = now .. ' ' .. msg
   end
-  redis.call('HSET', last, unpack(fields))
-  redis.call('ZADD', ages, unpack(scores))
-  redis.call('PEXPIRE', last, meta_ttl)
-  redis.call('PEXPIRE', ages, meta_ttl)
+  redis.call('HSET', meta, unpack(fields))
   if math.floor((first + count - 1) / 32) == math.floor((first - 1) / 32) then return end
-  local gone = redis.call('ZRANGEBYSCORE', ages, '-inf', '(' .. (now - meta_ttl), 'LIMIT', 0, 256)
-  local over = redis.call('ZCARD', ages) - #gone - max_latest
-  if over > 0 then
-    for _, d in ipairs(redis.call('ZRANGE', ages, #gone, #gone + math.min(over, 256) - 1)) do
-      gone[#gone + 1] = d
+  local cursor = redis.call('HGET', meta, 'scan') or '0'
+  local scan = redis.call('HSCAN', meta, cursor, 'MATCH', '@*', 'COUNT', 64)
+  redis.call('HSET', meta, 'scan', scan[1])
+  local oldest, seen, gone = now - meta_ttl, {}, {}
+  local kv = scan[2]
+  for k = 1, #kv, 2 do
+    local at = tonumber(string.match(kv[k + 1], '^(%d+) '))
+    if at and at >= oldest then
+      seen[#seen + 1] = {at, kv[k]}
+    else
+      gone[#gone + 1] = kv[k]
     end
   end
-  if #gone > 0 then
-    redis.call('HDEL', last, unpack(gone))
-    redis.call('ZREM', ages, unpack(gone))
+  -- epoch, offset, scan and one field per device.
+  local over = redis.call('HLEN', meta) - 3 - #gone - max_latest
+  if over > 0 then
+    table.sort(seen, function(a, b) return a[1] < b[1] end)
+    for k = 1, math.min(over, #seen) do gone[#gone + 1] = seen[k][2] end
   end
+  if #gone > 0 then redis.call('HDEL', meta, unpack(gone)) end
 end
 local function append(meta, log, channel, label, picked)
   local count = #picked
@@ -167,7 +170,7 @@ local function append(meta, log, channel, label, picked)
     redis.call('PEXPIRE', log, meta_ttl)
   end
   redis.call('PEXPIRE', meta, meta_ttl)
-  remember(channel, latest, first, count)
+  remember(meta, latest, first, count)
   redis.call(PUB, 'tl:{' .. channel .. '}:pub', table.concat(parts))
 end
 "#;
@@ -386,22 +389,29 @@ end
 
 /// The channel's position (as [`POSITION`]: `KEYS[1]` meta, `ARGV[1..3]`) and, as of it, the
 /// latest message of each device heard since `ARGV[4]` (ms), newest first, at most `ARGV[5]` of
-/// them and about `ARGV[6]` bytes (`KEYS[2]` last, `KEYS[3]` ages). Returns `{epoch, offset,
-/// {message, ...}}`; one call, so no message is newer than the offset.
+/// them and about `ARGV[6]` bytes. Returns `{epoch, offset, {message, ...}, 1 if cut for the
+/// bytes}`; one call, so no message is newer than the offset. It reads the whole hash: about
+/// 1 ms of Redis per 1,000 devices (docs/benchmarks.md).
 const SNAPSHOT: &str = r#"
 local pos = position()
-local devices = redis.call('ZREVRANGEBYSCORE', KEYS[3], '+inf', ARGV[4], 'LIMIT', 0, ARGV[5])
-local items, bytes, budget = {}, 0, tonumber(ARGV[6])
-for start = 1, #devices, 512 do
-  local chunk = {}
-  for k = start, math.min(start + 511, #devices) do chunk[#chunk + 1] = devices[k] end
-  for _, msg in ipairs(redis.call('HMGET', KEYS[2], unpack(chunk))) do
-    if msg then
-      bytes = bytes + #msg + 1
-      if bytes > budget then return {pos[1], pos[2], items, 1} end
-      items[#items + 1] = msg
-    end
+local since, max, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local all = redis.call('HGETALL', KEYS[1])
+local found = {}
+for k = 1, #all, 2 do
+  if string.byte(all[k], 1) == 64 then
+    local value = all[k + 1]
+    local space = string.find(value, ' ', 1, true)
+    local at = space and tonumber(string.sub(value, 1, space - 1))
+    if at and at >= since then found[#found + 1] = {at, space, value} end
   end
+end
+table.sort(found, function(a, b) return a[1] > b[1] end)
+local items, bytes = {}, 0
+for k = 1, math.min(#found, max) do
+  local msg = string.sub(found[k][3], found[k][2] + 1)
+  bytes = bytes + #msg + 1
+  if bytes > budget then return {pos[1], pos[2], items, 1} end
+  items[#items + 1] = msg
 end
 return {pos[1], pos[2], items, 0}
 "#;
@@ -426,16 +436,6 @@ pub fn meta_key(channel: &str) -> String {
 
 pub fn log_key(channel: &str) -> String {
     format!("tl:{{{channel}}}:log")
-}
-
-/// Each device's latest message on the channel (field: device), for snapshots.
-pub fn latest_key(channel: &str) -> String {
-    format!("tl:{{{channel}}}:last")
-}
-
-/// When each device's latest message on the channel came (score: ms).
-pub fn ages_key(channel: &str) -> String {
-    format!("tl:{{{channel}}}:ages")
 }
 
 /// The hash that remembers `device`'s last accepted `seq` (field `device`), kept in the slot of
@@ -878,8 +878,6 @@ impl Store {
         let since = now_ms().saturating_sub(self.history.meta_ttl.as_millis() as u64);
         let mut call = self.snapshot.prepare_invoke();
         call.key(meta_key(channel))
-            .key(latest_key(channel))
-            .key(ages_key(channel))
             .arg(crate::broker::new_epoch())
             .arg(self.history.meta_ttl.as_millis() as u64)
             .arg(self.idle_ttl.as_millis() as u64)
