@@ -1,6 +1,6 @@
 //! A private pool for benchmarks: one redis-server on a unix socket (or a Redis Cluster of
-//! redis-server processes on loopback ports) and hub processes on ephemeral loopback ports, all
-//! in one temp dir, killed on drop.
+//! redis-server processes on loopback ports, or none: one hub on its embedded broker) and hub
+//! processes on ephemeral loopback ports, all in one temp dir, killed on drop.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -62,12 +62,6 @@ impl Pool {
         masters: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Pool> {
-        if !hub_bin.exists() {
-            bail!(
-                "{} not found: cargo build --release -p hub",
-                hub_bin.display()
-            );
-        }
         let dir = tempfile::tempdir()?;
         let (redis, broker) = if masters == 0 {
             let (redis, url) = single_redis(dir.path())?;
@@ -76,29 +70,59 @@ impl Pool {
             let (redis, nodes) = redis_cluster(dir.path(), masters)?;
             (redis, ("HUB_BROKER__CLUSTER_NODES", nodes))
         };
-        let secret = "loadtest-secret-loadtest-secret-0".to_owned();
-        let mut pool = Pool {
+        let mut pool = Pool::empty(hub_bin, dir, redis);
+        for i in 0..hubs {
+            pool.spawn_hub(i, Some((broker.0, &broker.1)), env)?;
+        }
+        Ok(pool)
+    }
+
+    /// One hub on its embedded broker: no Redis.
+    pub fn embedded(hub_bin: &Path, env: &[(&str, &str)]) -> anyhow::Result<Pool> {
+        let mut pool = Pool::empty(hub_bin, tempfile::tempdir()?, Vec::new());
+        pool.spawn_hub(0, None, env)?;
+        Ok(pool)
+    }
+
+    fn empty(hub_bin: &Path, dir: tempfile::TempDir, redis: Vec<Child>) -> Pool {
+        Pool {
             dir,
             redis,
             hubs: Vec::new(),
             hub_bin: hub_bin.to_owned(),
-            secret,
-        };
-        for i in 0..hubs {
-            let mut child = Command::new(hub_bin)
-                .env("HUB_LISTEN", "127.0.0.1:0")
-                .env("HUB_NODE_ID", format!("hub-{}", i + 1))
-                .env(broker.0, &broker.1)
-                .env("HUB_AUTH__HS256_SECRET", &pool.secret)
-                .env("RUST_LOG", "warn,hub::server=info")
-                .envs(env.iter().copied())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting hub")?;
-            let addr = listening_addr(&mut child)?;
-            pool.hubs.push(Hub { addr, child });
+            secret: "loadtest-secret-loadtest-secret-0".to_owned(),
         }
-        Ok(pool)
+    }
+
+    fn spawn_hub(
+        &mut self,
+        i: usize,
+        broker: Option<(&str, &str)>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        if !self.hub_bin.exists() {
+            bail!(
+                "{} not found: cargo build --release -p hub",
+                self.hub_bin.display()
+            );
+        }
+        let mut command = Command::new(&self.hub_bin);
+        command
+            .env("HUB_LISTEN", "127.0.0.1:0")
+            .env("HUB_NODE_ID", format!("hub-{}", i + 1))
+            .env("HUB_AUTH__HS256_SECRET", &self.secret)
+            .env("RUST_LOG", "warn,hub::server=info");
+        if let Some((key, value)) = broker {
+            command.env(key, value);
+        }
+        let mut child = command
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting hub")?;
+        let addr = listening_addr(&mut child)?;
+        self.hubs.push(Hub { addr, child });
+        Ok(())
     }
 
     /// A token the pool accepts, minted by the hub binary.

@@ -358,20 +358,29 @@ impl Inner {
         self.metrics.presence_changes.inc(state);
     }
 
+    /// Runs `f` on the channel a subscribe names, under its lock: `presence`, or one of the table,
+    /// made if there is room for it.
+    fn subscribing(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Channel) -> Result<SubscribeOutcome, BrokerError>,
+    ) -> Result<SubscribeOutcome, BrokerError> {
+        if name == PRESENCE {
+            return f(&mut lock(&self.presence).channel);
+        }
+        let for_subscribes = self.max_channels - self.max_channels / 4;
+        self.ensure_room(&[name], for_subscribes)?;
+        self.with_channel(name, true, f)
+            .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+    }
+
     fn subscribe(
         &self,
         name: &str,
         since: Option<&Position>,
         outbox: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        if name == PRESENCE {
-            let mut log = lock(&self.presence);
-            return self.attach(&mut log.channel, name, since, outbox);
-        }
-        let for_subscribes = self.max_channels - self.max_channels / 4;
-        self.ensure_room(&[name], for_subscribes)?;
-        self.with_channel(name, true, |ch| self.attach(ch, name, since, outbox))
-            .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+        self.subscribing(name, |ch| self.attach(ch, name, since, outbox))
     }
 
     fn subscribe_with_snapshot(
@@ -379,14 +388,7 @@ impl Inner {
         name: &str,
         outbox: &Outbox,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        if name == PRESENCE {
-            let mut log = lock(&self.presence);
-            return self.attach_snapshot(&mut log.channel, name, outbox);
-        }
-        let for_subscribes = self.max_channels - self.max_channels / 4;
-        self.ensure_room(&[name], for_subscribes)?;
-        self.with_channel(name, true, |ch| self.attach_snapshot(ch, name, outbox))
-            .unwrap_or_else(|| Err(BrokerError::Unavailable("channel vanished".into())))
+        self.subscribing(name, |ch| self.attach_snapshot(ch, name, outbox))
     }
 
     /// Queues `subscribed` and the snapshot as of the channel's offset, then adds the subscriber
@@ -414,20 +416,15 @@ impl Inner {
             self.history.snapshot_devices,
             super::replay_budget(outbox),
         );
-        let subscribed = frame::server(&ServerFrame::Subscribed {
-            channel: name.into(),
-            part: None,
-            parts: None,
-            epoch: ch.epoch.as_str().into(),
-            offset: ch.offset,
-            // The snapshot joins the live stream with nothing missed.
-            recovered: true,
-        });
         let refs: Vec<&Bytes> = frames.iter().collect();
-        for item in pack(subscribed, &refs) {
-            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
-        }
-        ch.subscribers.insert(outbox.clone());
+        // The snapshot joins the live stream with nothing missed.
+        Self::join(
+            (&ch.epoch, ch.offset, &mut ch.subscribers),
+            name,
+            true,
+            &refs,
+            outbox,
+        )?;
         Ok(SubscribeOutcome {
             epoch: ch.epoch.clone(),
             offset: ch.offset,
@@ -436,6 +433,30 @@ impl Inner {
             replayed_bytes: 0,
             snapshot: Some(size),
         })
+    }
+
+    /// Queues `subscribed` and `frames` (a replay or a snapshot) on the subscriber, then adds it
+    /// to the live list: called under the channel's lock.
+    fn join(
+        (epoch, offset, subscribers): (&str, u64, &mut Subscribers),
+        name: &str,
+        recovered: bool,
+        frames: &[&Bytes],
+        outbox: &Outbox,
+    ) -> Result<(), BrokerError> {
+        let subscribed = frame::server(&ServerFrame::Subscribed {
+            channel: name.into(),
+            part: None,
+            parts: None,
+            epoch: epoch.into(),
+            offset,
+            recovered,
+        });
+        for item in pack(subscribed, frames) {
+            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
+        }
+        subscribers.insert(outbox.clone());
+        Ok(())
     }
 
     /// Queues the `subscribed` frame and the replay, then adds the subscriber to the live list.
@@ -461,18 +482,8 @@ impl Inner {
         };
         let (recovered, replay) =
             super::within_budget(recovered, replay, super::replay_budget(outbox));
-        let subscribed = frame::server(&ServerFrame::Subscribed {
-            channel: name.into(),
-            part: None,
-            parts: None,
-            epoch: ch.epoch.as_str().into(),
-            offset: ch.offset,
-            recovered,
-        });
-        for item in pack(subscribed, &replay) {
-            outbox.push(item).map_err(|_| BrokerError::SlowConsumer)?;
-        }
-        ch.subscribers.insert(outbox.clone());
+        let live = (ch.epoch.as_str(), ch.offset, &mut ch.subscribers);
+        Self::join(live, name, recovered, &replay, outbox)?;
         Ok(SubscribeOutcome {
             epoch: ch.epoch.clone(),
             offset: ch.offset,
