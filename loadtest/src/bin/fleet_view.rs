@@ -10,9 +10,11 @@
 //!    `subscribe` with `snapshot: true` on `fleet` to the last snapshot frame, on the embedded
 //!    broker and on one Redis.
 //!
-//!     cargo build --release -p hub -p loadtest
-//!     target/release/fleet-view --devices 200 --rate 20000 --viewers 10 --seconds 10 \
-//!         --snapshot-devices 10000,100000
+//! ```sh
+//! cargo build --release -p hub -p loadtest
+//! target/release/fleet-view --devices 200 --rate 20000 --viewers 10 --seconds 10 \
+//!     --snapshot-devices 10000,100000
+//! ```
 
 use std::path::PathBuf;
 use std::sync::Arc;
