@@ -236,6 +236,8 @@ async fn snapshot(args: &Args, devices: usize, redis: bool) -> anyhow::Result<()
         // A channel per device, and room over the 100,000 of the default.
         ("HUB_LIMITS__MAX_CHANNELS", "1000000"),
         ("HUB_HISTORY__SNAPSHOT_DEVICES", "1000000"),
+        // A snapshot script of 100,000 devices takes longer than the default 2 s.
+        ("HUB_BROKER__TIMEOUT", "30s"),
     ];
     let pool = match redis {
         true => Pool::start(&args.hub_bin, 1, &env)?,
@@ -301,6 +303,9 @@ async fn take_snapshot(addr: std::net::SocketAddr, token: &str) -> anyhow::Resul
             Incoming::Text(text) => text,
             Incoming::Closed(code) => bail!("viewer closed: {code}"),
         };
+        if text.starts_with(br#"{"type":"error""#) {
+            bail!("snapshot refused: {}", String::from_utf8_lossy(&text));
+        }
         if !text.starts_with(br#"{"type":"snapshot""#) {
             continue;
         }

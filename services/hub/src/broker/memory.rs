@@ -540,7 +540,12 @@ impl Inner {
         self.metrics.channels.set(map.len() as i64);
         drop(map);
         lock(&self.devices).retain(|_, d| now.saturating_duration_since(d.seen) <= meta_ttl);
-        lock(&self.presence).channel.trim(&self.history, now);
+        let mut presence = lock(&self.presence);
+        presence.channel.trim(&self.history, now);
+        presence
+            .channel
+            .latest
+            .retain(|_, l| now.saturating_duration_since(l.at) <= meta_ttl);
     }
 }
 

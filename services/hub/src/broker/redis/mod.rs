@@ -38,6 +38,9 @@ use super::{Broker, BrokerError, PresenceChange, Publication, PublishOutcome, Su
 use crate::config::{BrokerSettings, ConfigError, Settings};
 use crate::metrics::Metrics;
 
+/// See `RedisBroker::snapshots`.
+const SNAPSHOTS_AT_ONCE: usize = 2;
+
 /// How long Redis keeps the epoch of a channel nobody has published to once no hub watches it.
 const IDLE_CHANNEL_TTL: Duration = Duration::from_secs(60);
 
@@ -52,6 +55,10 @@ pub struct RedisBroker {
     roots: RootSampler,
     max_channels: usize,
     snapshot_devices: usize,
+    /// Snapshot scripts this hub runs at once: each reads a whole channel's latest values and
+    /// holds Redis meanwhile (about 8 ms per 1,000 devices measured), so viewers subscribing
+    /// together take turns instead of stacking them.
+    snapshots: tokio::sync::Semaphore,
     partitions: Partitions,
     presence: Presence,
 }
@@ -103,6 +110,7 @@ impl RedisBroker {
             roots,
             max_channels: settings.limits.max_channels,
             snapshot_devices: settings.history.snapshot_devices,
+            snapshots: tokio::sync::Semaphore::new(SNAPSHOTS_AT_ONCE),
             partitions: Partitions::new(broker.partitions()),
             presence,
         })
@@ -283,7 +291,14 @@ impl RedisBroker {
         subscriber: &crate::outbox::Outbox,
         budget: usize,
     ) -> Result<SubscribeOutcome, BrokerError> {
-        let (epoch, offset, items, cut) = self.store.snapshot(name, budget).await?;
+        let (epoch, offset, items, cut) = {
+            let _turn = self
+                .snapshots
+                .acquire()
+                .await
+                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+            self.store.snapshot(name, budget).await?
+        };
         let (channel, partition) = partition::parse(name);
         let part = partition.map(|(part, _)| part);
         let at = crate::broker::SnapshotAt {
@@ -311,18 +326,20 @@ fn single(url: &str, broker: &BrokerSettings) -> Result<(Commands, Transport), C
         message,
     };
     let client = redis::Client::open(url).map_err(|e| invalid(format!("`{url}`: {e}")))?;
-    let mut pool_config = deadpool_redis::Config::from_url(url);
-    pool_config.pool = Some(deadpool_redis::PoolConfig {
-        max_size: broker.pool_size,
-        timeouts: deadpool_redis::Timeouts {
-            wait: Some(broker.timeout),
-            create: Some(broker.timeout),
-            recycle: Some(broker.timeout),
-        },
-        ..Default::default()
-    });
-    let pool = pool_config
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    // redis-rs answers a command slower than its own default (500 ms) with a timeout: the
+    // settings' timeout is the one that applies (a large snapshot takes longer).
+    let connections = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(broker.timeout))
+        .set_connection_timeout(Some(broker.timeout));
+    let manager = deadpool_redis::Manager::new_with_config(url, connections)
+        .map_err(|e| invalid(format!("`{url}`: {e}")))?;
+    let pool = deadpool_redis::Pool::builder(manager)
+        .max_size(broker.pool_size)
+        .wait_timeout(Some(broker.timeout))
+        .create_timeout(Some(broker.timeout))
+        .recycle_timeout(Some(broker.timeout))
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
         .map_err(|e| invalid(e.to_string()))?;
     Ok((Commands::Single(pool), Transport::Single(client)))
 }

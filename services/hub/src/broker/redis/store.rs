@@ -388,32 +388,23 @@ end
 "#;
 
 /// The channel's position (as [`POSITION`]: `KEYS[1]` meta, `ARGV[1..3]`) and, as of it, the
-/// latest message of each device heard since `ARGV[4]` (ms), newest first, at most `ARGV[5]` of
-/// them and about `ARGV[6]` bytes. Returns `{epoch, offset, {message, ...}, 1 if cut for the
-/// bytes}`; one call, so no message is newer than the offset. It reads the whole hash: about
-/// 1 ms of Redis per 1,000 devices (docs/benchmarks.md).
+/// latest message of each device heard since `ARGV[4]` (ms), as stored: `<ms> <message>`.
+/// Returns `{epoch, offset, {value, ...}}`; one call, so no message is newer than the offset.
+/// Ordering and cutting to the limits is the hub's work: Redis is held only for reading the
+/// hash (under a second for 100,000 devices on a small machine, docs/benchmarks.md).
 const SNAPSHOT: &str = r#"
 local pos = position()
-local since, max, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local since = tonumber(ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
 local found = {}
 for k = 1, #all, 2 do
   if string.byte(all[k], 1) == 64 then
     local value = all[k + 1]
-    local space = string.find(value, ' ', 1, true)
-    local at = space and tonumber(string.sub(value, 1, space - 1))
-    if at and at >= since then found[#found + 1] = {at, space, value} end
+    local at = tonumber(string.match(value, '^(%d+) '))
+    if at and at >= since then found[#found + 1] = value end
   end
 end
-table.sort(found, function(a, b) return a[1] > b[1] end)
-local items, bytes = {}, 0
-for k = 1, math.min(#found, max) do
-  local msg = string.sub(found[k][3], found[k][2] + 1)
-  bytes = bytes + #msg + 1
-  if bytes > budget then return {pos[1], pos[2], items, 1} end
-  items[#items + 1] = msg
-end
-return {pos[1], pos[2], items, 0}
+return {pos[1], pos[2], found}
 "#;
 
 /// Gives the channel a new epoch if it still has `ARGV[1]` and its offset is below `ARGV[2]`:
@@ -869,7 +860,7 @@ impl Store {
 
     /// The channel's position and, as of it, the latest message of each device heard within
     /// `history.meta_ttl`, oldest first: at most `history.snapshot_devices` of them and about
-    /// `budget` bytes, the newest kept. The flag says some were left out for the bytes.
+    /// `budget` bytes, the newest kept. The flag says some were left out.
     pub async fn snapshot(
         &self,
         channel: &str,
@@ -881,13 +872,11 @@ impl Store {
             .arg(crate::broker::new_epoch())
             .arg(self.history.meta_ttl.as_millis() as u64)
             .arg(self.idle_ttl.as_millis() as u64)
-            .arg(since)
-            .arg(self.history.snapshot_devices)
-            .arg(budget);
-        let (epoch, offset, mut items, cut): (String, u64, Vec<Vec<u8>>, u8) =
+            .arg(since);
+        let (epoch, offset, values): (String, u64, Vec<Vec<u8>>) =
             self.run(async |conn| call.invoke_async(conn).await).await?;
-        items.reverse();
-        Ok((epoch, offset, items, cut == 1))
+        let (items, cut) = newest_within(values, self.history.snapshot_devices, budget);
+        Ok((epoch, offset, items, cut))
     }
 
     /// Starts a new epoch for a channel whose offset fell below `delivered` in `epoch`; returns
@@ -1094,6 +1083,35 @@ impl Store {
     }
 }
 
+/// Stored latest values (`<ms> <message>`) to snapshot items: the newest `max` that fit in
+/// about `budget` bytes, oldest first; true when some were left out.
+fn newest_within(values: Vec<Vec<u8>>, max: usize, budget: usize) -> (Vec<Vec<u8>>, bool) {
+    let mut dated: Vec<(u64, Vec<u8>)> = values
+        .into_iter()
+        .filter_map(|mut value| {
+            let space = value.iter().position(|b| *b == b' ')?;
+            let at = std::str::from_utf8(&value[..space]).ok()?.parse().ok()?;
+            value.drain(..=space);
+            Some((at, value))
+        })
+        .collect();
+    dated.sort_unstable_by_key(|(at, _)| std::cmp::Reverse(*at));
+    let over = dated.len() > max;
+    dated.truncate(max);
+    let mut bytes = 0usize;
+    let mut kept = dated.len();
+    for (k, (_, message)) in dated.iter().enumerate() {
+        bytes = bytes.saturating_add(message.len() + 1);
+        if bytes > budget {
+            kept = k;
+            break;
+        }
+    }
+    let cut = over || kept < dated.len();
+    dated.truncate(kept);
+    (dated.into_iter().rev().map(|(_, m)| m).collect(), cut)
+}
+
 /// Parses an XRANGE reply: `[[id, [field, value, …]], …]`.
 fn parse_range(value: Value) -> Vec<Entry> {
     let Value::Array(items) = value else {
@@ -1194,6 +1212,31 @@ mod tests {
             "bytes left over"
         );
         assert!(Envelope::parse_all(b"=99999999999\n").is_none());
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_newest_within_its_limits_oldest_first() {
+        let values: Vec<Vec<u8>> = [(3, "c"), (1, "a"), (2, "b"), (4, "dd")]
+            .iter()
+            .map(|(at, m)| format!("{at} {m}").into_bytes())
+            .collect();
+        let all = newest_within(values.clone(), 10, 100);
+        assert_eq!(
+            all,
+            (
+                vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec(), b"dd".to_vec()],
+                false
+            )
+        );
+        assert_eq!(
+            newest_within(values.clone(), 2, 100),
+            (vec![b"c".to_vec(), b"dd".to_vec()], true),
+            "over the count"
+        );
+        assert_eq!(
+            newest_within(values, 10, 5),
+            (vec![b"c".to_vec(), b"dd".to_vec()], true)
+        );
     }
 
     #[test]
