@@ -484,7 +484,9 @@ async fn an_agent_whose_disk_was_wiped_renumbers_its_readings_above_what_the_hub
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_agent_that_connects_while_redis_cannot_answer_loses_nothing() {
     let redis = Redis::start();
-    let hub = Hub::on_redis(&redis);
+    // A short broker timeout, well inside the 5 s stall below: the hub gives up on Redis while
+    // it still stalls, however slowly a busy machine starts the agent.
+    let hub = Hub::on_redis_with(&redis, "hub-stalled", &[("HUB_BROKER__TIMEOUT", "500ms")]);
     let dashboard = Dashboard::follow(&hub, &channel());
     let token = hub.token(DEVICE, "agent", "1h");
     let mut agent = Agent::start(&AgentConfig::new(&hub, &token));
