@@ -12,7 +12,7 @@ use tokio::io::AsyncRead;
 use tracing::debug;
 
 use crate::auth::Identity;
-use crate::broker::PresenceChange;
+use crate::broker::{Broker, PresenceChange};
 use crate::frame;
 use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
@@ -89,10 +89,7 @@ pub async fn serve(
     let mut present = None;
     match session.start().await {
         Ok(()) => {
-            if let Some(device) = device {
-                state.broker.presence(&device, PresenceChange::Connected);
-                present = Some(device);
-            }
+            present = device.map(|device| Present::arrive(&*state.broker, device, &outbox));
             read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await
         }
         Err(code) => outbox.close(CloseReason::Hub(code)),
@@ -100,14 +97,9 @@ pub async fn serve(
     session.finish();
     outbox.close(CloseReason::Hub(CloseCode::Normal));
     let _ = writer.await;
+    drop(present);
 
     let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
-    if let Some(device) = present {
-        let change = PresenceChange::Disconnected {
-            reason: reason.label(),
-        };
-        state.broker.presence(&device, change);
-    }
     metrics.disconnects.inc(reason.label());
     if reason == CloseReason::Hub(CloseCode::SlowConsumer) {
         metrics.slow_consumer_disconnects.inc();
@@ -123,6 +115,39 @@ pub async fn serve(
     }
     linger(&mut reader).await;
     drop(permit);
+}
+
+/// An agent's device in presence while its connection lives. Dropped, at the end or by a panic
+/// unwinding the connection's task, it takes the device off (a device left online by a panic
+/// would stay online for the life of the hub, lease renewed and all) and closes the connection.
+struct Present<'a> {
+    broker: &'a dyn Broker,
+    device: String,
+    outbox: &'a Outbox,
+}
+
+impl<'a> Present<'a> {
+    fn arrive(broker: &'a dyn Broker, device: String, outbox: &'a Outbox) -> Self {
+        broker.presence(&device, PresenceChange::Connected);
+        Present {
+            broker,
+            device,
+            outbox,
+        }
+    }
+}
+
+impl Drop for Present<'_> {
+    fn drop(&mut self) {
+        // Closed already unless the connection's task is unwinding.
+        self.outbox
+            .close(CloseReason::Hub(CloseCode::InternalError));
+        let reason = self.outbox.close_reason().unwrap_or(CloseReason::Gone);
+        let change = PresenceChange::Disconnected {
+            reason: reason.label(),
+        };
+        self.broker.presence(&self.device, change);
+    }
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(

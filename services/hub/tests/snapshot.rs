@@ -245,7 +245,8 @@ async fn cluster_a_late_viewer_gets_every_latest_value_then_each_later_reading_o
 }
 
 /// The store keeps at most `history.snapshot_devices` devices per channel, the least recently
-/// heard leaving first, and a device silent for `history.meta_ttl` leaves the snapshot.
+/// heard leaving first, and a device silent for `history.meta_ttl` leaves the snapshot; but not
+/// on `presence`, where a device online longer than that is still online.
 async fn the_latest_value_store_is_bounded_and_forgets_silent_devices(hub: &TestHub) {
     let max = hub.settings.history.snapshot_devices;
     for d in 0..3 * max {
@@ -266,6 +267,8 @@ async fn the_latest_value_store_is_bounded_and_forgets_silent_devices(hub: &Test
         "the one heard first is gone: {values:?}"
     );
 
+    let _connected = hub.agent("pi-long", &[]).await;
+
     tokio::time::sleep(hub.settings.history.meta_ttl + Duration::from_millis(200)).await;
     let mut late = hub.viewer("late", &[]).await;
     let seen = subscribe_with_snapshot(&mut late, "fleet").await;
@@ -274,11 +277,21 @@ async fn the_latest_value_store_is_bounded_and_forgets_silent_devices(hub: &Test
         "silent past meta_ttl: {:?}",
         seen.items
     );
+    let presence = subscribe_with_snapshot(&mut late, "presence").await;
+    let long = presence
+        .items
+        .iter()
+        .find(|m| m["from"] == "pi-long")
+        .unwrap_or_else(|| panic!("pi-long is in presence: {:?}", presence.items));
+    assert_eq!(long["data"]["online"], true, "{long}");
 }
 
 fn small_store(s: &mut hub::Settings) {
     s.history.snapshot_devices = 40;
     s.history.meta_ttl = Duration::from_secs(2);
+    // Beats well inside meta_ttl, as the defaults are (2 s against 24 h).
+    s.presence.heartbeat = Duration::from_millis(100);
+    s.presence.hub_ttl = Duration::from_millis(500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

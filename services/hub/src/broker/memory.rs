@@ -126,10 +126,12 @@ impl Channel {
         self.latest.insert(device.into(), latest);
     }
 
-    /// The latest messages of devices heard within `meta_ttl`, oldest first.
-    fn snapshot_items(&mut self, meta_ttl: Duration, now: Instant) -> Vec<Bytes> {
-        self.latest
-            .retain(|_, l| now.saturating_duration_since(l.at) <= meta_ttl);
+    /// The latest messages of devices heard within `max_age` (any, without one), oldest first.
+    fn snapshot_items(&mut self, max_age: Option<Duration>, now: Instant) -> Vec<Bytes> {
+        if let Some(max_age) = max_age {
+            self.latest
+                .retain(|_, l| now.saturating_duration_since(l.at) <= max_age);
+        }
         let mut items: Vec<(u64, Bytes)> = self
             .latest
             .values()
@@ -402,7 +404,7 @@ impl Inner {
         let now = Instant::now();
         ch.trim(&self.history, now);
         ch.active = now;
-        let items = ch.snapshot_items(self.history.meta_ttl, now);
+        let items = ch.snapshot_items(latest_max_age(name, &self.history), now);
         let at = super::SnapshotAt {
             channel: name,
             part: None,
@@ -540,13 +542,16 @@ impl Inner {
         self.metrics.channels.set(map.len() as i64);
         drop(map);
         lock(&self.devices).retain(|_, d| now.saturating_duration_since(d.seen) <= meta_ttl);
-        let mut presence = lock(&self.presence);
-        presence.channel.trim(&self.history, now);
-        presence
-            .channel
-            .latest
-            .retain(|_, l| now.saturating_duration_since(l.at) <= meta_ttl);
+        // Presence's latest values do not age: see `latest_max_age`.
+        lock(&self.presence).channel.trim(&self.history, now);
     }
+}
+
+/// How long a device's latest message on `channel` stays in snapshots after it was published:
+/// `history.meta_ttl`, except on `presence`, whose message is the device's state until the
+/// next one, however long that is (a device online for days has no newer message).
+fn latest_max_age(channel: &str, history: &HistorySettings) -> Option<Duration> {
+    (channel != PRESENCE).then_some(history.meta_ttl)
 }
 
 async fn sweep(inner: Weak<Inner>, period: Duration) {

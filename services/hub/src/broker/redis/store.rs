@@ -15,7 +15,7 @@
 //! | `tl:{presence}:hubs` | sorted set | presence leases: hub instance → expiry, ms by Redis's clock |
 //! | `tl:{presence}:on:<instance>` | set | the devices that hub instance holds |
 //! | `tl:{presence}:online` | hash | per online device, how many live hub instances hold it |
-//! | `tl:{presence}:gone` | list | dead instances whose devices are still being taken off, each in `tl:{presence}:gone:<instance>` |
+//! | `tl:{presence}:gone` | list | burials of dead instances whose devices are still being taken off, `<instance>#<n>`, each in `tl:{presence}:gone:<instance>#<n>` (`n` from the counter `tl:{presence}:gone:n`) |
 //!
 //! Deduplication on one Redis is per device, as on the embedded broker: one value (kept with the
 //! device's own channel, forgotten `history.meta_ttl` after the device's last publish) decides
@@ -61,6 +61,9 @@ const PRELUDE: &str = r#"
 local device, now = ARGV[1], ARGV[2]
 local size, meta_ttl, new_epoch, n = tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6])
 local max_latest = tonumber(ARGV[7])
+-- Whether the latest messages stay however old they are (`presence`: a device's state until
+-- its next message); the count bound still applies.
+local ageless = false
 local EXTRA = 8 + 3 * n
 local function seq_of(i) return ARGV[5 + 3 * i] end
 local function data_of(i) return ARGV[6 + 3 * i] end
@@ -113,7 +116,7 @@ local function remember(meta, latest, first, count)
   local kv = scan[2]
   for k = 1, #kv, 2 do
     local at = tonumber(string.match(kv[k + 1], '^(%d+) '))
-    if at and at >= oldest then
+    if at and (ageless or at >= oldest) then
       seen[#seen + 1] = {at, kv[k]}
     else
       gone[#gone + 1] = kv[k]
@@ -292,8 +295,11 @@ local function bury()
     redis.call('ZREM', hubs, dead)
     local set = on_prefix .. dead
     if redis.call('EXISTS', set) == 1 then
-      redis.call('RENAME', set, gone .. ':' .. dead)
-      redis.call('RPUSH', gone, dead)
+      -- A set of its own per burial: an instance buried again before the last burial's set is
+      -- swept keeps both, and a device in both is counted off once for each, as it was counted.
+      local burial = dead .. '#' .. redis.call('INCR', gone .. ':n')
+      redis.call('RENAME', set, gone .. ':' .. burial)
+      redis.call('RPUSH', gone, burial)
     end
   end
 end
@@ -334,7 +340,12 @@ while left > 0 do
   if redis.call('EXISTS', set) == 0 then redis.call('LPOP', gone) end
 end
 
-for _, key in ipairs({hubs, online, mine, gone}) do redis.call('PEXPIRE', key, meta_ttl) end
+-- The channel's keys too: every hub's beat keeps presence's store while any hub runs, where
+-- another channel's lasts `meta_ttl` after its last message.
+for _, key in ipairs({hubs, online, mine, gone, gone .. ':n', meta, log}) do
+  redis.call('PEXPIRE', key, meta_ttl)
+end
+ageless = true
 if #froms > 0 then
   from_of = function(i) return froms[i] end
   data_of = function(i) return datas[i] end
@@ -866,7 +877,11 @@ impl Store {
         channel: &str,
         budget: usize,
     ) -> Result<(String, u64, Vec<Vec<u8>>, bool), BrokerError> {
-        let since = now_ms().saturating_sub(self.history.meta_ttl.as_millis() as u64);
+        // As the embedded broker: presence's latest values do not age.
+        let since = match channel == hub_protocol::presence::CHANNEL {
+            true => 0,
+            false => now_ms().saturating_sub(self.history.meta_ttl.as_millis() as u64),
+        };
         let mut call = self.snapshot.prepare_invoke();
         call.key(meta_key(channel))
             .arg(crate::broker::new_epoch())
