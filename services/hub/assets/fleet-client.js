@@ -36,7 +36,9 @@
  * - Never delivers a message twice or out of order: in one epoch of one partition, offsets <= the
  *   last seen are dropped. Messages arriving before their partition's `subscribed` are held.
  * - Reports holes the hub could not fill as `gap` events: `subscribed` with `recovered: false`
- *   answering a resume, an unasked `subscribed` on a live subscription, or an epoch change.
+ *   answering a resume or a snapshot subscribe (`{snapshot: true}` in the event: the snapshot is
+ *   good, readings between it and the live stream are missing), an unasked `subscribed` on a
+ *   live subscription, or an epoch change.
  * - A channel subscribed with `{snapshot: true}` asks for a snapshot on every (re)subscribe
  *   instead of a resume with `since`: each `snapshot` frame is a `snapshot` event, and the live
  *   messages go on from the snapshot's offset. With `{maxRate}` the hub conflates the channel
@@ -478,6 +480,10 @@ export class FleetClient {
     if (since === null) {
       log.pos = pos; // fresh: live from offset + 1
       if (frame.recovered !== true && w.resumed) w.recovered = false;
+      // A snapshot the hub could not join to the live stream: what came between is missing.
+      if (frame.recovered !== true && ch.mode.snapshot) {
+        this.#emit('gap', name, { ...pos, missedFrom: null, previousEpoch: null, unsolicited: false, snapshot: true, ...where });
+      }
     } else if (since && !since.lost && frame.recovered === true) {
       // The replay follows: keep the position at `since` so replayed offsets are accepted.
       w.replayed += Math.max(0, pos.offset - since.offset);

@@ -10,10 +10,13 @@
 //! sees fewer intermediate values. Messages keep their real offsets, so a conflated stream has
 //! gaps by design.
 //!
-//! Frames that are not live messages (`subscribed`, snapshots, replays) are passed on at once
-//! and in order, after the messages pending before them.
+//! Frames that are not live messages (`subscribed`, snapshots, replays) keep their place: they
+//! go after the messages pending when they came, and before any message that came after them.
+//! They are offered like the rest and wait while the connection's queue is full; the broker
+//! sizes replays and snapshots for the connection's queue, not the feed's, so each one fits
+//! once the queue has drained.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::outbox::{CloseReason, Outbound, Outbox, SendError};
 
 /// The feed's bounds: the task drains it continuously, so it fills only if this hub cannot
 /// keep up with the channel at all, and then the connection is closed as a slow consumer.
@@ -38,10 +41,9 @@ pub struct Conflation {
 }
 
 impl Conflation {
-    /// Starts the task for a subscription of `connection` (needs a Tokio runtime). The feed has
-    /// the connection's id, which is how the broker knows the subscriber.
+    /// Starts the task for a subscription of `connection` (needs a Tokio runtime).
     pub fn start(connection: &Outbox, max_rate: f64, metrics: Arc<Metrics>) -> Conflation {
-        let (feed, rx) = Outbox::bounded(connection.id(), FEED_ITEMS, FEED_BYTES);
+        let (feed, rx) = Outbox::feeding(connection, FEED_ITEMS, FEED_BYTES);
         let stopped = Arc::new(Mutex::new(false));
         let task = Task {
             rx,
@@ -50,6 +52,8 @@ impl Conflation {
             period: Duration::from_secs_f64(1.0 / max_rate),
             stopped: stopped.clone(),
             pending: HashMap::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
             arrivals: 0,
             metrics,
         };
@@ -61,7 +65,8 @@ impl Conflation {
         &self.feed
     }
 
-    /// Nothing more of this subscription reaches the connection after this returns.
+    /// Nothing more of this subscription reaches the connection after this returns, and the
+    /// task ends (with what it held) as soon as it is scheduled.
     pub fn stop(&self) {
         *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.feed.close(CloseReason::Gone);
@@ -77,8 +82,18 @@ struct Task {
     /// The newest unsent live message per device, with the order it arrived in: they are sent
     /// in that order, so each partition's offsets still only grow.
     pending: HashMap<Box<str>, (u64, Bytes)>,
+    /// What must reach the connection, in this order, before any pending message: frames that
+    /// are not live messages, and the messages that were pending when one came.
+    held: VecDeque<Outbound>,
+    held_bytes: usize,
     arrivals: u64,
     metrics: Arc<Metrics>,
+}
+
+/// Whether the task goes on.
+enum Flow {
+    Go,
+    Stop,
 }
 
 impl Task {
@@ -87,37 +102,43 @@ impl Task {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let closed = self.connection.closed_owned();
         tokio::pin!(closed);
+        let feed_closed = self.feed.closed_owned();
+        tokio::pin!(feed_closed);
         loop {
-            tokio::select! {
+            // The tick before the feed: a feed that is never empty must not starve the sending.
+            let flow = tokio::select! {
                 biased;
-                _ = &mut closed => return,
-                item = self.rx.recv() => {
-                    let Some(item) = item else { return };
-                    self.feed.taken(item.frames.len());
-                    if !self.take(item) {
-                        return;
+                _ = &mut closed => Flow::Stop,
+                _ = &mut feed_closed => {
+                    if !self.is_stopped() {
+                        // The feed overflowed: this hub cannot keep up with the channel.
+                        self.connection
+                            .close(CloseReason::Hub(hub_protocol::CloseCode::SlowConsumer));
                     }
+                    Flow::Stop
                 }
-                _ = tick.tick() => {
-                    if !self.flush() {
-                        return;
+                _ = tick.tick() => self.flush(),
+                item = self.rx.recv() => match item {
+                    None => Flow::Stop,
+                    Some(item) => {
+                        self.feed.taken(item.frames.len());
+                        self.take(item)
                     }
-                }
-            }
-            if self.feed.is_closed()
-                && !*self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
-            {
-                // The feed overflowed: this hub cannot keep up with the channel.
-                self.connection
-                    .close(CloseReason::Hub(hub_protocol::CloseCode::SlowConsumer));
+                },
+            };
+            if let Flow::Stop = flow {
                 return;
             }
         }
     }
 
-    /// Keeps a live message as its device's pending one, or passes anything else on after what
-    /// is pending. False once the subscription or the connection has ended.
-    fn take(&mut self, item: Outbound) -> bool {
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps a live message as its device's pending one; holds anything else after what is
+    /// pending, and sends what is held as far as the connection takes it.
+    fn take(&mut self, item: Outbound) -> Flow {
         let live = item.published_at.is_some() && item.count == 1;
         if let Some(device) = live.then(|| device_of(&item.frames)).flatten() {
             self.arrivals += 1;
@@ -131,64 +152,110 @@ impl Task {
                     self.pending.insert(device.into(), entry);
                 }
             }
-            return true;
+            return Flow::Go;
         }
-        // Older than what follows: they go first, or not at all.
-        if !self.flush() {
-            return false;
-        }
-        let dropped = self.pending.len();
-        self.pending.clear();
-        self.metrics.conflated.add(dropped as u64);
-        self.send(item, true)
-    }
-
-    /// Offers every pending message, in items of about [`FLUSH_CHUNK`]; from the first the
-    /// outbox has no room for, they stay pending. False once the subscription or the connection
-    /// has ended.
-    fn flush(&mut self) -> bool {
-        let mut all: Vec<(Box<str>, (u64, Bytes))> = self.pending.drain().collect();
-        all.sort_unstable_by_key(|(_, (arrival, _))| *arrival);
+        let all = self.pending_sorted();
         let mut start = 0;
         while start < all.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < all.len() && (end == start || bytes + all[end].1.1.len() <= FLUSH_CHUNK) {
-                bytes += all[end].1.1.len();
-                end += 1;
-            }
-            let mut frames = BytesMut::with_capacity(bytes);
-            for (_, (_, frame)) in &all[start..end] {
-                frames.extend_from_slice(frame);
-            }
-            let item = Outbound {
-                frames: frames.freeze(),
-                count: (end - start) as u32,
-                published_at: None,
-            };
-            if !self.send(item, false) {
-                break;
-            }
+            let (chunk, end) = chunk_of(&all, start);
+            self.hold(chunk);
             start = end;
         }
-        self.pending.extend(all.drain(start..));
-        !self.connection.is_closed()
-            && !*self.stopped.lock().unwrap_or_else(PoisonError::into_inner)
+        self.hold(item);
+        if self.held_bytes > FEED_BYTES {
+            // Control frames pile up faster than the connection takes them.
+            self.connection
+                .close(CloseReason::Hub(hub_protocol::CloseCode::SlowConsumer));
+            return Flow::Stop;
+        }
+        self.send_held()
     }
 
-    /// Queues `item` unless the subscription was stopped; `must` items (control frames) close
-    /// a connection whose queue is full, as for any subscriber, pending messages only wait.
-    fn send(&self, item: Outbound, must: bool) -> bool {
+    fn hold(&mut self, item: Outbound) {
+        self.held_bytes += item.frames.len();
+        self.held.push_back(item);
+    }
+
+    /// Every pending message, oldest first.
+    fn pending_sorted(&mut self) -> Vec<(Box<str>, (u64, Bytes))> {
+        let mut all: Vec<_> = self.pending.drain().collect();
+        all.sort_unstable_by_key(|(_, (arrival, _))| *arrival);
+        all
+    }
+
+    /// Offers what is held, in order, until the connection's queue is full.
+    fn send_held(&mut self) -> Flow {
+        while let Some(item) = self.held.pop_front() {
+            let len = item.frames.len();
+            match self.send(item) {
+                Ok(()) => self.held_bytes -= len,
+                Err((SendError::SlowConsumer, item)) => {
+                    self.held.push_front(item);
+                    return Flow::Go;
+                }
+                Err((SendError::Closed, _)) => return Flow::Stop,
+            }
+        }
+        Flow::Go
+    }
+
+    /// Every period: what is held, then every pending message; what the connection's queue has
+    /// no room for waits, and a pending message is replaced by a newer one meanwhile.
+    fn flush(&mut self) -> Flow {
+        if let Flow::Stop = self.send_held() {
+            return Flow::Stop;
+        }
+        if !self.held.is_empty() || self.pending.is_empty() {
+            return Flow::Go;
+        }
+        let mut all = self.pending_sorted();
+        let mut start = 0;
+        let mut flow = Flow::Go;
+        while start < all.len() {
+            let (item, end) = chunk_of(&all, start);
+            match self.send(item) {
+                Ok(()) => start = end,
+                Err((SendError::SlowConsumer, _)) => break,
+                Err((SendError::Closed, _)) => {
+                    flow = Flow::Stop;
+                    break;
+                }
+            }
+        }
+        self.pending.extend(all.drain(start..));
+        flow
+    }
+
+    /// Offers `item` to the connection unless the subscription was stopped; a full queue only
+    /// refuses it.
+    fn send(&self, item: Outbound) -> Result<(), (SendError, Outbound)> {
         let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
         if *stopped {
-            return false;
+            return Err((SendError::Closed, item));
         }
-        let queued = match must {
-            true => self.connection.push(item),
-            false => self.connection.offer(item),
-        };
-        queued.is_ok()
+        self.connection.offer(item)
     }
+}
+
+/// The messages of `all` from `start` that fit one queue item of about [`FLUSH_CHUNK`] (at
+/// least one), and where the next item starts.
+fn chunk_of(all: &[(Box<str>, (u64, Bytes))], start: usize) -> (Outbound, usize) {
+    let mut end = start;
+    let mut bytes = 0;
+    while end < all.len() && (end == start || bytes + all[end].1.1.len() <= FLUSH_CHUNK) {
+        bytes += all[end].1.1.len();
+        end += 1;
+    }
+    let mut frames = BytesMut::with_capacity(bytes);
+    for (_, (_, frame)) in &all[start..end] {
+        frames.extend_from_slice(frame);
+    }
+    let item = Outbound {
+        frames: frames.freeze(),
+        count: (end - start) as u32,
+        published_at: None,
+    };
+    (item, end)
 }
 
 /// The device of a `message` frame as the hub encodes it: `"from"` comes before `data`, so its
@@ -209,5 +276,71 @@ mod tests {
         let frame = br#"..{"type":"message","channel":"fleet","epoch":"e","offset":3,"from":"pi-7","data":{"a":1,"from":"evil"}}"#;
         assert_eq!(device_of(frame), Some("pi-7"));
         assert_eq!(device_of(br#"{"type":"subscribed"}"#), None);
+    }
+
+    fn live(device: &str, n: u64) -> Outbound {
+        let frame = format!(
+            r#"{{"type":"message","channel":"fleet","epoch":"e","offset":{n},"from":"{device}","data":{{}}}}"#
+        );
+        Outbound {
+            frames: Bytes::from(frame),
+            count: 1,
+            published_at: Some(std::time::Instant::now()),
+        }
+    }
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(crate::server::metric_labels()))
+    }
+
+    #[tokio::test]
+    async fn a_stopped_subscription_ends_its_task_at_once_even_at_the_slowest_rate() {
+        let (connection, _rx) = Outbox::bounded(1, 16, 1 << 20);
+        let conflation = Conflation::start(&connection, hub_protocol::client::MIN_RATE, metrics());
+        conflation.feed().push(live("pi-1", 1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!conflation.feed().is_unread());
+        conflation.stop();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(conflation.feed().is_unread(), "the task ended");
+        assert!(!connection.is_closed(), "the connection goes on");
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_is_not_live_waits_for_room_after_the_pending_ones_and_closes_nothing() {
+        // Room for two items: the first tick sends two devices' values, the third waits.
+        let (connection, mut rx) = Outbox::bounded(1, 2, 1 << 20);
+        let conflation = Conflation::start(&connection, 100.0, metrics());
+        let feed = conflation.feed();
+        feed.push(Outbound::control(Bytes::from_static(b"[subscribed]")))
+            .unwrap();
+        for d in 0..3 {
+            feed.push(live(&format!("pi-{d}"), d)).unwrap();
+        }
+        feed.push(Outbound::control(Bytes::from_static(b"[hole]")))
+            .unwrap();
+        feed.push(live("pi-0", 9)).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!connection.is_closed(), "a full queue closes nothing");
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while got.len() < 4 && tokio::time::Instant::now() < deadline {
+            if let Ok(Some(item)) =
+                tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+            {
+                connection.taken(item.frames.len());
+                got.push(String::from_utf8(item.frames.to_vec()).unwrap());
+            }
+        }
+        assert_eq!(got[0], "[subscribed]");
+        // The three pending before the hole, in their order, then the hole, then what came after.
+        let offsets = |s: &str| {
+            s.match_indices("\"offset\":")
+                .map(|(i, _)| s.as_bytes()[i + 9] - b'0')
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(offsets(&got[1]), [0, 1, 2], "{got:?}");
+        assert_eq!(got[2], "[hole]");
+        assert_eq!(offsets(&got[3]), [9]);
     }
 }

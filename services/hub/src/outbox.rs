@@ -91,6 +91,8 @@ struct Closer {
     /// Bytes queued and not yet taken by the writer.
     queued_bytes: AtomicUsize,
     max_bytes: usize,
+    /// The most bytes a replay or snapshot for this subscriber may take.
+    replay_bytes: usize,
 }
 
 /// Sending side of a connection's queue. Cloning it is cheap (two reference counts).
@@ -110,12 +112,33 @@ impl Outbox {
 
     /// A queue of at most `items` items holding at most `max_bytes` bytes.
     pub fn bounded(id: u64, items: usize, max_bytes: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+        Self::with_replay_budget(id, items, max_bytes, max_bytes / 2)
+    }
+
+    /// A queue that feeds `connection` through a task of its own (a conflated subscription): it
+    /// has the connection's id, so the broker knows the subscriber, and the connection's replay
+    /// budget, so that no replay or snapshot is larger than the connection could ever queue.
+    pub fn feeding(
+        connection: &Outbox,
+        items: usize,
+        max_bytes: usize,
+    ) -> (Outbox, mpsc::Receiver<Outbound>) {
+        Self::with_replay_budget(connection.id, items, max_bytes, connection.replay_budget())
+    }
+
+    fn with_replay_budget(
+        id: u64,
+        items: usize,
+        max_bytes: usize,
+        replay_bytes: usize,
+    ) -> (Outbox, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(items);
         let closer = Arc::new(Closer {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
             queued_bytes: AtomicUsize::new(0),
             max_bytes,
+            replay_bytes,
         });
         (Outbox { id, tx, closer }, rx)
     }
@@ -124,51 +147,53 @@ impl Outbox {
         self.id
     }
 
-    /// The most bytes this queue holds: a replay larger than half of it is never attempted.
-    pub fn max_bytes(&self) -> usize {
-        self.closer.max_bytes
+    /// The most bytes a replay or snapshot for this subscriber may take (half of what its
+    /// connection may have queued): a larger one is never attempted.
+    pub fn replay_budget(&self) -> usize {
+        self.closer.replay_bytes
     }
 
     /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a
     /// slow consumer.
     pub fn push(&self, item: Outbound) -> Result<(), SendError> {
-        self.enqueue(item, true)
+        self.enqueue(item, true).map_err(|(e, _)| e)
     }
 
     /// As [`Outbox::push`], but a full queue only refuses the item (`SendError::SlowConsumer`)
     /// and leaves the connection open: for a conflated subscription, which waits and sends newer
     /// values instead.
-    pub fn offer(&self, item: Outbound) -> Result<(), SendError> {
+    /// The item comes back with the refusal, to be offered again later.
+    pub fn offer(&self, item: Outbound) -> Result<(), (SendError, Outbound)> {
         self.enqueue(item, false)
     }
 
-    fn enqueue(&self, item: Outbound, close_when_full: bool) -> Result<(), SendError> {
+    fn enqueue(&self, item: Outbound, close_when_full: bool) -> Result<(), (SendError, Outbound)> {
         // The reason is set before the token is cancelled, and reading it is one atomic load;
         // `CancellationToken::is_cancelled` takes a mutex, once per delivery per subscriber.
         if self.is_closed() {
-            return Err(SendError::Closed);
+            return Err((SendError::Closed, item));
         }
-        let full = || {
+        let full = |item| {
             if close_when_full {
                 self.close(CloseReason::Hub(CloseCode::SlowConsumer));
             }
-            Err(SendError::SlowConsumer)
+            Err((SendError::SlowConsumer, item))
         };
         let len = item.frames.len();
         let queued = &self.closer.queued_bytes;
         if queued.fetch_add(len, Ordering::Relaxed).saturating_add(len) > self.closer.max_bytes {
             queued.fetch_sub(len, Ordering::Relaxed);
-            return full();
+            return full(item);
         }
         match self.tx.try_send(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(mpsc::error::TrySendError::Full(item)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                full()
+                full(item)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(mpsc::error::TrySendError::Closed(item)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                Err(SendError::Closed)
+                Err((SendError::Closed, item))
             }
         }
     }
@@ -191,6 +216,12 @@ impl Outbox {
 
     pub fn is_closed(&self) -> bool {
         self.closer.reason.get().is_some()
+    }
+
+    /// Whether the queue's reader is gone (its task ended).
+    #[cfg(test)]
+    pub fn is_unread(&self) -> bool {
+        self.tx.is_closed()
     }
 
     /// Resolves once [`Outbox::close`] has been called.
@@ -242,7 +273,10 @@ mod tests {
         let (outbox, _rx) = Outbox::new(1, 1);
         let item = || Outbound::control(Bytes::from_static(b"x"));
         assert!(outbox.offer(item()).is_ok());
-        assert_eq!(outbox.offer(item()), Err(SendError::SlowConsumer));
+        assert!(matches!(
+            outbox.offer(item()),
+            Err((SendError::SlowConsumer, _))
+        ));
         assert!(!outbox.is_closed());
     }
 

@@ -135,6 +135,56 @@ async fn a_conflated_subscription_can_start_with_a_snapshot(hub: &TestHub) {
     viewer.expect("unsubscribed").await;
 }
 
+/// A conflated subscribe's snapshot is cut to what the viewer's connection may queue, like an
+/// exact one's, and is not the reason the connection closes (its feed would take 8 MiB).
+async fn a_conflated_snapshot_fits_the_connection(hub: &TestHub) {
+    let pad = "y".repeat(900);
+    for d in 0..150 {
+        let mut agent = hub.agent(&format!("pi-big-{d}"), &[]).await;
+        let ack = agent.publish(1, json!({"n": d, "pad": pad})).await;
+        assert_eq!(ack["type"], "ack");
+    }
+    let mut viewer = hub.viewer("wall-big", &[]).await;
+    viewer
+        .send(json!({"type": "subscribe", "channel": "fleet", "snapshot": true, "max_rate": 2}))
+        .await;
+    assert_eq!(viewer.expect("subscribed").await["recovered"], true);
+    let mut bytes = 0;
+    loop {
+        let snapshot = viewer.expect("snapshot").await;
+        bytes += snapshot.to_string().len();
+        if snapshot["more"] != true {
+            assert_eq!(snapshot["truncated"], true, "150 KB do not fit in 32 KiB");
+            break;
+        }
+    }
+    let budget = hub.settings.limits.outbound_queue_bytes / 2;
+    assert!(bytes <= budget + 1024, "{bytes} bytes of snapshot");
+    // Still open, and conflated live values follow.
+    let mut agent = hub.agent("pi-big-0", &[]).await;
+    assert_eq!(agent.publish(2, json!({"n": 1000})).await["type"], "ack");
+    let next = viewer.expect("message").await;
+    assert_eq!(next["data"]["n"], 1000);
+}
+
+#[tokio::test]
+async fn embedded_a_conflated_snapshot_fits_the_connection() {
+    let hub = TestHub::with(small_queue).await;
+    a_conflated_snapshot_fits_the_connection(&hub).await;
+}
+
+#[tokio::test]
+async fn redis_a_conflated_snapshot_fits_the_connection() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis_with(&redis, small_queue).await;
+    a_conflated_snapshot_fits_the_connection(&hub).await;
+}
+
+fn small_queue(s: &mut hub::Settings) {
+    s.limits.max_message_bytes = 16 * 1024;
+    s.limits.outbound_queue_bytes = 64 * 1024;
+}
+
 fn fast_publishers(s: &mut hub::Settings) {
     s.limits.publish_rate = 100_000.0;
     s.limits.outbound_queue = 64;

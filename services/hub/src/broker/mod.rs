@@ -260,7 +260,7 @@ pub trait Broker: Send + Sync + 'static {
 /// The bytes one subscribe may replay: half of the subscriber's queue. The partitions of one
 /// channel share it.
 pub(crate) fn replay_budget(subscriber: &Outbox) -> usize {
-    subscriber.max_bytes() / 2
+    subscriber.replay_budget()
 }
 
 /// A replay larger than `budget` (see [`replay_budget`]) could never be queued: the resume is

@@ -207,6 +207,10 @@ const tests = {
     const again = ws.sent.at(-1);
     assert.equal(again.snapshot, true);
     assert.equal(again.since, undefined, 'a new snapshot, not a resume');
+    // A snapshot the hub could not join to the live stream is reported as a gap.
+    ws.hub({ type: 'subscribed', channel: 'fleet', epoch: 'e', offset: 30, recovered: false });
+    assert.equal(gaps.length, 1);
+    assert.deepEqual([gaps[0].snapshot, gaps[0].offset, gaps[0].unsolicited], [true, 30, false]);
   },
 
   async 'a close for something the client sent stops instead of repeating it'() {

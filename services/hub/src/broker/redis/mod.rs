@@ -285,19 +285,24 @@ impl RedisBroker {
     }
 
     /// Reads `name`'s snapshot within `budget` and attaches the subscriber as of it.
+    ///
+    /// An eighth of the budget is kept for what was published between the snapshot's offset
+    /// and the live stream's: a busy channel's relay is that far ahead while the snapshot's
+    /// reply is read, and a snapshot that took it all would leave the seam unrecoverable.
     async fn attach_snapshot(
         &self,
         name: &str,
         subscriber: &crate::outbox::Outbox,
         budget: usize,
     ) -> Result<SubscribeOutcome, BrokerError> {
+        let for_snapshot = budget - budget / 8;
         let (epoch, offset, items, cut) = {
-            let _turn = self
-                .snapshots
-                .acquire()
+            // Bounded: a subscribe waiting here keeps its connection's frames unread.
+            let turn = tokio::time::timeout(2 * self.timeout, self.snapshots.acquire())
                 .await
-                .map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
-            self.store.snapshot(name, budget).await?
+                .map_err(|_| BrokerError::Unavailable("too many snapshots at once".into()))?;
+            let _turn = turn.map_err(|_| BrokerError::Unavailable("broker stopped".into()))?;
+            self.store.snapshot(name, for_snapshot).await?
         };
         let (channel, partition) = partition::parse(name);
         let part = partition.map(|(part, _)| part);
@@ -308,7 +313,7 @@ impl RedisBroker {
             offset,
         };
         let (frames, size) =
-            crate::broker::snapshot_frames(&at, &items, cut, self.snapshot_devices, budget);
+            crate::broker::snapshot_frames(&at, &items, cut, self.snapshot_devices, for_snapshot);
         let position = Position { epoch, offset };
         let budget = budget.saturating_sub(size.bytes);
         let mut outcome = self
