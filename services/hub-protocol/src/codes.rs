@@ -36,6 +36,8 @@ pub enum CloseCode {
     TryAgainLater = 1013,
     TokenExpired = 4001,
     PingTimeout = 4002,
+    /// The key that signed the token left the hub's key set (`auth.close_on_key_removal`).
+    KeyRemoved = 4004,
     SlowConsumer = 4008,
     RateLimited = 4029,
 }
@@ -88,7 +90,7 @@ impl CloseCode {
             // Reconnecting at once would replay into the same full queue.
             | CloseCode::SlowConsumer
             | CloseCode::RateLimited => Retry::Backoff,
-            CloseCode::TokenExpired => Retry::NewToken,
+            CloseCode::TokenExpired | CloseCode::KeyRemoved => Retry::NewToken,
             CloseCode::ProtocolError
             | CloseCode::UnsupportedData
             | CloseCode::InvalidPayload

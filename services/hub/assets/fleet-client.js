@@ -26,7 +26,7 @@
  *   `soon` (1012, hub restart; also a `draining` refusal) retries within 0-1 s; `backoff`
  *   reconnects with exponential backoff and full jitter (base 500 ms, cap 30 s; the attempt
  *   counter resets after a connection that lived 10 s), as does any code not in the table;
- *   `new_token` (4001) checks the token and stops unless it is still good; `never` (the hub
+ *   `new_token` (4001, 4004) checks the token and stops unless it is still good; `never` (the hub
  *   closed for something this client sent) stops in state `closed`.
  * - Keeps the last `(epoch, offset)` of every channel from each `subscribed`/`message` frame and
  *   resubscribes every channel with `since` after a reconnect, so the hub replays what was missed.
@@ -85,6 +85,7 @@ export const CLOSE_RETRY = Object.freeze({
   1013: 'backoff',
   4001: 'new_token',
   4002: 'backoff',
+  4004: 'new_token',
   4008: 'backoff',
   4029: 'backoff',
 });
@@ -662,6 +663,7 @@ export function closeReason(code) {
     4000: 'no hello from hub',
     4001: 'token expired',
     4002: 'ping timeout',
+    4004: 'signing key removed',
     4008: 'too slow to keep up (slow consumer)',
     4029: 'rate limited',
   })[code] ?? (code ? `closed (${code})` : 'connection failed');

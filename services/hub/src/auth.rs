@@ -1,4 +1,5 @@
-//! Token verification: every WebSocket upgrade is authenticated before it is accepted.
+//! Token verification: every WebSocket upgrade is authenticated before it is accepted, with
+//! the single configured key or, by the token's `kid`, a key of the JWKS file ([`keys`]).
 
 use std::sync::Arc;
 
@@ -6,8 +7,13 @@ use hub_protocol::channel::is_valid_segment;
 use hub_protocol::{ChannelPattern, Claims, Role};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use tokio::sync::watch;
 
 use crate::config::{AuthSettings, ConfigError};
+
+pub mod keys;
+
+use keys::{KeySet, VerifyingKey};
 
 /// Why a token was refused. Each variant's snake_case name is a metric label and the `error` of
 /// the HTTP body.
@@ -57,6 +63,8 @@ pub struct Identity {
     pub channels: Option<Arc<[ChannelPattern]>>,
     /// `exp`, seconds since the Unix epoch.
     pub expires_at: u64,
+    /// The JWKS key that verified the token; `None`: the single configured key did.
+    pub kid: Option<Arc<str>>,
 }
 
 impl Identity {
@@ -70,25 +78,32 @@ impl Identity {
 }
 
 pub struct Authenticator {
-    key: DecodingKey,
-    validation: Validation,
+    /// The key for tokens without a `kid`: `auth.hs256_secret` or `auth.public_key_file`.
+    single: Option<Arc<VerifyingKey>>,
+    /// `auth.jwks_file`'s keys, for tokens with a `kid`; `None` without a file, and then a
+    /// token's `kid` is not looked at.
+    set: Option<Arc<watch::Sender<Arc<KeySet>>>>,
+    /// The claim checks every key applies (its own algorithm aside), kept for reloads.
+    checks: Validation,
     viewer_default: Option<Arc<[ChannelPattern]>>,
 }
 
 impl Authenticator {
     pub fn from_settings(auth: &AuthSettings) -> Result<Self, ConfigError> {
         let invalid = |key, message: String| ConfigError::Invalid { key, message };
-        let (key, algorithms) = match (&auth.hs256_secret, &auth.public_key_file) {
-            (Some(secret), _) => (
+        let checks = claim_checks(auth);
+        let single = match (&auth.hs256_secret, &auth.public_key_file) {
+            (Some(secret), _) => Some(Arc::new(VerifyingKey::new(
+                Algorithm::HS256,
                 DecodingKey::from_secret(secret.as_bytes()),
-                vec![Algorithm::HS256],
-            ),
+                &checks,
+            ))),
             (None, Some(path)) => {
                 let pem = std::fs::read(path).map_err(|e| {
                     invalid("auth.public_key_file", format!("{}: {e}", path.display()))
                 })?;
-                if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
-                    (key, vec![Algorithm::ES256])
+                Some(Arc::new(if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                    VerifyingKey::new(Algorithm::ES256, key, &checks)
                 } else {
                     let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
                         invalid(
@@ -96,29 +111,22 @@ impl Authenticator {
                             format!("not an RSA or EC public key in PEM: {e}"),
                         )
                     })?;
-                    (key, vec![Algorithm::RS256])
-                }
+                    VerifyingKey::new(Algorithm::RS256, key, &checks)
+                }))
             }
-            (None, None) => return Err(invalid("auth.hs256_secret", "no key configured".into())),
+            (None, None) => None,
         };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = auth.leeway.as_secs();
-        validation.validate_nbf = true;
-        // jsonwebtoken checks `iss` and `aud` only when present unless they are required.
-        let mut required = vec!["exp", "sub"];
-        match &auth.audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
+        let set = match &auth.jwks_file {
+            Some(path) => {
+                let set = KeySet::load(path, &checks)
+                    .map_err(|e| invalid("auth.jwks_file", e.to_string()))?;
+                Some(Arc::new(watch::Sender::new(Arc::new(set))))
             }
-            None => validation.validate_aud = false,
+            None => None,
+        };
+        if single.is_none() && set.is_none() {
+            return Err(invalid("auth.hs256_secret", "no key configured".into()));
         }
-        if let Some(iss) = &auth.issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
         let viewer_default = match &auth.viewer_channels {
             Some(list) => {
                 Some(parse_patterns(list).map_err(|e| invalid("auth.viewer_channels", e))?)
@@ -126,14 +134,57 @@ impl Authenticator {
             None => None,
         };
         Ok(Authenticator {
-            key,
-            validation,
+            single,
+            set,
+            checks,
             viewer_default,
         })
     }
 
+    /// The JWKS file's keys as they are now, and every later set; `None` without a file.
+    pub fn key_set(&self) -> Option<watch::Receiver<Arc<KeySet>>> {
+        self.set.as_ref().map(|s| s.subscribe())
+    }
+
+    /// What [`keys::watch_file`] needs to replace the set; `None` without a file.
+    pub fn reloader(
+        &self,
+        auth: &AuthSettings,
+    ) -> Option<(keys::Reload, Arc<watch::Sender<Arc<KeySet>>>)> {
+        let (path, set) = auth.jwks_file.clone().zip(self.set.clone())?;
+        let reload = keys::Reload {
+            path,
+            poll: auth.jwks_poll,
+            checks: self.checks.clone(),
+        };
+        Some((reload, set))
+    }
+
+    /// The key a token's `kid` picks from the set, with the set's copy of the `kid`; without a
+    /// set or a `kid`, the single key.
+    fn key_for(
+        &self,
+        kid: Option<&str>,
+    ) -> Result<(Arc<VerifyingKey>, Option<Arc<str>>), AuthError> {
+        match (kid, &self.set) {
+            (Some(kid), Some(set)) => set
+                .borrow()
+                .get(kid)
+                .map(|(kid, key)| (key.clone(), Some(kid.clone())))
+                // Removed, never added, or another issuer's: the hub cannot verify it.
+                .ok_or(AuthError::BadSignature),
+            _ => self
+                .single
+                .clone()
+                .map(|key| (key, None))
+                .ok_or(AuthError::BadSignature),
+        }
+    }
+
     pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|e| map_error(e.kind()))?;
+        let (key, kid) = self.key_for(header.kid.as_deref())?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
             .map_err(|e| map_error(e.kind()))?
             .claims;
         let role = Role::parse(&claims.role)
@@ -169,8 +220,33 @@ impl Authenticator {
             groups,
             channels,
             expires_at: claims.exp,
+            kid,
         })
     }
+}
+
+/// The claim checks of every token, whichever key verifies it.
+fn claim_checks(auth: &AuthSettings) -> Validation {
+    let mut validation = Validation {
+        leeway: auth.leeway.as_secs(),
+        validate_nbf: true,
+        ..Validation::default()
+    };
+    // jsonwebtoken checks `iss` and `aud` only when present unless they are required.
+    let mut required = vec!["exp", "sub"];
+    match &auth.audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    if let Some(iss) = &auth.issuer {
+        validation.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 fn parse_patterns(list: &[String]) -> Result<Arc<[ChannelPattern]>, String> {

@@ -83,8 +83,18 @@ pub struct AuthSettings {
     pub hs256_secret: Option<String>,
     /// PEM public key (RSA or EC P-256) for RS256/ES256 tokens.
     pub public_key_file: Option<PathBuf>,
-    /// PEM private key matching `public_key_file`; only `hub token` uses it.
+    /// PEM private key matching `public_key_file` (or, with `hub token --kid`, a public key of
+    /// `jwks_file`); only `hub token` uses it.
     pub private_key_file: Option<PathBuf>,
+    /// A JWK set (RFC 7517): tokens with a `kid` are verified with that key of the set. Reloaded
+    /// when it changes and on SIGHUP; a file that does not parse keeps the previous keys.
+    pub jwks_file: Option<PathBuf>,
+    /// How often `jwks_file` is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub jwks_poll: Duration,
+    /// Close the live connections of tokens whose key left `jwks_file` (4004 `key_removed`);
+    /// otherwise they last until their `exp`.
+    pub close_on_key_removal: bool,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
@@ -102,6 +112,9 @@ impl Default for AuthSettings {
             hs256_secret: None,
             public_key_file: None,
             private_key_file: None,
+            jwks_file: None,
+            jwks_poll: Duration::from_secs(2),
+            close_on_key_removal: false,
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(5),
@@ -398,10 +411,10 @@ impl Settings {
             .map_err(|e| invalid("telemetry", e.to_string()))?;
         let auth = &self.auth;
         match (&auth.hs256_secret, &auth.public_key_file) {
-            (None, None) => {
+            (None, None) if auth.jwks_file.is_none() => {
                 return Err(invalid(
                     "auth.hs256_secret",
-                    "set it (or auth.public_key_file): the hub refuses to run without token verification",
+                    "set it (or auth.public_key_file, or auth.jwks_file): the hub refuses to run without token verification",
                 ));
             }
             (Some(_), Some(_)) => {
@@ -428,6 +441,13 @@ impl Settings {
                 })?;
             }
             _ => {}
+        }
+        if let Some(path) = &auth.jwks_file {
+            std::fs::metadata(path)
+                .map_err(|e| invalid("auth.jwks_file", format!("{}: {e}", path.display())))?;
+            if auth.jwks_poll.is_zero() {
+                return Err(invalid("auth.jwks_poll", "must be greater than zero"));
+            }
         }
         for pattern in auth.viewer_channels.iter().flatten() {
             ChannelPattern::parse(pattern)

@@ -18,7 +18,7 @@ use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
 use crate::session::{self, Session, SessionLimits};
 use crate::state::AppState;
-use crate::writer::{self, Liveness, Writer, WriterSettings};
+use crate::writer::{self, Liveness, WatchedKey, Writer, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
 pub async fn serve(
@@ -62,6 +62,7 @@ pub async fn serve(
             ping_interval: settings.ws.ping_interval,
             pong_timeout: settings.ws.pong_timeout,
             expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
+            key: watched_key(&identity, &state),
         },
         shutdown: state.shutdown.clone(),
         metrics: state.metrics.clone(),
@@ -115,6 +116,17 @@ pub async fn serve(
     }
     linger(&mut reader).await;
     drop(permit);
+}
+
+/// The token's JWKS key, when the hub closes connections whose key is removed.
+fn watched_key(identity: &Identity, state: &AppState) -> Option<WatchedKey> {
+    if !state.settings.auth.close_on_key_removal {
+        return None;
+    }
+    Some(WatchedKey {
+        kid: identity.kid.clone()?,
+        set: state.auth.key_set()?,
+    })
 }
 
 /// An agent's device in presence while its connection lives. Dropped, at the end or by a panic

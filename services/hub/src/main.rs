@@ -39,6 +39,9 @@ enum Command {
         /// Viewers: channel patterns it may subscribe to (comma-separated; default: the hub's).
         #[arg(long, value_delimiter = ',')]
         channels: Vec<String>,
+        /// Sign with this key of `auth.jwks_file` (its `kid` goes in the token's header).
+        #[arg(long)]
+        kid: Option<String>,
     },
     /// Exit 0 if GET URL answers 200 within two seconds (container health checks without a shell).
     Probe {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             ttl,
             groups,
             channels,
+            kid,
         } => {
             let request = TokenRequest {
                 sub,
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
                 ttl,
                 groups,
                 channels,
+                kid,
             };
             println!("{}", mint(&settings.auth, &request)?);
             Ok(())

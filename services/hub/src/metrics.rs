@@ -161,6 +161,7 @@ impl Histogram {
 pub const PUBLISH_RESULTS: &[&str] = &["accepted", "duplicate", "refused"];
 pub const RECOVERY_RESULTS: &[&str] = &["recovered", "not_recovered"];
 pub const PRESENCE_STATES: &[&str] = &["online", "offline"];
+pub const KEY_RELOAD_RESULTS: &[&str] = &["applied", "rejected"];
 
 /// Label values that other modules derive from their enums.
 pub struct Labels {
@@ -274,6 +275,11 @@ metrics! { labels;
     presence_pending: Gauge = Gauge::default(),
         "hub_presence_pending",
         "Redis broker: devices whose presence change this hub has not yet written to Redis.";
+    auth_keys: Gauge = Gauge::default(),
+        "hub_auth_keys", "Keys in auth.jwks_file's set as the hub uses it.";
+    auth_key_reloads: CounterVec = CounterVec::new("result", KEY_RELOAD_RESULTS),
+        "hub_auth_key_reloads_total",
+        "Changes of auth.jwks_file taken (applied) or refused, the previous keys kept (rejected).";
     ready: Gauge = Gauge::default(),
         "hub_ready", "1 when the hub accepts new connections.";
 }

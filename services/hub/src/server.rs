@@ -74,6 +74,14 @@ impl Server {
         if let Ok(addr) = listener.local_addr() {
             info!(node = %state.node_id, %addr, "hub listening");
         }
+        if let Some((reload, keys)) = state.auth.reloader(&state.settings.auth) {
+            tokio::spawn(crate::auth::keys::watch_file(
+                reload,
+                keys,
+                state.metrics.clone(),
+                state.shutdown.clone(),
+            ));
+        }
         if state.settings.demo.devices > 0 {
             let demo = &state.settings.demo;
             // Tracked with the connections: its devices leave presence before the broker's

@@ -45,6 +45,9 @@ impl AppState {
         roots: RootSampler,
     ) -> Result<AppState, ConfigError> {
         let auth = Authenticator::from_settings(&settings.auth)?;
+        if let Some(keys) = auth.key_set() {
+            metrics.auth_keys.set(keys.borrow().len() as i64);
+        }
         let node_id: Arc<str> = settings.resolved_node_id().into();
         let redis = settings.broker.url.is_some() || !settings.broker.cluster_nodes.is_empty();
         let broker: Arc<dyn Broker> = match redis {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes};
 use hub_protocol::CloseCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::keys::KeySet;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbound, Outbox};
@@ -61,6 +62,30 @@ pub struct WriterSettings {
     /// When the token expires (plus leeway): the connection is closed with 4001. `None`: beyond
     /// what the clock can represent, so never.
     pub expires_at: Option<SystemTime>,
+    /// The JWKS key that verified the token, watched with `auth.close_on_key_removal`: the
+    /// connection is closed with 4004 once the key leaves the set.
+    pub key: Option<WatchedKey>,
+}
+
+/// A token's key and the key set it must stay in.
+pub struct WatchedKey {
+    pub kid: Arc<str>,
+    pub set: watch::Receiver<Arc<KeySet>>,
+}
+
+impl WatchedKey {
+    /// Resolves once the set no longer holds the key (never, if the set cannot change).
+    async fn removed(self) {
+        let WatchedKey { kid, mut set } = self;
+        loop {
+            if !set.borrow_and_update().contains(&kid) {
+                return;
+            }
+            if set.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 /// Frames accepted by the socket in part or not yet at all.
@@ -166,6 +191,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         tokio::pin!(closed);
         let restart = shutdown.cancelled_owned();
         tokio::pin!(restart);
+        let mut key_present = settings.key.is_some();
+        let key_removed = async move {
+            match settings.key {
+                Some(key) => key.removed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(key_removed);
 
         loop {
             let mut batch = Batch::default();
@@ -178,6 +211,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
                 _ = &mut expiry => {
                     outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                    continue;
+                }
+                _ = &mut key_removed, if key_present => {
+                    key_present = false;
+                    outbox.close(CloseReason::Hub(CloseCode::KeyRemoved));
                     continue;
                 }
                 _ = ping.tick() => {
