@@ -397,6 +397,52 @@ async fn an_expired_token_is_reported_and_retried_only_after_the_auth_backoff() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_token_in_the_file_refreshes_the_connection_instead_of_reconnecting() {
+    let hub = Hub::start_with_env(&[("HUB_AUTH__LEEWAY", "0s")]);
+    let short = hub.token(DEVICE, "agent", "4s");
+    let mut agent = Agent::start(&AgentConfig::new(&hub, &short));
+    wait_until("connected", Duration::from_secs(10), || {
+        hub.metric("hub_connections{role=\"agent\"}") == 1.0
+    });
+    std::fs::write(
+        agent.dir.path().join("token"),
+        hub.token(DEVICE, "agent", "1h"),
+    )
+    .unwrap();
+    let refreshed = || hub.metric("hub_token_refreshes_total{result=\"refreshed\"}") == 1.0;
+    for _ in 0..100 {
+        if refreshed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refreshed(), "no refresh: {}", agent.output());
+    // Past the first token's expiry: the same connection, still publishing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let acked = agent_acked(&hub);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent_acked(&hub) > acked, "readings still flow");
+    assert_eq!(
+        hub.metric("hub_connections_opened_total{role=\"agent\"}"),
+        1.0
+    );
+    assert_eq!(
+        hub.metric("hub_disconnects_total{reason=\"token_expired\"}"),
+        0.0
+    );
+    agent.stop();
+    assert!(
+        agent.output().contains("the hub took the new token"),
+        "{}",
+        agent.output()
+    );
+}
+
+fn agent_acked(hub: &Hub) -> f64 {
+    hub.metric("hub_publications_total{result=\"accepted\"}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_from_another_key_is_refused_the_same_way() {
     let hub = Hub::start();
     // Signed with another key: the hub answers 401 bad_signature.

@@ -23,7 +23,7 @@ use anyhow::Context;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
 use hub_client::{Connected, DialOptions, Dialer, HubSocket, close_code};
 use hub_protocol::rate::TokenBucket;
-use hub_protocol::{CloseCode, ErrorCode, Retry, ServerFrame};
+use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Retry, ServerFrame};
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -160,7 +160,7 @@ impl Uplink {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 info!(hub = node.as_deref().unwrap_or("?"), "connected");
                 let started = Instant::now();
-                let end = self.link(socket, shutdown).await;
+                let end = self.link(socket, token, shutdown).await;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff.reset();
                 }
@@ -169,7 +169,7 @@ impl Uplink {
         }
     }
 
-    async fn link(&self, ws: HubSocket, shutdown: &CancellationToken) -> End {
+    async fn link(&self, ws: HubSocket, token: String, shutdown: &CancellationToken) -> End {
         // Frames are written into a buffer and flushed once per window, so a window reaches
         // the hub in one segment and is stored as one publication.
         let (mut reader, mut writer): (WebSocketRead<ReadHalf<Upgraded>>, Writer) =
@@ -199,7 +199,9 @@ impl Uplink {
                 }
             }
         });
-        let end = Link::new(self, &mut writer).run(&mut rx, shutdown).await;
+        let end = Link::new(self, &mut writer, token)
+            .run(&mut rx, shutdown)
+            .await;
         if matches!(end, End::Shutdown) {
             let _ = writer
                 .write_frame(Frame::close(CloseCode::Normal.as_u16(), b"agent stopping"))
@@ -431,10 +433,16 @@ struct Link<'a> {
     /// When the bucket holds a catch-up window again.
     paced_until: Option<tokio::time::Instant>,
     last_heard: tokio::time::Instant,
+    /// The token this connection last gave the hub (at connect, or in a `refresh`).
+    token: String,
+    token_checked: tokio::time::Instant,
 }
 
+/// How often a connected agent reads its token source for a new token to `refresh` with.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
+
 impl<'a> Link<'a> {
-    fn new(uplink: &'a Uplink, writer: &'a mut Writer) -> Self {
+    fn new(uplink: &'a Uplink, writer: &'a mut Writer, token: String) -> Self {
         let s = &uplink.settings;
         Link {
             uplink,
@@ -448,7 +456,36 @@ impl<'a> Link<'a> {
             ),
             paced_until: None,
             last_heard: tokio::time::Instant::now(),
+            token,
+            token_checked: tokio::time::Instant::now(),
         }
+    }
+
+    /// Gives the hub the token source's new token, if it has one: the connection then lives to
+    /// the new token's expiry instead of being closed at the old one's (4001) and reconnecting.
+    /// The hub answers `refreshed`, or an `error` (logged) and the old token stays in force.
+    async fn refresh_token(&mut self) -> Result<(), End> {
+        if self.token_checked.elapsed() < TOKEN_CHECK {
+            return Ok(());
+        }
+        self.token_checked = tokio::time::Instant::now();
+        let Ok(token) = (self.uplink.token)() else {
+            return Ok(()); // unreadable now: the next connect says so, loudly
+        };
+        if token == self.token {
+            return Ok(());
+        }
+        let frame = ClientFrame::Refresh {
+            token: token.as_str().into(),
+            reference: None,
+        }
+        .to_json();
+        self.write_now(Frame::text(Payload::Owned(frame.into_bytes())))
+            .await
+            .map_err(|e| End::Lost(e.to_string()))?;
+        info!("the token file changed; refreshing the connection's token");
+        self.token = token;
+        Ok(())
     }
 
     async fn run(mut self, rx: &mut mpsc::Receiver<Incoming>, shutdown: &CancellationToken) -> End {
@@ -502,6 +539,9 @@ impl<'a> Link<'a> {
                 _ = tick.tick() => {
                     if self.last_heard.elapsed() > dead_after {
                         return End::Lost(format!("nothing from the hub for {dead_after:?}"));
+                    }
+                    if let Err(end) = self.refresh_token().await {
+                        return end;
                     }
                 }
             }
@@ -579,6 +619,9 @@ impl<'a> Link<'a> {
                     // id): nothing is dropped; the agent waits for a new token.
                     _ => return Err(End::Forbidden(format!("{code:?}: {message}"))),
                 }
+            }
+            ServerFrame::Refreshed { expires_at, .. } => {
+                info!(expires_at, "the hub took the new token");
             }
             ServerFrame::Error { code, message, .. } => {
                 warn!(?code, %message, "the hub reported an error");

@@ -146,6 +146,15 @@ impl Hub {
         Hub::start_full(Some(redis.url()), node_id, env)
     }
 
+    /// On the embedded broker, with more environment.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Hub {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Hub::start_full(None, "test-hub", env)
+    }
+
     fn start_with(broker: Option<String>) -> Hub {
         Hub::start_full(broker, "test-hub", Vec::new())
     }

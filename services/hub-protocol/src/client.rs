@@ -68,6 +68,13 @@ pub enum ClientFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
+    /// A new token for this connection: same `sub`, role and grants, verified like a new
+    /// connection's; the hub answers `refreshed` with the new expiry, or an `error`.
+    Refresh {
+        token: Cow<'a, str>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
     Publish {
         seq: u64,
         data: &'a RawValue,
@@ -109,6 +116,8 @@ struct Wire<'a> {
     /// Kept raw: a `traceparent` that is not a plain string is ignored, never an error.
     #[serde(borrow)]
     traceparent: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
     #[serde(rename = "ref", borrow)]
     reference: Option<&'a RawValue>,
 }
@@ -159,6 +168,10 @@ impl<'a> ClientFrame<'a> {
                     reference,
                 })
             }
+            "refresh" => Ok(ClientFrame::Refresh {
+                token: wire.token.ok_or(FrameError::MissingField("token"))?,
+                reference,
+            }),
             "unsubscribe" => Ok(ClientFrame::Unsubscribe {
                 channel: wire.channel.ok_or(FrameError::MissingField("channel"))?,
                 reference,
@@ -214,6 +227,7 @@ impl<'a> ClientFrame<'a> {
         match self {
             ClientFrame::Subscribe { reference, .. }
             | ClientFrame::Unsubscribe { reference, .. }
+            | ClientFrame::Refresh { reference, .. }
             | ClientFrame::Publish { reference, .. } => *reference,
         }
     }

@@ -126,6 +126,9 @@ pub enum ErrorCode {
     InvalidChannel,
     /// The token's role or claims do not allow this.
     Forbidden,
+    /// A `refresh` token that does not verify; the `message` says why (as a refused connection's
+    /// `error`). The connection keeps its old token.
+    BadToken,
     TooManySubscriptions,
     AlreadySubscribed,
     NotSubscribed,

@@ -69,6 +69,13 @@ pub enum ServerFrame<'a> {
         from: Cow<'a, str>,
         data: &'a RawValue,
     },
+    /// Answers a `refresh` whose token was taken: the connection now closes with 4001 at this
+    /// time (seconds since the Unix epoch) instead of the old token's.
+    Refreshed {
+        expires_at: u64,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
     Ack {
         seq: u64,
         /// The publication had been accepted before; it was not published again.
@@ -174,6 +181,10 @@ impl<'a> ServerFrame<'a> {
                 offset: offset()?,
                 from: w.from.clone().ok_or(FrameError::MissingField("from"))?,
                 data: w.data.ok_or(FrameError::MissingField("data"))?,
+            },
+            "refreshed" => ServerFrame::Refreshed {
+                expires_at: w.expires_at.ok_or(FrameError::MissingField("expires_at"))?,
+                reference: w.reference,
             },
             "ack" => ServerFrame::Ack {
                 seq: w.seq.ok_or(FrameError::MissingField("seq"))?,

@@ -55,6 +55,8 @@
  *               from `missedFrom` (in `previousEpoch`) up to `offset` (in `epoch`) of partition
  *               `part` are lost; live messages continue from `offset + 1`. `missedFrom` is null
  *               when unknown. `part` is absent for a channel that is one log.
+ * - `refreshed` ({expiresAt}) — the hub took the token of `refresh()` (or of `getToken`, asked
+ *   for at 80 % of the token's lifetime): the connection now lives to `expiresAt` (seconds).
  * - `recovered` (channel, {replayed, epoch, offset} or {replayed, parts}) — a resume the hub fully
  *               replayed, every partition of it.
  * - `snapshot`  (channel, items, {epoch, offset, part, more, truncated}) — items are
@@ -142,6 +144,7 @@ export class FleetClient {
   #gen = 0; // bumps on every connection / close, so late async results are ignored
   #retryTimer = null;
   #helloTimer = null;
+  #refreshTimer = null;
   #openedAt = 0;
   #gotHello = false;
   #stopped = true;
@@ -164,6 +167,9 @@ export class FleetClient {
    * @param {string} [opts.clientId] sent as `client` query parameter; default a random id
    * @param {boolean} [opts.autoConnect=true] connect on the next microtask (listeners attached
    *   right after construction see every state change); otherwise call `connect()`
+   * @param {() => Promise<string>} [opts.getToken] a fresh token for the same viewer, asked for
+   *   when 80 % of the connection's token lifetime has passed and sent in a `refresh`: the
+   *   connection lives on instead of closing at expiry (4001) and reconnecting
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (tests, old runtimes)
    * @param {typeof fetch} [opts.fetch] fetch implementation, for the token check
    * @param {() => number} [opts.random] jitter source in [0, 1)
@@ -174,6 +180,7 @@ export class FleetClient {
   constructor({ token, url, clientId, autoConnect = true, ...hooks } = {}) {
     this.#opts = {
       token: token ?? '',
+      getToken: hooks.getToken ?? null,
       url: url ?? defaultUrl(),
       clientId: clientId ?? randomId(),
       WebSocket: hooks.WebSocket ?? globalThis.WebSocket,
@@ -190,7 +197,7 @@ export class FleetClient {
 
   /**
    * Adds a listener; returns a function that removes it.
-   * @param {'state'|'message'|'gap'|'recovered'|'snapshot'|'error'} event
+   * @param {'state'|'message'|'gap'|'recovered'|'snapshot'|'refreshed'|'error'} event
    * @param {Function} fn
    */
   on(event, fn) {
@@ -231,6 +238,17 @@ export class FleetClient {
   unsubscribe(channel) {
     if (!this.#channels.delete(channel)) return;
     if (this.#gotHello) this.#send({ type: 'unsubscribe', channel });
+  }
+
+  /**
+   * Gives the open connection a new token of the same viewer (`refresh`), and uses it for every
+   * later connection. The hub answers with a `refreshed` event ({expiresAt}) or an `error`
+   * event (`bad_token`, `forbidden`), and then the connection keeps its old token's expiry.
+   * @param {string} token
+   */
+  refresh(token) {
+    this.#opts.token = token;
+    if (this.#gotHello) this.#send({ type: 'refresh', token, ref: 'refresh' });
   }
 
   /** Closes for good (until `connect()`); state becomes 'closed'. */
@@ -395,7 +413,24 @@ export class FleetClient {
   #clearTimers() {
     if (this.#retryTimer) this.#opts.clearTimeout(this.#retryTimer);
     if (this.#helloTimer) this.#opts.clearTimeout(this.#helloTimer);
-    this.#retryTimer = this.#helloTimer = null;
+    if (this.#refreshTimer) this.#opts.clearTimeout(this.#refreshTimer);
+    this.#retryTimer = this.#helloTimer = this.#refreshTimer = null;
+  }
+
+  /** With `getToken`: asks for a new token at 80 % of what is left of this one, and refreshes. */
+  #scheduleRefresh() {
+    if (this.#refreshTimer) this.#opts.clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    const { getToken } = this.#opts;
+    if (!getToken || !this.#expiresAt) return;
+    const left = this.#expiresAt * 1000 - this.#opts.now();
+    const gen = this.#gen;
+    this.#refreshTimer = this.#opts.setTimeout(async () => {
+      this.#refreshTimer = null;
+      let token;
+      try { token = await getToken(); } catch { return; } // the 4001 path takes over
+      if (gen === this.#gen && typeof token === 'string' && token) this.refresh(token);
+    }, Math.max(1000, Math.floor(left * 0.8)));
   }
 
   // ---- frames -------------------------------------------------------------------------------
@@ -410,6 +445,7 @@ export class FleetClient {
       case 'message': return this.#onMessage(frame);
       case 'snapshot': return this.#onSnapshot(frame);
       case 'error': return this.#onError(frame);
+      case 'refreshed': return this.#onRefreshed(frame);
       default: return undefined; // 'unsubscribed' and future frame types need nothing
     }
   }
@@ -423,6 +459,13 @@ export class FleetClient {
     this.#expiresAt = frame.expires_at ?? null;
     this.#setState('connected');
     for (const name of this.#channels.keys()) this.#sendSubscribe(name);
+    this.#scheduleRefresh();
+  }
+
+  #onRefreshed(frame) {
+    this.#expiresAt = frame.expires_at ?? this.#expiresAt;
+    this.#emit('refreshed', { expiresAt: this.#expiresAt });
+    this.#scheduleRefresh();
   }
 
   /**

@@ -18,7 +18,7 @@ use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
 use crate::session::{self, Session, SessionLimits};
 use crate::state::AppState;
-use crate::writer::{self, Liveness, WatchedKey, Writer, WriterSettings};
+use crate::writer::{self, Credential, Liveness, Writer, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
 pub async fn serve(
@@ -53,6 +53,10 @@ pub async fn serve(
         limits.outbound_queue_bytes,
     );
     let liveness = Arc::new(Liveness::default());
+    let (credential, credential_rx) = tokio::sync::watch::channel(Credential {
+        expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
+        kid: identity.kid.clone(),
+    });
     let writer = Writer {
         io: write,
         queue: rx,
@@ -61,8 +65,11 @@ pub async fn serve(
         settings: WriterSettings {
             ping_interval: settings.ws.ping_interval,
             pong_timeout: settings.ws.pong_timeout,
-            expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
-            key: watched_key(&identity, &state),
+            credential: credential_rx,
+            key_set: state
+                .auth
+                .key_set()
+                .filter(|_| settings.auth.close_on_key_removal),
         },
         shutdown: state.shutdown.clone(),
         metrics: state.metrics.clone(),
@@ -82,11 +89,19 @@ pub async fn serve(
         roots: state.roots,
         node_id: state.node_id.clone(),
         limits: SessionLimits::from(&state.settings.limits),
+        auth: state.auth.clone(),
+        leeway: state.settings.auth.leeway,
     };
     // Only an agent whose session started counts for presence: one refused at `hello` was
     // never online.
     let device = (role == Role::Agent).then(|| identity.sub.clone());
-    let mut session = Session::new(identity, outbox.clone(), permit.share().clone(), context);
+    let mut session = Session::new(
+        identity,
+        credential,
+        outbox.clone(),
+        permit.share().clone(),
+        context,
+    );
     let mut present = None;
     match session.start().await {
         Ok(()) => {
@@ -116,17 +131,6 @@ pub async fn serve(
     }
     linger(&mut reader).await;
     drop(permit);
-}
-
-/// The token's JWKS key, when the hub closes connections whose key is removed.
-fn watched_key(identity: &Identity, state: &AppState) -> Option<WatchedKey> {
-    if !state.settings.auth.close_on_key_removal {
-        return None;
-    }
-    Some(WatchedKey {
-        kid: identity.kid.clone()?,
-        set: state.auth.key_set()?,
-    })
 }
 
 /// An agent's device in presence while its connection lives. Dropped, at the end or by a panic

@@ -162,6 +162,7 @@ pub const PUBLISH_RESULTS: &[&str] = &["accepted", "duplicate", "refused"];
 pub const RECOVERY_RESULTS: &[&str] = &["recovered", "not_recovered"];
 pub const PRESENCE_STATES: &[&str] = &["online", "offline"];
 pub const KEY_RELOAD_RESULTS: &[&str] = &["applied", "rejected"];
+pub const REFRESH_RESULTS: &[&str] = &["refreshed", "refused"];
 
 /// Label values that other modules derive from their enums.
 pub struct Labels {
@@ -275,6 +276,9 @@ metrics! { labels;
     presence_pending: Gauge = Gauge::default(),
         "hub_presence_pending",
         "Redis broker: devices whose presence change this hub has not yet written to Redis.";
+    token_refreshes: CounterVec = CounterVec::new("result", REFRESH_RESULTS),
+        "hub_token_refreshes_total",
+        "refresh frames: the connection's token replaced (refreshed), or refused and kept.";
     auth_keys: Gauge = Gauge::default(),
         "hub_auth_keys", "Keys in auth.jwks_file's set as the hub uses it.";
     auth_key_reloads: CounterVec = CounterVec::new("result", KEY_RELOAD_RESULTS),

@@ -3,17 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Role, ServerFrame, Since};
 use observability::propagation::{self, Remote};
 use observability::{RootSampler, in_span};
 use serde_json::value::RawValue;
+use tokio::sync::watch;
 use tracing::field::Empty;
-use tracing::{Span, info_span, warn};
+use tracing::{Span, debug, info_span, warn};
 
-use crate::auth::Identity;
+use crate::auth::{Authenticator, Identity};
 use crate::broker::{Broker, BrokerError, Publication, PublishOutcome, Reading};
 use crate::config::Limits;
 use crate::conflate::Conflation;
@@ -21,6 +22,7 @@ use crate::frame;
 use crate::limits::{Share, TokenBucket};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbound, Outbox};
+use crate::writer::{self, Credential};
 
 /// What a session uses of its hub.
 pub struct Context {
@@ -30,6 +32,10 @@ pub struct Context {
     /// Sent in `hello`.
     pub node_id: Arc<str>,
     pub limits: SessionLimits,
+    /// Verifies a `refresh`'s token.
+    pub auth: Arc<Authenticator>,
+    /// `auth.leeway`, added to a refreshed token's expiry as to a new connection's.
+    pub leeway: Duration,
 }
 
 /// Where a subscription starts.
@@ -65,6 +71,7 @@ impl From<&Limits> for SessionLimits {
 
 pub struct Session {
     identity: Identity,
+    credential: watch::Sender<Credential>,
     hub: Context,
     outbox: Outbox,
     /// Each subscribed channel, with its conflation when it has a `max_rate`.
@@ -161,7 +168,14 @@ impl Publisher {
 type Outcome = Result<(), CloseCode>;
 
 impl Session {
-    pub fn new(identity: Identity, outbox: Outbox, share: Arc<Share>, hub: Context) -> Self {
+    /// `credential` is what the connection's writer enforces of the token; a `refresh` moves it.
+    pub fn new(
+        identity: Identity,
+        credential: watch::Sender<Credential>,
+        outbox: Outbox,
+        share: Arc<Share>,
+        hub: Context,
+    ) -> Self {
         let publisher = (identity.role == Role::Agent).then(|| Publisher {
             channels: publication_channels(&identity.sub, &identity.groups),
             share,
@@ -172,6 +186,7 @@ impl Session {
         let changes = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst);
         Session {
             identity,
+            credential,
             hub,
             outbox,
             subscriptions: HashMap::new(),
@@ -225,14 +240,18 @@ impl Session {
         }
         // Subscribes only: an unsubscribe frees what a subscribe took, and refusing it would
         // leave a client believing it had left.
-        if matches!(frame, ClientFrame::Subscribe { .. }) && !self.changes.try_take(Instant::now())
-        {
+        // A refresh too: it costs a signature check.
+        let limited = matches!(
+            frame,
+            ClientFrame::Subscribe { .. } | ClientFrame::Refresh { .. }
+        );
+        if limited && !self.changes.try_take(Instant::now()) {
             self.changes_refused_in_row += 1;
             // A client that keeps churning after being told is cut off.
             if self.changes_refused_in_row > self.hub.limits.subscribe_burst {
                 return Err(CloseCode::RateLimited);
             }
-            let message = "subscribes above limits.subscribe_rate; retry later";
+            let message = "subscribes and refreshes above limits.subscribe_rate; retry later";
             return self.error(ErrorCode::RateLimited, message, None, frame.reference());
         }
         self.changes_refused_in_row = 0;
@@ -267,6 +286,7 @@ impl Session {
             ClientFrame::Unsubscribe { channel, reference } => {
                 self.unsubscribe(&channel, reference)
             }
+            ClientFrame::Refresh { token, reference } => self.refresh(&token, reference),
             ClientFrame::Publish {
                 seq,
                 data,
@@ -379,6 +399,44 @@ impl Session {
                 self.error(ErrorCode::Unavailable, &e.to_string(), None, reference)
             }
         }
+    }
+
+    /// Moves the connection's expiry (and the key it is watched by) to a new token's. The token
+    /// is verified like a new connection's and must name the same `sub`, role and grants: a
+    /// refresh extends a connection, it never changes what the connection may do.
+    fn refresh(&mut self, token: &str, reference: Option<&RawValue>) -> Outcome {
+        let metrics = &self.hub.metrics;
+        let fresh = match self.hub.auth.authenticate(token) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                metrics.token_refreshes.inc("refused");
+                let message = format!("{}: {e}; the connection keeps its token", e.reason());
+                return self.error(ErrorCode::BadToken, &message, None, reference);
+            }
+        };
+        let me = &self.identity;
+        let same = fresh.sub == me.sub
+            && fresh.role == me.role
+            && fresh.groups == me.groups
+            && fresh.channels == me.channels;
+        if !same {
+            metrics.token_refreshes.inc("refused");
+            let message = "a refresh keeps the connection's sub, role, groups and channels; \
+                           connect with the new token instead";
+            return self.error(ErrorCode::Forbidden, message, None, reference);
+        }
+        metrics.token_refreshes.inc("refreshed");
+        debug!(sub = %fresh.sub, expires_at = fresh.expires_at, "token refreshed");
+        self.credential.send_replace(Credential {
+            expires_at: writer::expiry_time(fresh.expires_at, self.hub.leeway),
+            kid: fresh.kid.clone(),
+        });
+        let expires_at = fresh.expires_at;
+        self.identity = fresh;
+        self.send(&ServerFrame::Refreshed {
+            expires_at,
+            reference,
+        })
     }
 
     fn unsubscribe(&mut self, channel: &str, reference: Option<&RawValue>) -> Outcome {

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 pub(crate) struct AppState {
     pub settings: Settings,
     pub node_id: Arc<str>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub gate: Arc<ConnectionGate>,
@@ -78,7 +78,7 @@ impl AppState {
         );
         Ok(AppState {
             node_id,
-            auth,
+            auth: Arc::new(auth),
             broker,
             metrics,
             gate,

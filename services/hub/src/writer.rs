@@ -59,31 +59,64 @@ impl Liveness {
 pub struct WriterSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    /// When the token expires (plus leeway): the connection is closed with 4001. `None`: beyond
-    /// what the clock can represent, so never.
+    /// The connection's token as the session last verified it (a `refresh` moves it).
+    pub credential: watch::Receiver<Credential>,
+    /// With `auth.close_on_key_removal`, the JWKS key set: the connection is closed with 4004
+    /// once the token's key leaves it.
+    pub key_set: Option<watch::Receiver<Arc<KeySet>>>,
+}
+
+/// What the writer enforces of the connection's token.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// When the token expires (plus leeway): the connection is closed with 4001. `None`:
+    /// beyond what the clock can represent, so never.
     pub expires_at: Option<SystemTime>,
-    /// The JWKS key that verified the token, watched with `auth.close_on_key_removal`: the
-    /// connection is closed with 4004 once the key leaves the set.
-    pub key: Option<WatchedKey>,
+    /// The JWKS key that verified it; `None`: the single configured key.
+    pub kid: Option<Arc<str>>,
 }
 
-/// A token's key and the key set it must stay in.
-pub struct WatchedKey {
-    pub kid: Arc<str>,
-    pub set: watch::Receiver<Arc<KeySet>>,
+/// Resolves once the credential's time has passed; a refresh moves the deadline.
+async fn expired(mut credential: watch::Receiver<Credential>) {
+    loop {
+        let wait = match credential.borrow_and_update().expires_at {
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            None => Duration::MAX,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => return,
+            changed = credential.changed() => {
+                if changed.is_err() {
+                    // The session is gone: the connection is ending anyway.
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
 }
 
-impl WatchedKey {
-    /// Resolves once the set no longer holds the key (never, if the set cannot change).
-    async fn removed(self) {
-        let WatchedKey { kid, mut set } = self;
-        loop {
-            if !set.borrow_and_update().contains(&kid) {
-                return;
-            }
-            if set.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+/// Resolves once the set no longer holds the credential's key (never without a set, or for a
+/// token of the single key).
+async fn key_removed(
+    mut credential: watch::Receiver<Credential>,
+    set: Option<watch::Receiver<Arc<KeySet>>>,
+) {
+    let Some(mut set) = set else {
+        return std::future::pending().await;
+    };
+    loop {
+        let kid = credential.borrow_and_update().kid.clone();
+        if kid.is_some_and(|kid| !set.borrow_and_update().contains(&kid)) {
+            return;
+        }
+        let changed = tokio::select! {
+            changed = credential.changed() => changed,
+            changed = set.changed() => changed,
+        };
+        if changed.is_err() {
+            return std::future::pending().await;
         }
     }
 }
@@ -174,14 +207,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let mut ping =
             tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let until_expiry = match settings.expires_at {
-            Some(at) => at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO),
-            None => Duration::MAX,
-        };
-        let expiry = tokio::time::sleep(until_expiry);
+        // Made once, like `closed`: each holds its own watch receivers.
+        let mut token_live = true;
+        let expiry = expired(settings.credential.clone());
         tokio::pin!(expiry);
+        let key_gone = key_removed(settings.credential, settings.key_set);
+        tokio::pin!(key_gone);
         let idle_limit = settings.ping_interval + settings.pong_timeout;
         let mut pending = Pending::default();
         let mut broken = false;
@@ -191,14 +222,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         tokio::pin!(closed);
         let restart = shutdown.cancelled_owned();
         tokio::pin!(restart);
-        let mut key_present = settings.key.is_some();
-        let key_removed = async move {
-            match settings.key {
-                Some(key) => key.removed().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(key_removed);
 
         loop {
             let mut batch = Batch::default();
@@ -209,12 +232,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
                     continue;
                 }
-                _ = &mut expiry => {
+                _ = &mut expiry, if token_live => {
+                    token_live = false;
                     outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
                     continue;
                 }
-                _ = &mut key_removed, if key_present => {
-                    key_present = false;
+                _ = &mut key_gone, if token_live => {
+                    token_live = false;
                     outbox.close(CloseReason::Hub(CloseCode::KeyRemoved));
                     continue;
                 }

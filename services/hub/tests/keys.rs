@@ -338,3 +338,20 @@ async fn sighup_reloads_the_key_file_at_once() {
     }
     assert!(connects(token("old")).await);
 }
+
+#[tokio::test]
+async fn a_connection_refreshed_onto_the_new_key_survives_the_old_keys_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    write_set(&path, &[oct("old", OLD), oct("new", NEW)]);
+    let hub = key_set_hub(&path, true).await;
+    let mut moved = hub.connect(&token_with(&hub, "wall-1", "old")).await;
+    let mut stayed = hub.connect(&token_with(&hub, "wall-1", "old")).await;
+    moved
+        .send(json!({"type": "refresh", "token": token_with(&hub, "wall-1", "new")}))
+        .await;
+    moved.expect("refreshed").await;
+    write_set(&path, &[oct("new", NEW)]);
+    assert_eq!(stayed.expect_close().await, 4004);
+    still_open(&mut moved).await;
+}

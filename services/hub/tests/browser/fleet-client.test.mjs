@@ -13,7 +13,7 @@ class FakeSocket {
   subscribes() { return this.sent.filter((f) => f.type === 'subscribe').map((f) => f.channel); }
 }
 
-function harness() {
+function harness(extra = {}) {
   const timers = [];
   const client = new FleetClient({
     token: 'x.y.z',
@@ -24,6 +24,7 @@ function harness() {
     random: () => 0.5,
     setTimeout: (fn, ms) => { timers.push({ fn, ms }); return timers.length; },
     clearTimeout: () => {},
+    ...extra,
   });
   const errors = [];
   client.on('error', (frame) => errors.push(frame));
@@ -32,7 +33,7 @@ function harness() {
   const runTimers = (maxMs) => {
     for (const t of timers.splice(0)) if (t.ms <= maxMs) t.fn(); else timers.push(t);
   };
-  return { client, errors, states, runTimers };
+  return { client, errors, states, runTimers, timers };
 }
 
 async function connected(client) {
@@ -44,6 +45,30 @@ async function connected(client) {
 }
 
 const tests = {
+  async 'with getToken the client refreshes at 80 % of its token lifetime and moves its expiry'() {
+    const now = 1_700_000_000_000;
+    const { client, errors, timers } = harness({ now: () => now, getToken: async () => 'fresh.token.jwt' });
+    const refreshed = [];
+    client.on('refreshed', (e) => refreshed.push(e));
+    client.connect();
+    await new Promise((r) => setTimeout(r, 10));
+    const ws = FakeSocket.last;
+    ws.hub({ type: 'hello', hub: 'h1', sub: 'v', role: 'viewer', expires_at: now / 1000 + 100 });
+    const due = timers.find((t) => t.ms === 80_000);
+    assert.ok(due, `a refresh 80 s into a 100 s token: ${JSON.stringify(timers.map((t) => t.ms))}`);
+    await due.fn();
+    assert.deepEqual(ws.sent.at(-1), { type: 'refresh', token: 'fresh.token.jwt', ref: 'refresh' });
+    ws.hub({ type: 'refreshed', expires_at: now / 1000 + 3600, ref: 'refresh' });
+    assert.equal(client.expiresAt, now / 1000 + 3600);
+    assert.deepEqual(refreshed, [{ expiresAt: now / 1000 + 3600 }]);
+    assert.ok(timers.some((t) => t.ms === 2_880_000), 'the next refresh, 80 % into the new token');
+    // A refused refresh is an error event; the connection keeps its expiry.
+    client.refresh('not-a-jwt');
+    ws.hub({ type: 'error', code: 'bad_token', message: 'malformed: token is not a well-formed JWT', ref: 'refresh' });
+    assert.equal(errors.at(-1).code, 'bad_token');
+    assert.equal(client.expiresAt, now / 1000 + 3600);
+  },
+
   async 'a subscribe refused as unavailable or rate_limited is asked for again'() {
     const { client, errors, runTimers } = harness();
     client.subscribe('fleet');
