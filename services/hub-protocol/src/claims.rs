@@ -11,6 +11,8 @@ pub enum Role {
     Agent,
     /// A dashboard: subscribes to channels.
     Viewer,
+    /// An operator's tool: the hub's `/admin` endpoints (revocations), never a WebSocket.
+    Admin,
 }
 
 impl Role {
@@ -18,6 +20,7 @@ impl Role {
         match s {
             "agent" => Some(Role::Agent),
             "viewer" => Some(Role::Viewer),
+            "admin" => Some(Role::Admin),
             _ => None,
         }
     }
@@ -43,6 +46,9 @@ pub struct Claims {
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// The token's own id: `hub revoke --jti` voids this one token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     /// A string or an array of strings.

@@ -36,6 +36,8 @@ pub enum CloseCode {
     TryAgainLater = 1013,
     TokenExpired = 4001,
     PingTimeout = 4002,
+    /// The token was revoked (`hub revoke`): the same token is refused from now on.
+    Revoked = 4003,
     /// The key that signed the token left the hub's key set (`auth.close_on_key_removal`).
     KeyRemoved = 4004,
     SlowConsumer = 4008,
@@ -95,7 +97,9 @@ impl CloseCode {
             | CloseCode::UnsupportedData
             | CloseCode::InvalidPayload
             | CloseCode::PolicyViolation
-            | CloseCode::MessageTooBig => Retry::Never,
+            | CloseCode::MessageTooBig
+            // The token is void for good: only a newly provisioned one connects.
+            | CloseCode::Revoked => Retry::Never,
         }
     }
 }

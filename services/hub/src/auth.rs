@@ -15,6 +15,8 @@ pub mod keys;
 
 use keys::{KeySet, VerifyingKey};
 
+use crate::revocation::{RevocationList, TokenFacts};
+
 /// Why a token was refused. Each variant's snake_case name is a metric label and the `error` of
 /// the HTTP body.
 #[derive(
@@ -42,6 +44,8 @@ pub enum AuthError {
     InvalidClaims(String),
     #[error("role `{0}` may not connect")]
     RoleForbidden(String),
+    #[error("token has been revoked; a newly provisioned one is needed")]
+    Revoked,
 }
 
 impl AuthError {
@@ -65,6 +69,20 @@ pub struct Identity {
     pub expires_at: u64,
     /// The JWKS key that verified the token; `None`: the single configured key did.
     pub kid: Option<Arc<str>>,
+    /// `iat` and `jti`, which revocations match.
+    pub iat: Option<u64>,
+    pub jti: Option<Arc<str>>,
+}
+
+impl Identity {
+    /// What a revocation looks at.
+    pub fn facts(&self) -> TokenFacts<'_> {
+        TokenFacts {
+            sub: &self.sub,
+            iat: self.iat,
+            jti: self.jti.as_deref(),
+        }
+    }
 }
 
 impl Identity {
@@ -86,6 +104,10 @@ pub struct Authenticator {
     /// The claim checks every key applies (its own algorithm aside), kept for reloads.
     checks: Validation,
     viewer_default: Option<Arc<[ChannelPattern]>>,
+    /// The pool's revocations in force, kept current by `revocation::follow`.
+    revocations: Arc<watch::Sender<Arc<RevocationList>>>,
+    require_iat: bool,
+    max_lifetime: u64,
 }
 
 impl Authenticator {
@@ -138,6 +160,9 @@ impl Authenticator {
             set,
             checks,
             viewer_default,
+            revocations: Arc::new(watch::Sender::new(Arc::default())),
+            require_iat: auth.require_iat,
+            max_lifetime: auth.max_token_lifetime.as_secs(),
         })
     }
 
@@ -158,6 +183,11 @@ impl Authenticator {
             checks: self.checks.clone(),
         };
         Some((reload, set))
+    }
+
+    /// Where the revocations in force are kept: `revocation::follow` writes, connections watch.
+    pub fn revocations(&self) -> &Arc<watch::Sender<Arc<RevocationList>>> {
+        &self.revocations
     }
 
     /// The key a token's `kid` picks from the set, with the set's copy of the `kid`; without a
@@ -204,24 +234,51 @@ impl Authenticator {
                     )));
                 }
             }
-            Role::Viewer => {
+            Role::Viewer | Role::Admin => {
                 if claims.sub.is_empty() {
                     return Err(AuthError::InvalidClaims("empty sub".into()));
                 }
             }
         }
+        match claims.iat {
+            None if self.require_iat => {
+                return Err(AuthError::InvalidClaims(
+                    "missing `iat` (auth.require_iat): a token must say when it was issued to be revocable"
+                        .into(),
+                ));
+            }
+            // No token outlives the revocation entries that may void it.
+            Some(iat) if claims.exp.saturating_sub(iat) > self.max_lifetime => {
+                return Err(AuthError::InvalidClaims(format!(
+                    "lives {} s from `iat` to `exp`, longer than auth.max_token_lifetime ({} s)",
+                    claims.exp.saturating_sub(iat),
+                    self.max_lifetime
+                )));
+            }
+            _ => {}
+        }
         let channels = match claims.channels {
             Some(list) => Some(parse_patterns(&list).map_err(AuthError::InvalidClaims)?),
             None => self.viewer_default.clone(),
         };
-        Ok(Identity {
+        let identity = Identity {
             sub: claims.sub,
             role,
             groups,
             channels,
             expires_at: claims.exp,
             kid,
-        })
+            iat: claims.iat,
+            jti: claims.jti.map(Arc::from),
+        };
+        if self
+            .revocations
+            .borrow()
+            .voids(identity.facts(), crate::token::unix_now())
+        {
+            return Err(AuthError::Revoked);
+        }
+        Ok(identity)
     }
 }
 

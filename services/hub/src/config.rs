@@ -95,6 +95,18 @@ pub struct AuthSettings {
     /// Close the live connections of tokens whose key left `jwks_file` (4004 `key_removed`);
     /// otherwise they last until their `exp`.
     pub close_on_key_removal: bool,
+    /// Refuse tokens without `iat`: only a token that says when it was issued can be revoked
+    /// by "its `sub`, issued before" alone (one without counts as issued before any revocation).
+    pub require_iat: bool,
+    /// The longest a token may live from `iat` to `exp`; a revocation entry lasts this long.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
+    /// Embedded broker: where revocations are kept (`hub revoke` writes it, the hub polls it).
+    /// On Redis they are in Redis and this is not used.
+    pub revocations_file: Option<PathBuf>,
+    /// How often every hub looks for new revocations.
+    #[serde(with = "humantime_serde")]
+    pub revocation_poll: Duration,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
@@ -115,6 +127,10 @@ impl Default for AuthSettings {
             jwks_file: None,
             jwks_poll: Duration::from_secs(2),
             close_on_key_removal: false,
+            require_iat: false,
+            max_token_lifetime: Duration::from_secs(400 * 86_400),
+            revocations_file: None,
+            revocation_poll: Duration::from_millis(500),
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(5),
@@ -441,6 +457,15 @@ impl Settings {
                 })?;
             }
             _ => {}
+        }
+        if auth.revocation_poll.is_zero() {
+            return Err(invalid("auth.revocation_poll", "must be greater than zero"));
+        }
+        if auth.max_token_lifetime.is_zero() {
+            return Err(invalid(
+                "auth.max_token_lifetime",
+                "must be greater than zero",
+            ));
         }
         if let Some(path) = &auth.jwks_file {
             std::fs::metadata(path)

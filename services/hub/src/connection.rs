@@ -56,6 +56,9 @@ pub async fn serve(
     let (credential, credential_rx) = tokio::sync::watch::channel(Credential {
         expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
         kid: identity.kid.clone(),
+        sub: identity.sub.as_str().into(),
+        iat: identity.iat,
+        jti: identity.jti.clone(),
     });
     let writer = Writer {
         io: write,
@@ -70,6 +73,7 @@ pub async fn serve(
                 .auth
                 .key_set()
                 .filter(|_| settings.auth.close_on_key_removal),
+            revocations: state.auth.revocations().subscribe(),
         },
         shutdown: state.shutdown.clone(),
         metrics: state.metrics.clone(),

@@ -29,6 +29,7 @@
 //!
 //! Modules are private to the crate unless the binary, a test or another crate uses them.
 
+mod admin;
 mod assets;
 pub mod auth;
 mod broker;
@@ -42,6 +43,7 @@ mod limits;
 mod metrics;
 mod outbox;
 mod rejection;
+pub mod revocation;
 mod routes;
 pub mod server;
 mod session;

@@ -132,6 +132,8 @@ impl ConnectionGate {
         let max = match role {
             Role::Agent => self.per_identity.agent_connections,
             Role::Viewer => self.per_identity.viewer_connections,
+            // Never upgraded (routes refuse it); counted like a viewer if it were.
+            Role::Admin => self.per_identity.viewer_connections,
         };
         let key: IdentityKey = (role, sub.into());
         let mut identities = lock(&self.identities);

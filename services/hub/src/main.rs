@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hub::Settings;
+use hub::revocation::{RevocationError, RevocationRequest, RevocationStore};
 use hub::token::{TokenRequest, mint};
 use hub_protocol::Role;
 
@@ -27,7 +28,7 @@ enum Command {
         /// Identity: the device id for agents.
         #[arg(long)]
         sub: String,
-        /// `agent` or `viewer`.
+        /// `agent`, `viewer` or `admin` (the /admin endpoints).
         #[arg(long, value_parser = parse_role)]
         role: Role,
         /// Lifetime, e.g. `1h`, `30d`.
@@ -43,6 +44,24 @@ enum Command {
         #[arg(long)]
         kid: Option<String>,
     },
+    /// Void tokens at once on every hub of the pool: all of a device's (or viewer's) issued
+    /// before a time, or one by its `jti`. Written where the hubs read it (Redis, or
+    /// auth.revocations_file); each hub applies it within auth.revocation_poll.
+    Revoke {
+        /// Every token of this `sub` issued before `--before`.
+        #[arg(long, conflicts_with = "jti", required_unless_present = "jti")]
+        sub: Option<String>,
+        /// Unix seconds or RFC 3339 (`2026-12-04T10:00:00Z`); default now.
+        #[arg(long, requires = "sub", value_parser = parse_time)]
+        before: Option<u64>,
+        /// The one token with this `jti`.
+        #[arg(long)]
+        jti: Option<String>,
+        /// When that token expires (its `exp`), so the entry can go then; default the longest a
+        /// token may live (auth.max_token_lifetime).
+        #[arg(long, requires = "jti", value_parser = parse_time)]
+        until: Option<u64>,
+    },
     /// Exit 0 if GET URL answers 200 within two seconds (container health checks without a shell).
     Probe {
         #[arg(default_value = "http://127.0.0.1:8080/healthz")]
@@ -57,7 +76,33 @@ enum Command {
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    Role::parse(s).ok_or_else(|| format!("`{s}` is not a role: use agent or viewer"))
+    Role::parse(s).ok_or_else(|| format!("`{s}` is not a role: use agent, viewer or admin"))
+}
+
+/// Unix seconds, or an RFC 3339 time.
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(seconds) = s.parse() {
+        return Ok(seconds);
+    }
+    let at = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("`{s}` is neither unix seconds nor RFC 3339: {e}"))?;
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| format!("`{s}` is before 1970"))
+}
+
+fn revoke(settings: &Settings, request: RevocationRequest) -> anyhow::Result<()> {
+    let now = hub::token::unix_now();
+    let entry = request
+        .into_revocation(&settings.auth, now)
+        .map_err(anyhow::Error::msg)?;
+    let store = RevocationStore::from_settings(settings)?.ok_or(RevocationError::NoStore)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(store.add(&entry, now))?;
+    println!("{}", serde_json::to_string(&entry)?);
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +131,20 @@ fn main() -> anyhow::Result<()> {
             println!("{}", mint(&settings.auth, &request)?);
             Ok(())
         }
+        Command::Revoke {
+            sub,
+            before,
+            jti,
+            until,
+        } => revoke(
+            &settings,
+            RevocationRequest {
+                sub,
+                before,
+                jti,
+                expires_at: until,
+            },
+        ),
         Command::Serve => serve(settings),
         Command::Probe { .. } => unreachable!("handled before loading settings"),
     }

@@ -279,6 +279,8 @@ metrics! { labels;
     token_refreshes: CounterVec = CounterVec::new("result", REFRESH_RESULTS),
         "hub_token_refreshes_total",
         "refresh frames: the connection's token replaced (refreshed), or refused and kept.";
+    revocations: Gauge = Gauge::default(),
+        "hub_revocations", "Revocations in force (tokens of a sub issued before a time, or by jti).";
     auth_keys: Gauge = Gauge::default(),
         "hub_auth_keys", "Keys in auth.jwks_file's set as the hub uses it.";
     auth_key_reloads: CounterVec = CounterVec::new("result", KEY_RELOAD_RESULTS),

@@ -26,6 +26,12 @@ pub(crate) enum Rejection {
     Refused(Refusal),
     /// The upgrade request is not a valid WebSocket handshake.
     BadUpgrade(String),
+    /// A verified token whose role may not do this (an admin endpoint without `admin`).
+    Forbidden(String),
+    /// A request body the endpoint cannot take.
+    BadRequest(String),
+    /// The hub cannot do it now, or is not set up for it.
+    Unavailable(String),
 }
 
 impl Rejection {
@@ -69,6 +75,11 @@ impl Rejection {
                 r
             }
             Rejection::BadUpgrade(why) => json(StatusCode::BAD_REQUEST, "bad_upgrade", &why),
+            Rejection::Forbidden(why) => json(StatusCode::FORBIDDEN, "forbidden", &why),
+            Rejection::BadRequest(why) => json(StatusCode::BAD_REQUEST, "bad_request", &why),
+            Rejection::Unavailable(why) => {
+                json(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why)
+            }
         }
     }
 }

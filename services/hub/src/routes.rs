@@ -11,16 +11,23 @@ use observability::in_span;
 use tracing::field::Empty;
 use tracing::{Span, info_span};
 
+use crate::admin;
 use crate::assets;
 use crate::auth::AuthError;
 use crate::connection;
 use crate::limits::Refusal;
 use crate::rejection::{Body, Rejection};
 use crate::state::AppState;
+use hub_protocol::Role;
 
-pub(crate) fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
+pub(crate) async fn route(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Body> {
     let mut response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(req, state),
+        (&Method::GET | &Method::POST, "/admin/revocations") => {
+            admin::revocations(req, state.clone())
+                .await
+                .unwrap_or_else(Rejection::into_response)
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") if state.is_ready() => match state.broker.degraded() {
             None => text(StatusCode::OK, "ready\n"),
@@ -95,6 +102,10 @@ fn admit(
     let identity = token(&req)
         .ok_or(AuthError::Missing)
         .and_then(|t| state.auth.authenticate(&t))
+        .and_then(|identity| match identity.role {
+            Role::Admin => Err(AuthError::RoleForbidden("admin".into())),
+            _ => Ok(identity),
+        })
         .map_err(|e| {
             metrics.auth_failures.inc(e.reason());
             span.record("auth", e.reason());
@@ -125,7 +136,7 @@ fn admit(
 }
 
 /// The token from `Authorization: Bearer …`, else from the `token` query parameter.
-fn token(req: &Request<Incoming>) -> Option<String> {
+pub(crate) fn token(req: &Request<Incoming>) -> Option<String> {
     if let Some(value) = req.headers().get(header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         let (scheme, token) = value.split_once(' ')?;

@@ -74,6 +74,25 @@ impl Server {
         if let Ok(addr) = listener.local_addr() {
             info!(node = %state.node_id, %addr, "hub listening");
         }
+        if let Some(store) = &state.revocations {
+            // Before the first upgrade: a restarted hub must not let a revoked token in while
+            // its first poll is under way. Bounded: a Redis that does not answer delays the
+            // start by the broker's timeout, not forever (the poll takes over then).
+            let first = crate::revocation::load(store, state.auth.revocations(), &state.metrics);
+            if tokio::time::timeout(state.settings.broker.timeout, first)
+                .await
+                .is_err()
+            {
+                warn!("the revocation list did not load in time; serving, and polling for it");
+            }
+            tokio::spawn(crate::revocation::follow(
+                store.clone(),
+                state.auth.revocations().clone(),
+                state.settings.auth.revocation_poll,
+                state.metrics.clone(),
+                state.shutdown.clone(),
+            ));
+        }
         if let Some((reload, keys)) = state.auth.reloader(&state.settings.auth) {
             tokio::spawn(crate::auth::keys::watch_file(
                 reload,
@@ -167,7 +186,7 @@ async fn accept(accepted: std::io::Result<(TcpStream, SocketAddr)>, state: &Arc<
 async fn serve_http(stream: TcpStream, state: Arc<AppState>) {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(routes::route(req, &state)) }
+        async move { Ok::<_, Infallible>(routes::route(req, &state).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

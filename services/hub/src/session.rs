@@ -212,7 +212,7 @@ impl Session {
                     return Err(CloseCode::TryAgainLater);
                 }
             },
-            Role::Viewer => None,
+            Role::Viewer | Role::Admin => None,
         };
         self.send(&ServerFrame::Hello {
             hub: (*self.hub.node_id).into(),
@@ -430,6 +430,9 @@ impl Session {
         self.credential.send_replace(Credential {
             expires_at: writer::expiry_time(fresh.expires_at, self.hub.leeway),
             kid: fresh.kid.clone(),
+            sub: fresh.sub.as_str().into(),
+            iat: fresh.iat,
+            jti: fresh.jti.clone(),
         });
         let expires_at = fresh.expires_at;
         self.identity = fresh;

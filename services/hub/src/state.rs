@@ -15,12 +15,16 @@ use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
 use crate::limits::{ConnectionGate, IdentityLimits};
 use crate::metrics::Metrics;
+use crate::revocation::RevocationStore;
 
 /// Everything a request or connection handler needs, shared by all of them.
 pub(crate) struct AppState {
     pub settings: Settings,
     pub node_id: Arc<str>,
     pub auth: Arc<Authenticator>,
+    /// Where the pool's revocations are kept; `None`: the embedded broker without
+    /// `auth.revocations_file`.
+    pub revocations: Option<Arc<RevocationStore>>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub gate: Arc<ConnectionGate>,
@@ -48,6 +52,12 @@ impl AppState {
         if let Some(keys) = auth.key_set() {
             metrics.auth_keys.set(keys.borrow().len() as i64);
         }
+        let revocations = RevocationStore::from_settings(&settings)
+            .map_err(|e| ConfigError::Invalid {
+                key: "broker.url",
+                message: e.to_string(),
+            })?
+            .map(Arc::new);
         let node_id: Arc<str> = settings.resolved_node_id().into();
         let redis = settings.broker.url.is_some() || !settings.broker.cluster_nodes.is_empty();
         let broker: Arc<dyn Broker> = match redis {
@@ -79,6 +89,7 @@ impl AppState {
         Ok(AppState {
             node_id,
             auth: Arc::new(auth),
+            revocations,
             broker,
             metrics,
             gate,

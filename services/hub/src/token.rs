@@ -63,6 +63,8 @@ impl TokenRequest {
             exp: now + self.ttl.as_secs(),
             iat: Some(now),
             nbf: None,
+            // Random: `hub revoke --jti` can void this one token.
+            jti: Some(format!("{:032x}", rand::random::<u128>())),
             iss: auth.issuer.clone(),
             aud: auth.audience.clone().map(serde_json::Value::String),
             groups: (!self.groups.is_empty()).then(|| self.groups.clone()),

@@ -22,6 +22,7 @@ use crate::auth::keys::KeySet;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::revocation::{RevocationList, TokenFacts};
 
 const MAX_BATCH_ITEMS: usize = 64;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -64,6 +65,8 @@ pub struct WriterSettings {
     /// With `auth.close_on_key_removal`, the JWKS key set: the connection is closed with 4004
     /// once the token's key leaves it.
     pub key_set: Option<watch::Receiver<Arc<KeySet>>>,
+    /// The pool's revocations: the connection is closed with 4003 once they void its token.
+    pub revocations: watch::Receiver<Arc<RevocationList>>,
 }
 
 /// What the writer enforces of the connection's token.
@@ -74,6 +77,43 @@ pub struct Credential {
     pub expires_at: Option<SystemTime>,
     /// The JWKS key that verified it; `None`: the single configured key.
     pub kid: Option<Arc<str>>,
+    /// What revocations match: the identity and the token's `iat` and `jti`.
+    pub sub: Arc<str>,
+    pub iat: Option<u64>,
+    pub jti: Option<Arc<str>>,
+}
+
+impl Credential {
+    fn facts(&self) -> TokenFacts<'_> {
+        TokenFacts {
+            sub: &self.sub,
+            iat: self.iat,
+            jti: self.jti.as_deref(),
+        }
+    }
+}
+
+/// Resolves once the revocations void the credential's token.
+async fn revoked(
+    mut credential: watch::Receiver<Credential>,
+    mut list: watch::Receiver<Arc<RevocationList>>,
+) {
+    loop {
+        let void = list.borrow_and_update().voids(
+            credential.borrow_and_update().facts(),
+            crate::token::unix_now(),
+        );
+        if void {
+            return;
+        }
+        let changed = tokio::select! {
+            changed = credential.changed() => changed,
+            changed = list.changed() => changed,
+        };
+        if changed.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Resolves once the credential's time has passed; a refresh moves the deadline.
@@ -211,8 +251,10 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let mut token_live = true;
         let expiry = expired(settings.credential.clone());
         tokio::pin!(expiry);
-        let key_gone = key_removed(settings.credential, settings.key_set);
+        let key_gone = key_removed(settings.credential.clone(), settings.key_set);
         tokio::pin!(key_gone);
+        let void = revoked(settings.credential, settings.revocations);
+        tokio::pin!(void);
         let idle_limit = settings.ping_interval + settings.pong_timeout;
         let mut pending = Pending::default();
         let mut broken = false;
@@ -240,6 +282,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 _ = &mut key_gone, if token_live => {
                     token_live = false;
                     outbox.close(CloseReason::Hub(CloseCode::KeyRemoved));
+                    continue;
+                }
+                _ = &mut void, if token_live => {
+                    token_live = false;
+                    outbox.close(CloseReason::Hub(CloseCode::Revoked));
                     continue;
                 }
                 _ = ping.tick() => {
