@@ -104,6 +104,13 @@ pub struct RevocationRequest {
 impl RevocationRequest {
     /// The entry, or why the request is not one.
     pub fn into_revocation(self, auth: &AuthSettings, now: u64) -> Result<Revocation, String> {
+        // Times stay in plain integers through Redis' Lua (cjson writes larger numbers with an
+        // exponent, which would make the whole list unreadable).
+        for (name, at) in [("before", self.before), ("expires_at", self.expires_at)] {
+            if at.is_some_and(|at| at > LATEST) {
+                return Err(format!("`{name}` is past the year 9999 (unix seconds?)"));
+            }
+        }
         let lifetime = auth.max_token_lifetime.as_secs();
         let leeway = auth.leeway.as_secs();
         match (self.sub, self.jti) {
@@ -143,6 +150,9 @@ impl RevocationRequest {
         }
     }
 }
+
+/// 9999-12-31T23:59:59Z: the latest time a revocation names.
+const LATEST: u64 = 253_402_300_799;
 
 /// What a token is, as far as revocation asks.
 #[derive(Debug, Clone, Copy)]
@@ -411,10 +421,10 @@ const VERSION_KEY: &str = "tl:{revoked}:version";
 
 /// Merges an entry into the list (the later `before` and expiry of the old and the new), drops
 /// expired entries, and moves the version, in one step. `KEYS`: list, version. `ARGV`: the
-/// entry's field, its JSON, its `before` (0 for a `jti`), its expiry, now (seconds).
+/// entry's field, its JSON, now (seconds).
 const ADD: &str = r#"
 local list, version = KEYS[1], KEYS[2]
-local field, entry, now = ARGV[1], cjson.decode(ARGV[2]), tonumber(ARGV[5])
+local field, entry, now = ARGV[1], cjson.decode(ARGV[2]), tonumber(ARGV[3])
 local old = redis.call('HGET', list, field)
 if old then
   old = cjson.decode(old)
@@ -517,17 +527,11 @@ impl RedisStore {
 
     async fn add(&self, entry: &Revocation, now: u64) -> Result<(), RevocationError> {
         let json = serde_json::to_string(entry).map_err(RevocationError::Entry)?;
-        let before = match entry {
-            Revocation::Subject { before, .. } => *before,
-            Revocation::Token { .. } => 0,
-        };
         let mut call = self.add.prepare_invoke();
         call.key(LIST_KEY)
             .key(VERSION_KEY)
             .arg(entry.key())
             .arg(json)
-            .arg(before)
-            .arg(entry.expires_at())
             .arg(now);
         self.with(async |c| call.invoke_async::<u64>(c).await)
             .await
@@ -657,6 +661,51 @@ mod tests {
         assert!(
             !list.voids(facts("pi-07", Some(999), None), 5000),
             "expired entry"
+        );
+    }
+
+    #[test]
+    fn a_request_names_one_of_sub_and_jti_and_plain_times() {
+        let auth = AuthSettings::default();
+        let sub = RevocationRequest {
+            sub: Some("pi-07".into()),
+            ..Default::default()
+        };
+        let lifetime = auth.max_token_lifetime.as_secs() + auth.leeway.as_secs();
+        assert_eq!(
+            sub.clone().into_revocation(&auth, 1000),
+            Ok(Revocation::Subject {
+                sub: "pi-07".into(),
+                before: 1000,
+                expires_at: 1000 + lifetime
+            })
+        );
+        let far = RevocationRequest {
+            before: Some(LATEST + 1),
+            ..sub
+        };
+        assert!(
+            far.into_revocation(&auth, 1000)
+                .unwrap_err()
+                .contains("9999")
+        );
+        let both = RevocationRequest {
+            sub: Some("a".into()),
+            jti: Some("b".into()),
+            ..Default::default()
+        };
+        assert!(both.into_revocation(&auth, 1000).is_err());
+        let jti = RevocationRequest {
+            jti: Some("t".into()),
+            expires_at: Some(5000),
+            ..Default::default()
+        };
+        assert_eq!(
+            jti.into_revocation(&auth, 1000),
+            Ok(Revocation::Token {
+                jti: "t".into(),
+                expires_at: 5000 + auth.leeway.as_secs()
+            })
         );
     }
 
