@@ -433,13 +433,19 @@ struct Link<'a> {
     /// When the bucket holds a catch-up window again.
     paced_until: Option<tokio::time::Instant>,
     last_heard: tokio::time::Instant,
-    /// The token this connection last gave the hub (at connect, or in a `refresh`).
+    /// The token the hub holds for this connection (at connect, or taken in a `refresh`).
     token: String,
+    /// A token sent in a `refresh` and not answered yet; and the last one the hub refused for
+    /// good (not sent again until the file changes once more).
+    offered: Option<String>,
+    refused: Option<String>,
     token_checked: tokio::time::Instant,
 }
 
 /// How often a connected agent reads its token source for a new token to `refresh` with.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
+/// The `ref` of the agent's `refresh` frames (as JSON): its answers are told apart by it.
+const REFRESH_REF: &str = "\"refresh\"";
 
 impl<'a> Link<'a> {
     fn new(uplink: &'a Uplink, writer: &'a mut Writer, token: String) -> Self {
@@ -457,6 +463,8 @@ impl<'a> Link<'a> {
             paced_until: None,
             last_heard: tokio::time::Instant::now(),
             token,
+            offered: None,
+            refused: None,
             token_checked: tokio::time::Instant::now(),
         }
     }
@@ -472,19 +480,25 @@ impl<'a> Link<'a> {
         let Ok(token) = (self.uplink.token)() else {
             return Ok(()); // unreadable now: the next connect says so, loudly
         };
-        if token == self.token {
+        let known = [
+            Some(&self.token),
+            self.offered.as_ref(),
+            self.refused.as_ref(),
+        ];
+        if known.contains(&Some(&token)) {
             return Ok(());
         }
+        let reference = serde_json::value::RawValue::from_string(REFRESH_REF.to_owned()).ok();
         let frame = ClientFrame::Refresh {
             token: token.as_str().into(),
-            reference: None,
+            reference: reference.as_deref(),
         }
         .to_json();
         self.write_now(Frame::text(Payload::Owned(frame.into_bytes())))
             .await
             .map_err(|e| End::Lost(e.to_string()))?;
         info!("the token file changed; refreshing the connection's token");
-        self.token = token;
+        self.offered = Some(token);
         Ok(())
     }
 
@@ -622,6 +636,28 @@ impl<'a> Link<'a> {
             }
             ServerFrame::Refreshed { expires_at, .. } => {
                 info!(expires_at, "the hub took the new token");
+                if let Some(token) = self.offered.take() {
+                    self.token = token;
+                }
+            }
+            ServerFrame::Error {
+                code,
+                message,
+                reference: Some(r),
+                ..
+            } if r.get() == REFRESH_REF => {
+                let token = self.offered.take();
+                match code {
+                    // Passing: offered again at the next look.
+                    ErrorCode::RateLimited | ErrorCode::Unavailable => {
+                        debug!(?code, "refresh refused for now; will retry");
+                    }
+                    _ => {
+                        warn!(?code, %message,
+                            "the hub refused the new token; the connection keeps its old one");
+                        self.refused = token;
+                    }
+                }
             }
             ServerFrame::Error { code, message, .. } => {
                 warn!(?code, %message, "the hub reported an error");

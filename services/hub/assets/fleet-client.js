@@ -56,7 +56,8 @@
  *               `part` are lost; live messages continue from `offset + 1`. `missedFrom` is null
  *               when unknown. `part` is absent for a channel that is one log.
  * - `refreshed` ({expiresAt}) — the hub took the token of `refresh()` (or of `getToken`, asked
- *   for at 80 % of the token's lifetime): the connection now lives to `expiresAt` (seconds).
+ *   for when 80 % of the time left on the token has passed): the connection now lives to
+ *   `expiresAt` (seconds), and later connections use that token.
  * - `recovered` (channel, {replayed, epoch, offset} or {replayed, parts}) — a resume the hub fully
  *               replayed, every partition of it.
  * - `snapshot`  (channel, items, {epoch, offset, part, more, truncated}) — items are
@@ -103,6 +104,8 @@ export const BACKOFF = Object.freeze({ baseMs: 500, capMs: 30_000, stableMs: 10_
 
 /** How long to wait for `hello` after starting a connection before giving up on it. */
 const HELLO_TIMEOUT_MS = 15_000;
+/** The longest delay a timer takes (2^31 - 1 ms, about 24.8 days). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Messages held per channel while its `subscribed` answer is outstanding. */
 const EARLY_CAP = 10_000;
 /** Rate window: 8 buckets of 250 ms. */
@@ -146,6 +149,7 @@ export class FleetClient {
   #retryTimer = null;
   #helloTimer = null;
   #refreshTimer = null;
+  #offeredToken = null;
   #openedAt = 0;
   #gotHello = false;
   #stopped = true;
@@ -169,7 +173,7 @@ export class FleetClient {
    * @param {boolean} [opts.autoConnect=true] connect on the next microtask (listeners attached
    *   right after construction see every state change); otherwise call `connect()`
    * @param {() => Promise<string>} [opts.getToken] a fresh token for the same viewer, asked for
-   *   when 80 % of the connection's token lifetime has passed and sent in a `refresh`: the
+   *   when 80 % of the time its token had left at `hello` has passed and sent in a `refresh`: the
    *   connection lives on instead of closing at expiry (4001) and reconnecting
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (tests, old runtimes)
    * @param {typeof fetch} [opts.fetch] fetch implementation, for the token check
@@ -248,8 +252,14 @@ export class FleetClient {
    * @param {string} token
    */
   refresh(token) {
-    this.#opts.token = token;
-    if (this.#gotHello) this.#send({ type: 'refresh', token, ref: 'refresh' });
+    if (!this.#gotHello) {
+      this.#opts.token = token; // the next connection's
+      return;
+    }
+    // Taken as this client's token once the hub says so: one it refuses (another identity)
+    // must not become the token of every later connection.
+    this.#offeredToken = token;
+    this.#send({ type: 'refresh', token, ref: 'refresh' });
   }
 
   /** Closes for good (until `connect()`); state becomes 'closed'. */
@@ -426,12 +436,21 @@ export class FleetClient {
     if (!getToken || !this.#expiresAt) return;
     const left = this.#expiresAt * 1000 - this.#opts.now();
     const gen = this.#gen;
+    const delay = Math.max(1000, Math.floor(left * 0.8));
+    if (delay > MAX_TIMER_MS) {
+      // Timers take 32-bit delays (longer ones fire at once): wait in steps.
+      this.#refreshTimer = this.#opts.setTimeout(() => {
+        this.#refreshTimer = null;
+        if (gen === this.#gen) this.#scheduleRefresh();
+      }, MAX_TIMER_MS);
+      return;
+    }
     this.#refreshTimer = this.#opts.setTimeout(async () => {
       this.#refreshTimer = null;
       let token;
       try { token = await getToken(); } catch { return; } // the 4001 path takes over
       if (gen === this.#gen && typeof token === 'string' && token) this.refresh(token);
-    }, Math.max(1000, Math.floor(left * 0.8)));
+    }, delay);
   }
 
   // ---- frames -------------------------------------------------------------------------------
@@ -464,6 +483,8 @@ export class FleetClient {
   }
 
   #onRefreshed(frame) {
+    if (this.#offeredToken) this.#opts.token = this.#offeredToken;
+    this.#offeredToken = null;
     this.#expiresAt = frame.expires_at ?? this.#expiresAt;
     this.#emit('refreshed', { expiresAt: this.#expiresAt });
     this.#scheduleRefresh();
@@ -615,6 +636,7 @@ export class FleetClient {
   }
 
   #onError(frame) {
+    if (frame.ref === 'refresh') this.#offeredToken = null;
     const ref = typeof frame.ref === 'string' && frame.ref.startsWith('sub:') ? frame.ref.slice(4) : null;
     const ch = ref !== null ? this.#channels.get(ref) : undefined;
     if (ch?.waiting) {

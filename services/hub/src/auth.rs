@@ -101,6 +101,9 @@ pub struct Authenticator {
     /// `auth.jwks_file`'s keys, for tokens with a `kid`; `None` without a file, and then a
     /// token's `kid` is not looked at.
     set: Option<Arc<watch::Sender<Arc<KeySet>>>>,
+    /// The file's bytes the set was made of: a reload compares against them, so a change made
+    /// between this and the watcher's start is not taken for the loaded set.
+    set_bytes: Vec<u8>,
     /// The claim checks every key applies (its own algorithm aside), kept for reloads.
     checks: Validation,
     viewer_default: Option<Arc<[ChannelPattern]>>,
@@ -138,13 +141,15 @@ impl Authenticator {
             }
             (None, None) => None,
         };
-        let set = match &auth.jwks_file {
+        let (set, set_bytes) = match &auth.jwks_file {
             Some(path) => {
-                let set = KeySet::load(path, &checks)
+                let bytes = std::fs::read(path)
+                    .map_err(|e| invalid("auth.jwks_file", format!("{}: {e}", path.display())))?;
+                let set = KeySet::parse(&bytes, &checks)
                     .map_err(|e| invalid("auth.jwks_file", e.to_string()))?;
-                Some(Arc::new(watch::Sender::new(Arc::new(set))))
+                (Some(Arc::new(watch::Sender::new(Arc::new(set)))), bytes)
             }
-            None => None,
+            None => (None, Vec::new()),
         };
         if single.is_none() && set.is_none() {
             return Err(invalid("auth.hs256_secret", "no key configured".into()));
@@ -158,6 +163,7 @@ impl Authenticator {
         Ok(Authenticator {
             single,
             set,
+            set_bytes,
             checks,
             viewer_default,
             revocations: Arc::new(watch::Sender::new(Arc::default())),
@@ -181,6 +187,7 @@ impl Authenticator {
             path,
             poll: auth.jwks_poll,
             checks: self.checks.clone(),
+            loaded: self.set_bytes.clone(),
         };
         Some((reload, set))
     }
@@ -240,6 +247,7 @@ impl Authenticator {
                 }
             }
         }
+        let now = crate::token::unix_now();
         match claims.iat {
             None if self.require_iat => {
                 return Err(AuthError::InvalidClaims(
@@ -247,11 +255,26 @@ impl Authenticator {
                         .into(),
                 ));
             }
-            // No token outlives the revocation entries that may void it.
+            // No token outlives the revocation entries that may void it, and none is dated
+            // after them: a revocation voids what was issued before it.
+            Some(iat) if iat > now.saturating_add(self.checks.leeway) => {
+                return Err(AuthError::InvalidClaims(format!(
+                    "`iat` {iat} is in the future (now {now})"
+                )));
+            }
             Some(iat) if claims.exp.saturating_sub(iat) > self.max_lifetime => {
                 return Err(AuthError::InvalidClaims(format!(
                     "lives {} s from `iat` to `exp`, longer than auth.max_token_lifetime ({} s)",
                     claims.exp.saturating_sub(iat),
+                    self.max_lifetime
+                )));
+            }
+            // Undated: it may live at most the lifetime from now, so an entry that voids it
+            // outlasts it too.
+            None if claims.exp.saturating_sub(now) > self.max_lifetime => {
+                return Err(AuthError::InvalidClaims(format!(
+                    "has no `iat` and expires in {} s, past auth.max_token_lifetime ({} s)",
+                    claims.exp.saturating_sub(now),
                     self.max_lifetime
                 )));
             }
@@ -271,11 +294,7 @@ impl Authenticator {
             iat: claims.iat,
             jti: claims.jti.map(Arc::from),
         };
-        if self
-            .revocations
-            .borrow()
-            .voids(identity.facts(), crate::token::unix_now())
-        {
+        if self.revocations.borrow().voids(identity.facts(), now) {
             return Err(AuthError::Revoked);
         }
         Ok(identity)

@@ -23,6 +23,9 @@ pub enum Refusal {
     /// The token's identity holds its share of connections already
     /// (`limits.max_connections_per_agent` / `max_connections_per_viewer`).
     IdentityConnections,
+    /// The pool's revocations have not been read yet (Redis or the file does not answer): no
+    /// token can be told from a revoked one, so none is taken.
+    RevocationsUnknown,
 }
 
 impl Refusal {

@@ -123,7 +123,10 @@ impl Outbox {
         items: usize,
         max_bytes: usize,
     ) -> (Outbox, mpsc::Receiver<Outbound>) {
-        Self::with_replay_budget(connection.id, items, max_bytes, connection.replay_budget())
+        // Half the feed at most, too: a connection allowed more than the feed holds would
+        // overflow the feed with its own snapshot.
+        let budget = connection.replay_budget().min(max_bytes / 2);
+        Self::with_replay_budget(connection.id, items, max_bytes, budget)
     }
 
     fn with_replay_budget(

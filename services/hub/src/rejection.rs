@@ -64,6 +64,10 @@ impl Rejection {
                         StatusCode::TOO_MANY_REQUESTS,
                         "too many new connections; retry with backoff",
                     ),
+                    Refusal::RevocationsUnknown => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this hub has not read the revocation list yet; retry with backoff",
+                    ),
                     Refusal::IdentityConnections => (
                         StatusCode::TOO_MANY_REQUESTS,
                         "this identity holds as many connections as it may; close one or retry later",

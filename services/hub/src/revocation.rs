@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -123,11 +124,20 @@ impl RevocationRequest {
                 }
                 // Tokens issued before this second: one minted right after the revocation works.
                 let before = self.before.unwrap_or(now);
+                // The last token issued before `before` lives at most this long.
+                let expires_at = before
+                    .saturating_add(lifetime)
+                    .saturating_add(leeway)
+                    .min(LATEST);
+                if expires_at <= now {
+                    return Err(format!(
+                        "every token issued before {before} has expired already (auth.max_token_lifetime): nothing to revoke"
+                    ));
+                }
                 Ok(Revocation::Subject {
                     sub,
                     before,
-                    // The last token issued before `before` lives at most this long.
-                    expires_at: before.saturating_add(lifetime).saturating_add(leeway),
+                    expires_at,
                 })
             }
             (None, Some(jti)) => {
@@ -140,7 +150,13 @@ impl RevocationRequest {
                 let until = self
                     .expires_at
                     .unwrap_or(now.saturating_add(lifetime))
-                    .saturating_add(leeway);
+                    .saturating_add(leeway)
+                    .min(LATEST);
+                if until <= now {
+                    return Err(format!(
+                        "a token that expired at {until} is void already: nothing to revoke"
+                    ));
+                }
                 Ok(Revocation::Token {
                     jti,
                     expires_at: until,
@@ -347,6 +363,15 @@ impl FileStore {
         let path = self.path.clone();
         let entry = entry.clone();
         tokio::task::spawn_blocking(move || {
+            // One writer at a time (the hub's admin endpoint, `hub revoke`, another hub on the
+            // same file): read, merge and replace under an exclusive lock on a file beside it.
+            let lock_path = path.with_extension("lock");
+            let io = |error| RevocationError::File {
+                path: lock_path.clone(),
+                error,
+            };
+            let lock = std::fs::File::create(&lock_path).map_err(io)?;
+            lock.lock().map_err(io)?;
             let mut contents = read_file(&path)?;
             let key = entry.key();
             let older = contents
@@ -408,7 +433,8 @@ fn write_file(path: &Path, contents: &FileContents) -> Result<(), RevocationErro
         path: path.to_owned(),
         error,
     };
-    let staged = path.with_extension("tmp");
+    // Its own name: a crashed writer's leftover is never renamed into place by another.
+    let staged = path.with_extension(format!("{}.tmp", std::process::id()));
     let json = serde_json::to_vec_pretty(contents).map_err(|e| io(std::io::Error::other(e)))?;
     let mut file = std::fs::File::create(&staged).map_err(io)?;
     std::io::Write::write_all(&mut file, &json).map_err(io)?;
@@ -566,37 +592,30 @@ impl RedisStore {
     }
 }
 
-/// Reads the whole list into `list` once; the version it is of, or `None` when the store could
-/// not be read (said in the log).
+/// Reads the whole list into `list` once; the version it is of.
 pub async fn load(
     store: &RevocationStore,
     list: &watch::Sender<Arc<RevocationList>>,
     metrics: &Metrics,
-) -> Option<u64> {
-    match store.entries().await {
-        Ok((version, entries)) => {
-            let fresh = RevocationList::from_entries(entries, crate::token::unix_now());
-            let before = list.borrow().clone();
-            for entry in fresh.entries_not_in(&before) {
-                info!(?entry, "revocation applied");
-            }
-            metrics.revocations.set(fresh.len() as i64);
-            list.send_replace(Arc::new(fresh));
-            Some(version)
-        }
-        Err(e) => {
-            warn!(error = %e, "the revocation list cannot be read; keeping the one in force");
-            None
-        }
+) -> Result<u64, RevocationError> {
+    let (version, entries) = store.entries().await?;
+    let fresh = RevocationList::from_entries(entries, crate::token::unix_now());
+    let before = list.borrow().clone();
+    for entry in fresh.entries_not_in(&before) {
+        info!(?entry, "revocation applied");
     }
+    metrics.revocations.set(fresh.len() as i64);
+    list.send_replace(Arc::new(fresh));
+    Ok(version)
 }
 
 /// Keeps `list` as the store has it: reads the version every `poll` and the whole list when it
-/// moved, until `shutdown`. A store that cannot be read keeps the list as it was (and says so
-/// once per outage).
+/// moved, until `shutdown`; `loaded` is set after the first read. A store that cannot be read
+/// keeps the list as it was (said once per outage).
 pub async fn follow(
     store: Arc<RevocationStore>,
     list: Arc<watch::Sender<Arc<RevocationList>>>,
+    loaded: Arc<AtomicBool>,
     poll: Duration,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -604,18 +623,25 @@ pub async fn follow(
     let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = None;
-    // Said once per outage, not once per poll.
     let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store.version().await {
-            Ok(version) if seen == Some(version) => failing = false,
-            Ok(_) => {
-                seen = load(&store, &list, &metrics).await;
-                failing = seen.is_none();
+        let read = match store.version().await {
+            Ok(version) if seen == Some(version) => Ok(version),
+            Ok(_) => load(&store, &list, &metrics).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(version) => {
+                if failing {
+                    info!("the revocation list can be read again");
+                }
+                seen = Some(version);
+                failing = false;
+                loaded.store(true, Ordering::Release);
             }
             Err(e) => {
                 if !failing {
@@ -707,6 +733,29 @@ mod tests {
                 expires_at: 5000 + auth.leeway.as_secs()
             })
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn writers_of_one_file_take_turns_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::new(dir.path().join("revocations.json")));
+        let writers: Vec<_> = (0..16)
+            .map(|k| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let entry = Revocation::Token {
+                        jti: format!("t-{k}"),
+                        expires_at: 5000,
+                    };
+                    store.add(&entry, 10).await.unwrap();
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let (version, entries) = store.entries().await.unwrap();
+        assert_eq!((version, entries.len()), (16, 16));
     }
 
     #[test]

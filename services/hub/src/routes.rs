@@ -88,6 +88,9 @@ fn admit(
     if state.is_draining() {
         return Err(refuse(Refusal::Draining));
     }
+    if !state.revocations_known() {
+        return Err(refuse(Refusal::RevocationsUnknown));
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         // A browser cannot see why an upgrade failed; a plain GET with the token tells it
         // whether the token is the problem (401/403) or not (426).

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -75,19 +76,20 @@ impl Server {
             info!(node = %state.node_id, %addr, "hub listening");
         }
         if let Some(store) = &state.revocations {
-            // Before the first upgrade: a restarted hub must not let a revoked token in while
-            // its first poll is under way. Bounded: a Redis that does not answer delays the
-            // start by the broker's timeout, not forever (the poll takes over then).
+            // Upgrades wait for the first read (`Refusal::RevocationsUnknown`): a restarted hub
+            // must not let a revoked token in. Tried here first so a healthy start takes none.
             let first = crate::revocation::load(store, state.auth.revocations(), &state.metrics);
-            if tokio::time::timeout(state.settings.broker.timeout, first)
-                .await
-                .is_err()
-            {
-                warn!("the revocation list did not load in time; serving, and polling for it");
+            match tokio::time::timeout(state.settings.broker.timeout, first).await {
+                Ok(Ok(_)) => state.revocations_loaded.store(true, Ordering::Release),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "the revocation list cannot be read; upgrades wait for it")
+                }
+                Err(_) => warn!("the revocation list did not load in time; upgrades wait for it"),
             }
             tokio::spawn(crate::revocation::follow(
                 store.clone(),
                 state.auth.revocations().clone(),
+                state.revocations_loaded.clone(),
                 state.settings.auth.revocation_poll,
                 state.metrics.clone(),
                 state.shutdown.clone(),

@@ -25,6 +25,8 @@ pub(crate) struct AppState {
     /// Where the pool's revocations are kept; `None`: the embedded broker without
     /// `auth.revocations_file`.
     pub revocations: Option<Arc<RevocationStore>>,
+    /// Set once the revocation list has been read; true from the start without a store.
+    pub revocations_loaded: Arc<AtomicBool>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub gate: Arc<ConnectionGate>,
@@ -89,6 +91,7 @@ impl AppState {
         Ok(AppState {
             node_id,
             auth: Arc::new(auth),
+            revocations_loaded: Arc::new(AtomicBool::new(revocations.is_none())),
             revocations,
             broker,
             metrics,
@@ -103,7 +106,13 @@ impl AppState {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready()
+        !self.is_draining() && self.broker.is_ready() && self.revocations_known()
+    }
+
+    /// Whether the revocation list has been read (or there is none to read): until then no
+    /// upgrade is taken, so a restarted hub never lets a revoked token in.
+    pub fn revocations_known(&self) -> bool {
+        self.revocations_loaded.load(Ordering::Acquire)
     }
 
     pub fn is_draining(&self) -> bool {

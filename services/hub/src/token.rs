@@ -27,6 +27,10 @@ pub enum MintError {
         "auth.private_key_file is not the private half of key `{0}`: its tokens would not verify"
     )]
     WrongPrivateKey(String),
+    #[error(
+        "--ttl {0:?} is longer than auth.max_token_lifetime ({1:?}): hubs would refuse the token"
+    )]
+    TooLong(Duration, Duration),
     #[error("signing failed: {0}")]
     Sign(#[from] jsonwebtoken::errors::Error),
 }
@@ -159,6 +163,9 @@ fn private_pem(path: &std::path::Path) -> Result<Vec<u8>, MintError> {
 
 /// Mints a token for `request`.
 pub fn mint(auth: &AuthSettings, request: &TokenRequest) -> Result<String, MintError> {
+    if request.ttl > auth.max_token_lifetime {
+        return Err(MintError::TooLong(request.ttl, auth.max_token_lifetime));
+    }
     let claims = request.claims(auth);
     match &request.kid {
         Some(kid) => sign_with_kid(auth, &claims, kid),

@@ -358,13 +358,17 @@ async fn a_hub_starts_without_redis_and_becomes_ready_when_it_appears() {
     })
     .await;
     hub.wait_ready(false).await;
-    let mut viewer = hub.connect(&hub.token("v", Role::Viewer)).await;
-    viewer
-        .send(json!({"type": "subscribe", "channel": "fleet"}))
-        .await;
-    assert_eq!(viewer.expect("error").await["code"], "unavailable");
+    // Until the hub has read the pool's revocations it cannot tell a revoked token: it takes
+    // none, and says why.
+    let token = hub.token("v", Role::Viewer);
+    let refused = hub.try_connect(&token).await.err().expect("refused");
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (503, Some("revocations_unknown"))
+    );
     redis.spawn();
     hub.wait_ready(true).await;
+    let mut viewer = hub.connect(&token).await;
     viewer.subscribe("fleet", None).await;
     let mut agent = hub.agent("pi-1", &[]).await;
     // An agent's connect asks Redis for its last seq, as early as Redis is back.

@@ -306,16 +306,13 @@ async fn a_hub_starts_before_its_cluster_and_becomes_ready_when_it_forms() {
     })
     .await;
     hub.wait_ready(false).await;
-    let mut viewer = hub
-        .connect(&hub.token("v", hub_protocol::Role::Viewer))
-        .await;
-    viewer
-        .send(json!({"type": "subscribe", "channel": "fleet"}))
-        .await;
-    assert_eq!(viewer.expect("error").await["code"], "unavailable");
+    let token = hub.token("v", hub_protocol::Role::Viewer);
+    let refused = hub.try_connect(&token).await.err().expect("refused");
+    assert_eq!(refused.body["error"], "revocations_unknown");
 
     cluster.launch(0);
     hub.wait_ready(true).await;
+    let mut viewer = hub.connect(&token).await;
     viewer.subscribe("fleet", None).await;
     let mut agent = hub.agent("pi-1", &[]).await;
     assert_eq!(agent.publish(1, json!({})).await["type"], "ack");

@@ -240,16 +240,33 @@ async fn a_revocation_on_one_hub_of_a_pool_closes_the_device_on_every_hub_and_su
 }
 
 #[tokio::test]
+async fn a_hub_that_cannot_read_its_revocations_takes_no_upgrade_until_it_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("revocations.json");
+    std::fs::write(&file, b"{ not json").unwrap();
+    let hub = file_hub(&file).await;
+    let token = hub.token("pi-07", Role::Agent);
+    let refused = hub.try_connect(&token).await.err().expect("refused");
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (503, Some("revocations_unknown"))
+    );
+    assert_eq!(hub.get("/readyz").await.0, 503);
+    std::fs::remove_file(&file).unwrap(); // no file: no revocations
+    hub.wait_ready(true).await;
+    hub.connect(&token).await;
+}
+
+#[tokio::test]
 async fn a_token_longer_lived_than_max_token_lifetime_is_refused_and_iat_can_be_required() {
     let hub = TestHub::with(|s| {
         s.auth.max_token_lifetime = Duration::from_secs(3600);
         s.auth.require_iat = true;
     })
     .await;
-    let long = hub.token_for(TokenRequest {
-        ttl: Duration::from_secs(7200),
-        ..TokenRequest::new("pi-1", Role::Agent)
-    });
+    let mut long = common::claims("pi-1", "agent", hub::token::unix_now() + 7200);
+    long.iat = Some(hub::token::unix_now());
+    let long = hub.sign(&long);
     assert_eq!(refusal(&hub, &long).await, (401, "invalid_claims".into()));
     let without_iat = hub.sign(&common::claims(
         "pi-1",
@@ -260,7 +277,22 @@ async fn a_token_longer_lived_than_max_token_lifetime_is_refused_and_iat_can_be_
         refusal(&hub, &without_iat).await,
         (401, "invalid_claims".into())
     );
+    let mut future = common::claims("pi-1", "agent", hub::token::unix_now() + 600);
+    future.iat = Some(hub::token::unix_now() + 300);
+    assert_eq!(
+        refusal(&hub, &hub.sign(&future)).await,
+        (401, "invalid_claims".into())
+    );
     hub.connect(&hub.token("pi-1", Role::Agent)).await;
+    // hub token will not mint what the hubs refuse.
+    let too_long = TokenRequest {
+        ttl: Duration::from_secs(7200),
+        ..TokenRequest::new("pi-1", Role::Agent)
+    };
+    assert!(matches!(
+        hub::token::mint(&hub.settings.auth, &too_long),
+        Err(hub::token::MintError::TooLong(..))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

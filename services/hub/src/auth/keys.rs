@@ -100,11 +100,6 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
-    pub fn load(path: &Path, checks: &Validation) -> Result<KeySet, KeysError> {
-        let bytes = read(path)?;
-        KeySet::parse(&bytes, checks)
-    }
-
     /// The key of `kid`, with the set's copy of the `kid`.
     pub fn get(&self, kid: &str) -> Option<(&Arc<str>, &Arc<VerifyingKey>)> {
         self.keys.get_key_value(kid)
@@ -200,6 +195,8 @@ pub struct Reload {
     pub path: PathBuf,
     pub poll: Duration,
     pub checks: Validation,
+    /// The bytes the set in use was made of.
+    pub loaded: Vec<u8>,
 }
 
 /// Reloads the set from `reload.path` whenever its bytes change (checked every `reload.poll`)
@@ -211,7 +208,7 @@ pub async fn watch_file(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut last = read(&reload.path).ok();
+    let mut last = Some(reload.loaded.clone());
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {

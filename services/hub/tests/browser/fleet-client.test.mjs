@@ -67,6 +67,26 @@ const tests = {
     ws.hub({ type: 'error', code: 'bad_token', message: 'malformed: token is not a well-formed JWT', ref: 'refresh' });
     assert.equal(errors.at(-1).code, 'bad_token');
     assert.equal(client.expiresAt, now / 1000 + 3600);
+    // The refused token is not the next connection's; the taken one is.
+    ws.onclose({ code: 1012, reason: '' });
+    await new Promise((r) => setTimeout(r, 10));
+    for (const t of timers.splice(0)) if (t.ms <= 2000) t.fn();
+    await new Promise((r) => setTimeout(r, 10));
+    assert.match(FakeSocket.last.url, /token=fresh\.token\.jwt/);
+  },
+
+  async 'a token with months left is refreshed in timer-sized steps, not in a loop'() {
+    const now = 1_700_000_000_000;
+    let asked = 0;
+    const { client, timers } = harness({ now: () => now, getToken: async () => { asked++; return 't'; } });
+    client.connect();
+    await new Promise((r) => setTimeout(r, 10));
+    FakeSocket.last.hub({ type: 'hello', hub: 'h1', sub: 'v', role: 'viewer', expires_at: now / 1000 + 90 * 86_400 });
+    const step = timers.find((t) => t.ms === 2 ** 31 - 1);
+    assert.ok(step, JSON.stringify(timers.map((t) => t.ms)));
+    assert.ok(!timers.some((t) => t.ms > 2 ** 31 - 1), 'no delay past what timers take');
+    await step.fn();
+    assert.equal(asked, 0, 'a step only waits');
   },
 
   async 'a subscribe refused as unavailable or rate_limited is asked for again'() {
