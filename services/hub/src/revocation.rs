@@ -347,22 +347,29 @@ impl FileStore {
         FileStore { path }
     }
 
-    async fn read(&self) -> Result<FileContents, RevocationError> {
+    /// Runs `f` on the file's path off the async threads (file IO blocks).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(PathBuf) -> Result<T, RevocationError> + Send + 'static,
+    ) -> Result<T, RevocationError> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || read_file(&path))
+        tokio::task::spawn_blocking(move || f(path))
             .await
             .unwrap_or_else(|e| {
                 Err(RevocationError::File {
-                    path: PathBuf::new(),
+                    path: self.path.clone(),
                     error: std::io::Error::other(e),
                 })
             })
     }
 
+    async fn read(&self) -> Result<FileContents, RevocationError> {
+        self.blocking(|path| read_file(&path)).await
+    }
+
     async fn add(&self, entry: &Revocation, now: u64) -> Result<(), RevocationError> {
-        let path = self.path.clone();
         let entry = entry.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking(move |path| {
             // One writer at a time (the hub's admin endpoint, `hub revoke`, another hub on the
             // same file): read, merge and replace under an exclusive lock on a file beside it.
             let lock_path = path.with_extension("lock");
@@ -390,12 +397,6 @@ impl FileStore {
             write_file(&path, &contents)
         })
         .await
-        .unwrap_or_else(|e| {
-            Err(RevocationError::File {
-                path: PathBuf::new(),
-                error: std::io::Error::other(e),
-            })
-        })
     }
 
     async fn version(&self) -> Result<u64, RevocationError> {
