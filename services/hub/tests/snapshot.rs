@@ -223,6 +223,42 @@ async fn redis_a_late_viewer_gets_every_latest_value_then_each_later_reading_onc
     a_late_viewer_gets_every_latest_value_then_each_later_reading_once(&hub).await;
 }
 
+/// After Redis lost writes the channel starts a new epoch; the latest values kept from the lost
+/// timeline are not in its snapshots (their offsets belong to the old epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_snapshot_holds_only_the_current_epochs_values() {
+    let redis = RedisServer::start();
+    let hub = TestHub::on_redis(&redis).await;
+    let mut agent = hub.agent("pi-lost", &[]).await;
+    assert_eq!(agent.publish(1, json!({"n": 1})).await["type"], "ack");
+    // As a rewind does (`REWOUND`): the channel gets a new epoch, its latest values stay.
+    let _: () = redis::cmd("HSET")
+        .arg("tl:{fleet}:meta")
+        .arg("epoch")
+        .arg("new-epoch")
+        .arg("offset")
+        .arg(0)
+        .query(&mut redis.connection())
+        .unwrap();
+    let mut viewer = hub.viewer("wall", &[]).await;
+    let seen = subscribe_with_snapshot(&mut viewer, "fleet").await;
+    assert!(
+        seen.items.is_empty(),
+        "old epoch's values: {:?}",
+        seen.items
+    );
+    let mut other = hub.agent("pi-new", &[]).await;
+    assert_eq!(other.publish(1, json!({"n": 2})).await["type"], "ack");
+    let mut late = hub.viewer("late", &[]).await;
+    let seen = subscribe_with_snapshot(&mut late, "fleet").await;
+    let from: Vec<&str> = seen
+        .items
+        .iter()
+        .map(|m| m["from"].as_str().unwrap())
+        .collect();
+    assert_eq!(from, ["pi-new"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_partitioned_fleet_snapshots_each_partition_and_joins_each_stream() {
     let redis = RedisServer::start();

@@ -399,7 +399,8 @@ end
 "#;
 
 /// The channel's position (as [`POSITION`]: `KEYS[1]` meta, `ARGV[1..3]`) and, as of it, the
-/// latest message of each device heard since `ARGV[4]` (ms), as stored: `<ms> <message>`.
+/// latest message of each device heard since `ARGV[4]` (ms) in the channel's current epoch, as
+/// stored: `<ms> <message>`.
 /// Returns `{epoch, offset, {value, ...}}`; one call, so no message is newer than the offset.
 /// Ordering and cutting to the limits is the hub's work: Redis is held only for reading the
 /// hash (under a second for 100,000 devices on a small machine, docs/benchmarks.md).
@@ -408,11 +409,16 @@ local pos = position()
 local since = tonumber(ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
 local found = {}
+-- Only the current epoch's: after Redis lost writes (a new epoch) the values kept from the lost
+-- timeline name offsets the live stream will reuse.
+local current = '"epoch":"' .. pos[1] .. '"'
 for k = 1, #all, 2 do
   if string.byte(all[k], 1) == 64 then
     local value = all[k + 1]
     local at = tonumber(string.match(value, '^(%d+) '))
-    if at and at >= since then found[#found + 1] = value end
+    if at and at >= since and string.find(value, current, 1, true) then
+      found[#found + 1] = value
+    end
   end
 end
 return {pos[1], pos[2], found}
