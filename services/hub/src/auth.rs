@@ -15,6 +15,7 @@ pub mod keys;
 
 use keys::{KeySet, VerifyingKey};
 
+use crate::live_tokens::Lists;
 use crate::revocation::{RevocationList, TokenFacts};
 
 /// Why a token was refused. Each variant's snake_case name is a metric label and the `error` of
@@ -190,6 +191,15 @@ impl Authenticator {
             loaded: self.set_bytes.clone(),
         };
         Some((reload, set))
+    }
+
+    /// The lists a live token is checked against: the revocations, and with `close_on_removal`
+    /// the key set.
+    pub fn lists(&self, close_on_removal: bool) -> Lists {
+        Lists {
+            revocations: self.revocations.subscribe(),
+            keys: self.key_set().filter(|_| close_on_removal),
+        }
     }
 
     /// Where the revocations in force are kept: `revocation::follow` writes, connections watch.

@@ -18,7 +18,7 @@ use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
 use crate::session::{self, Session, SessionLimits};
 use crate::state::AppState;
-use crate::writer::{self, Credential, Liveness, Writer, WriterSettings};
+use crate::writer::{self, Expiry, Liveness, Writer, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
 pub async fn serve(
@@ -53,13 +53,14 @@ pub async fn serve(
         limits.outbound_queue_bytes,
     );
     let liveness = Arc::new(Liveness::default());
-    let (credential, credential_rx) = tokio::sync::watch::channel(Credential {
-        expires_at: writer::expiry_time(identity.expires_at, settings.auth.leeway),
-        kid: identity.kid.clone(),
-        sub: identity.sub.as_str().into(),
-        iat: identity.iat,
-        jti: identity.jti.clone(),
-    });
+    let expiry = Arc::new(Expiry::new(writer::expiry_time(
+        identity.expires_at,
+        settings.auth.leeway,
+    )));
+    // Registered before the first frame: a revocation from now on finds the connection.
+    let holding = state
+        .live_tokens
+        .hold(&identity, &outbox, &state.token_lists);
     let writer = Writer {
         io: write,
         queue: rx,
@@ -68,12 +69,7 @@ pub async fn serve(
         settings: WriterSettings {
             ping_interval: settings.ws.ping_interval,
             pong_timeout: settings.ws.pong_timeout,
-            credential: credential_rx,
-            key_set: state
-                .auth
-                .key_set()
-                .filter(|_| settings.auth.close_on_key_removal),
-            revocations: state.auth.revocations().subscribe(),
+            expiry: expiry.clone(),
         },
         shutdown: state.shutdown.clone(),
         metrics: state.metrics.clone(),
@@ -95,13 +91,15 @@ pub async fn serve(
         limits: SessionLimits::from(&state.settings.limits),
         auth: state.auth.clone(),
         leeway: state.settings.auth.leeway,
+        live_tokens: state.live_tokens.clone(),
+        token_lists: state.token_lists.clone(),
     };
     // Only an agent whose session started counts for presence: one refused at `hello` was
     // never online.
     let device = (role == Role::Agent).then(|| identity.sub.clone());
     let mut session = Session::new(
         identity,
-        credential,
+        expiry,
         outbox.clone(),
         permit.share().clone(),
         context,
@@ -118,6 +116,7 @@ pub async fn serve(
     outbox.close(CloseReason::Hub(CloseCode::Normal));
     let _ = writer.await;
     drop(present);
+    drop(holding);
 
     let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
     metrics.disconnects.inc(reason.label());

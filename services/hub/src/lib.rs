@@ -40,6 +40,7 @@ mod demo;
 mod fanout;
 mod frame;
 mod limits;
+mod live_tokens;
 mod metrics;
 mod outbox;
 mod rejection;

@@ -6,9 +6,9 @@
 //! Redis restarts with persistence), with a version counter beside it; on the embedded broker in
 //! `auth.revocations_file`. `hub revoke` and `POST /admin/revocations` add to it; every hub polls
 //! the version every `auth.revocation_poll` (500 ms) and, when it moved, reads the list into a
-//! [`watch`] channel. Upgrades check it after the signature; each connection's writer waits on
-//! it and closes with 4003 `revoked` once its token is void. Polling instead of pub/sub: a
-//! missed message would leave a stolen token working, a missed poll is taken at the next one.
+//! [`watch`] channel. Upgrades check it after the signature, and [`crate::live_tokens`] closes
+//! the open connections it voids with 4003 `revoked`. Polling instead of pub/sub: a missed
+//! message would leave a stolen token working, a missed poll is taken at the next one.
 //!
 //! An entry lives as long as a token it voids could: `(sub, before)` until `before` plus
 //! `auth.max_token_lifetime` (no token lives longer: [`crate::auth`] refuses one whose

@@ -95,6 +95,11 @@ impl Server {
                 state.shutdown.clone(),
             ));
         }
+        tokio::spawn(crate::live_tokens::enforce(
+            state.live_tokens.clone(),
+            state.auth.lists(state.settings.auth.close_on_key_removal),
+            state.shutdown.clone(),
+        ));
         if let Some((reload, keys)) = state.auth.reloader(&state.settings.auth) {
             tokio::spawn(crate::auth::keys::watch_file(
                 reload,

@@ -10,7 +10,6 @@ use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Role, ServerFrame, Since};
 use observability::propagation::{self, Remote};
 use observability::{RootSampler, in_span};
 use serde_json::value::RawValue;
-use tokio::sync::watch;
 use tracing::field::Empty;
 use tracing::{Span, debug, info_span, warn};
 
@@ -20,9 +19,10 @@ use crate::config::Limits;
 use crate::conflate::Conflation;
 use crate::frame;
 use crate::limits::{Share, TokenBucket};
+use crate::live_tokens::{Lists, LiveTokens};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbound, Outbox};
-use crate::writer::{self, Credential};
+use crate::writer::{self, Expiry};
 
 /// What a session uses of its hub.
 pub struct Context {
@@ -36,6 +36,9 @@ pub struct Context {
     pub auth: Arc<Authenticator>,
     /// `auth.leeway`, added to a refreshed token's expiry as to a new connection's.
     pub leeway: Duration,
+    /// The hub's registry of live tokens and the lists they are checked against.
+    pub live_tokens: Arc<LiveTokens>,
+    pub token_lists: Arc<Lists>,
 }
 
 /// Where a subscription starts.
@@ -71,7 +74,7 @@ impl From<&Limits> for SessionLimits {
 
 pub struct Session {
     identity: Identity,
-    credential: watch::Sender<Credential>,
+    expiry: Arc<Expiry>,
     hub: Context,
     outbox: Outbox,
     /// Each subscribed channel, with its conflation when it has a `max_rate`.
@@ -168,10 +171,10 @@ impl Publisher {
 type Outcome = Result<(), CloseCode>;
 
 impl Session {
-    /// `credential` is what the connection's writer enforces of the token; a `refresh` moves it.
+    /// `expiry` is when the connection's writer closes it (4001); a `refresh` moves it.
     pub fn new(
         identity: Identity,
-        credential: watch::Sender<Credential>,
+        expiry: Arc<Expiry>,
         outbox: Outbox,
         share: Arc<Share>,
         hub: Context,
@@ -186,7 +189,7 @@ impl Session {
         let changes = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst);
         Session {
             identity,
-            credential,
+            expiry,
             hub,
             outbox,
             subscriptions: HashMap::new(),
@@ -427,13 +430,12 @@ impl Session {
         }
         metrics.token_refreshes.inc("refreshed");
         debug!(sub = %fresh.sub, expires_at = fresh.expires_at, "token refreshed");
-        self.credential.send_replace(Credential {
-            expires_at: writer::expiry_time(fresh.expires_at, self.hub.leeway),
-            kid: fresh.kid.clone(),
-            sub: fresh.sub.as_str().into(),
-            iat: fresh.iat,
-            jti: fresh.jti.clone(),
-        });
+        self.expiry
+            .set(writer::expiry_time(fresh.expires_at, self.hub.leeway));
+        // What revocations and key removals now check.
+        self.hub
+            .live_tokens
+            .replace(&fresh, &self.outbox, &self.hub.token_lists);
         let expires_at = fresh.expires_at;
         self.identity = fresh;
         self.send(&ServerFrame::Refreshed {

@@ -14,6 +14,7 @@ use crate::auth::Authenticator;
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::{ConfigError, Settings};
 use crate::limits::{ConnectionGate, IdentityLimits};
+use crate::live_tokens::{Lists, LiveTokens};
 use crate::metrics::Metrics;
 use crate::revocation::RevocationStore;
 
@@ -27,6 +28,9 @@ pub(crate) struct AppState {
     pub revocations: Option<Arc<RevocationStore>>,
     /// Set once the revocation list has been read; true from the start without a store.
     pub revocations_loaded: Arc<AtomicBool>,
+    /// The tokens of the open connections, closed when a revocation or key removal voids them.
+    pub live_tokens: Arc<LiveTokens>,
+    pub token_lists: Arc<Lists>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub gate: Arc<ConnectionGate>,
@@ -60,6 +64,7 @@ impl AppState {
                 message: e.to_string(),
             })?
             .map(Arc::new);
+        let token_lists = auth.lists(settings.auth.close_on_key_removal);
         let node_id: Arc<str> = settings.resolved_node_id().into();
         let redis = settings.broker.url.is_some() || !settings.broker.cluster_nodes.is_empty();
         let broker: Arc<dyn Broker> = match redis {
@@ -92,6 +97,8 @@ impl AppState {
             node_id,
             auth: Arc::new(auth),
             revocations_loaded: Arc::new(AtomicBool::new(revocations.is_none())),
+            live_tokens: Arc::new(LiveTokens::default()),
+            token_lists: Arc::new(token_lists),
             revocations,
             broker,
             metrics,

@@ -14,15 +14,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes};
 use hub_protocol::CloseCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::keys::KeySet;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbound, Outbox};
-use crate::revocation::{RevocationList, TokenFacts};
 
 const MAX_BATCH_ITEMS: usize = 64;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -60,105 +58,50 @@ impl Liveness {
 pub struct WriterSettings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
-    /// The connection's token as the session last verified it (a `refresh` moves it).
-    pub credential: watch::Receiver<Credential>,
-    /// With `auth.close_on_key_removal`, the JWKS key set: the connection is closed with 4004
-    /// once the token's key leaves it.
-    pub key_set: Option<watch::Receiver<Arc<KeySet>>>,
-    /// The pool's revocations: the connection is closed with 4003 once they void its token.
-    pub revocations: watch::Receiver<Arc<RevocationList>>,
+    /// When the token expires: the connection is closed with 4001 then. A `refresh` moves it.
+    pub expiry: Arc<Expiry>,
 }
 
-/// What the writer enforces of the connection's token.
-#[derive(Debug, Clone)]
-pub struct Credential {
-    /// When the token expires (plus leeway): the connection is closed with 4001. `None`:
-    /// beyond what the clock can represent, so never.
-    pub expires_at: Option<SystemTime>,
-    /// The JWKS key that verified it; `None`: the single configured key.
-    pub kid: Option<Arc<str>>,
-    /// What revocations match: the identity and the token's `iat` and `jti`.
-    pub sub: Arc<str>,
-    pub iat: Option<u64>,
-    pub jti: Option<Arc<str>>,
-}
+/// When the connection's token expires (plus leeway), in Unix milliseconds; `u64::MAX`: beyond
+/// what the clock can represent, so never. The session moves it on a `refresh`; the writer
+/// looks when its timer fires, so a refresh costs the writer no wake-up and no watcher.
+#[derive(Debug)]
+pub struct Expiry(AtomicU64);
 
-impl Credential {
-    fn facts(&self) -> TokenFacts<'_> {
-        TokenFacts {
-            sub: &self.sub,
-            iat: self.iat,
-            jti: self.jti.as_deref(),
-        }
+impl Expiry {
+    pub fn new(at: Option<SystemTime>) -> Self {
+        Expiry(AtomicU64::new(Self::ms(at)))
+    }
+
+    pub fn set(&self, at: Option<SystemTime>) {
+        self.0.store(Self::ms(at), Ordering::Release);
+    }
+
+    fn ms(at: Option<SystemTime>) -> u64 {
+        at.and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            .map_or(u64::MAX, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            })
+    }
+
+    /// Time left; `None`: never expires.
+    fn left(&self) -> Option<Duration> {
+        let at = self.0.load(Ordering::Acquire);
+        (at != u64::MAX).then(|| {
+            Duration::from_millis(at).saturating_sub(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default(),
+            )
+        })
     }
 }
 
-/// Resolves once the revocations void the credential's token.
-async fn revoked(
-    mut credential: watch::Receiver<Credential>,
-    mut list: watch::Receiver<Arc<RevocationList>>,
-) {
-    loop {
-        let void = list.borrow_and_update().voids(
-            credential.borrow_and_update().facts(),
-            crate::token::unix_now(),
-        );
-        if void {
-            return;
-        }
-        let changed = tokio::select! {
-            changed = credential.changed() => changed,
-            changed = list.changed() => changed,
-        };
-        if changed.is_err() {
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// Resolves once the credential's time has passed; a refresh moves the deadline.
-async fn expired(mut credential: watch::Receiver<Credential>) {
-    loop {
-        let wait = match credential.borrow_and_update().expires_at {
-            Some(at) => at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO),
-            None => Duration::MAX,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => return,
-            changed = credential.changed() => {
-                if changed.is_err() {
-                    // The session is gone: the connection is ending anyway.
-                    return std::future::pending().await;
-                }
-            }
-        }
-    }
-}
-
-/// Resolves once the set no longer holds the credential's key (never without a set, or for a
-/// token of the single key).
-async fn key_removed(
-    mut credential: watch::Receiver<Credential>,
-    set: Option<watch::Receiver<Arc<KeySet>>>,
-) {
-    let Some(mut set) = set else {
-        return std::future::pending().await;
-    };
-    loop {
-        let kid = credential.borrow_and_update().kid.clone();
-        if kid.is_some_and(|kid| !set.borrow_and_update().contains(&kid)) {
-            return;
-        }
-        let changed = tokio::select! {
-            changed = credential.changed() => changed,
-            changed = set.changed() => changed,
-        };
-        if changed.is_err() {
-            return std::future::pending().await;
-        }
-    }
+/// A timer deadline `left` from now; a token that never expires gets one decades away.
+fn deadline(left: Option<Duration>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    left.and_then(|d| now.checked_add(d))
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
 }
 
 /// Frames accepted by the socket in part or not yet at all.
@@ -247,14 +190,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let mut ping =
             tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Made once, like `closed`: each holds its own watch receivers.
-        let mut token_live = true;
-        let expiry = expired(settings.credential.clone());
+        let expiry = tokio::time::sleep_until(deadline(settings.expiry.left()));
         tokio::pin!(expiry);
-        let key_gone = key_removed(settings.credential.clone(), settings.key_set);
-        tokio::pin!(key_gone);
-        let void = revoked(settings.credential, settings.revocations);
-        tokio::pin!(void);
+        let mut token_live = true;
         let idle_limit = settings.ping_interval + settings.pong_timeout;
         let mut pending = Pending::default();
         let mut broken = false;
@@ -275,18 +213,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     continue;
                 }
                 _ = &mut expiry, if token_live => {
-                    token_live = false;
-                    outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
-                    continue;
-                }
-                _ = &mut key_gone, if token_live => {
-                    token_live = false;
-                    outbox.close(CloseReason::Hub(CloseCode::KeyRemoved));
-                    continue;
-                }
-                _ = &mut void, if token_live => {
-                    token_live = false;
-                    outbox.close(CloseReason::Hub(CloseCode::Revoked));
+                    match settings.expiry.left() {
+                        // A refresh moved it meanwhile.
+                        Some(left) if !left.is_zero() => expiry.as_mut().reset(deadline(Some(left))),
+                        None => expiry.as_mut().reset(deadline(None)),
+                        Some(_) => {
+                            token_live = false;
+                            outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                        }
+                    }
                     continue;
                 }
                 _ = ping.tick() => {
