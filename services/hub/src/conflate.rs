@@ -21,10 +21,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::outbox::{CloseReason, Outbound, Outbox, SendError};
+use crate::outbox::{CloseReason, Outbound, Outbox, Queue, SendError};
 
 /// The feed's bounds: the task drains it continuously, so it fills only if this hub cannot
 /// keep up with the channel at all, and then the connection is closed as a slow consumer.
@@ -74,7 +73,7 @@ impl Conflation {
 }
 
 struct Task {
-    rx: mpsc::Receiver<Outbound>,
+    rx: Queue,
     feed: Outbox,
     connection: Outbox,
     period: Duration,
@@ -120,10 +119,7 @@ impl Task {
                 _ = tick.tick() => self.flush(),
                 item = self.rx.recv() => match item {
                     None => Flow::Stop,
-                    Some(item) => {
-                        self.feed.taken(item.frames.len());
-                        self.take(item)
-                    }
+                    Some(item) => self.take(item),
                 },
             };
             if let Flow::Stop = flow {
@@ -328,7 +324,6 @@ mod tests {
             if let Ok(Some(item)) =
                 tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
             {
-                connection.taken(item.frames.len());
                 got.push(String::from_utf8(item.frames.to_vec()).unwrap());
             }
         }

@@ -16,124 +16,120 @@ use crate::broker::{Broker, PresenceChange};
 use crate::frame;
 use crate::limits::ConnectionPermit;
 use crate::outbox::{CloseReason, Outbound, Outbox};
-use crate::session::{self, Session, SessionLimits};
+use crate::session::Session;
 use crate::state::AppState;
 use crate::writer::{self, Expiry, Liveness, Writer, WriterSettings};
 
 /// Serves an upgraded connection until it closes.
-pub async fn serve(
+///
+/// Not an `async fn`: a task's state is allocated at its largest for the connection's whole
+/// life, and an `async fn` keeps its arguments twice (the arguments, and the locals they move
+/// into). `identity` comes boxed for the same reason: it moves into the session at the start.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub fn serve(
     upgrade: UpgradeFut,
-    identity: Identity,
+    identity: Box<Identity>,
     state: Arc<AppState>,
     permit: ConnectionPermit,
-) {
-    let ws = match upgrade.await {
-        Ok(ws) => ws,
-        Err(e) => {
-            debug!(error = %e, "upgrade did not complete");
-            return;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let settings = &state.settings;
+        let (read, write) = tokio::io::split(ws.into_inner());
+        let (mut reader, _) = fastwebsockets::after_handshake_split(
+            read,
+            tokio::io::sink(),
+            fastwebsockets::Role::Server,
+        );
+        reader.set_auto_close(false);
+        reader.set_auto_pong(true);
+        // fastwebsockets refuses frames of `max` bytes or more; ours is inclusive.
+        reader.set_max_message_size(settings.limits.max_message_bytes + 1);
+
+        let limits = &settings.limits;
+        let (outbox, rx) = Outbox::bounded(
+            state.next_connection_id(),
+            limits.outbound_queue,
+            limits.outbound_queue_bytes,
+        );
+        let liveness = Arc::new(Liveness::default());
+        let expiry = Arc::new(Expiry::new(writer::expiry_time(
+            identity.expires_at,
+            settings.auth.leeway,
+        )));
+        // Registered before the first frame: a revocation from now on finds the connection.
+        let holding = state
+            .live_tokens
+            .hold(&identity, &outbox, &state.token_lists);
+        let writer = Writer {
+            io: write,
+            queue: rx,
+            outbox: outbox.clone(),
+            liveness: liveness.clone(),
+            settings: WriterSettings {
+                ping_interval: settings.ws.ping_interval,
+                pong_timeout: settings.ws.pong_timeout,
+                expiry: expiry.clone(),
+            },
+            shutdown: state.shutdown.clone(),
+            metrics: state.metrics.clone(),
+        };
+        let writer = tokio::spawn(writer.run());
+
+        let role = identity.role;
+        let metrics = &state.metrics;
+        metrics.connections_opened.inc(role.as_str());
+        let gauge = metrics.connections.get(role.as_str());
+        gauge.inc();
+        debug!(id = outbox.id(), sub = %identity.sub, role = role.as_str(), "connected");
+
+        // Only an agent whose session started counts for presence: one refused at `hello` was
+        // never online.
+        let device = (role == Role::Agent).then(|| identity.sub.clone());
+        let mut session = Session::new(
+            *identity,
+            expiry,
+            outbox.clone(),
+            permit.share().clone(),
+            state.clone(),
+        );
+        let mut present = None;
+        match session.start().await {
+            Ok(()) => {
+                present = device.map(|device| Present::arrive(&*state.broker, device, &outbox));
+                read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await
+            }
+            Err(code) => outbox.close(CloseReason::Hub(code)),
         }
-    };
-    let settings = &state.settings;
-    let (read, write) = tokio::io::split(ws.into_inner());
-    let (mut reader, _) = fastwebsockets::after_handshake_split(
-        read,
-        tokio::io::sink(),
-        fastwebsockets::Role::Server,
-    );
-    reader.set_auto_close(false);
-    reader.set_auto_pong(true);
-    // fastwebsockets refuses frames of `max` bytes or more; ours is inclusive.
-    reader.set_max_message_size(settings.limits.max_message_bytes + 1);
+        session.finish();
+        outbox.close(CloseReason::Hub(CloseCode::Normal));
+        let _ = writer.await;
+        drop(present);
+        drop(holding);
 
-    let limits = &settings.limits;
-    let (outbox, rx) = Outbox::bounded(
-        state.next_connection_id(),
-        limits.outbound_queue,
-        limits.outbound_queue_bytes,
-    );
-    let liveness = Arc::new(Liveness::default());
-    let expiry = Arc::new(Expiry::new(writer::expiry_time(
-        identity.expires_at,
-        settings.auth.leeway,
-    )));
-    // Registered before the first frame: a revocation from now on finds the connection.
-    let holding = state
-        .live_tokens
-        .hold(&identity, &outbox, &state.token_lists);
-    let writer = Writer {
-        io: write,
-        queue: rx,
-        outbox: outbox.clone(),
-        liveness: liveness.clone(),
-        settings: WriterSettings {
-            ping_interval: settings.ws.ping_interval,
-            pong_timeout: settings.ws.pong_timeout,
-            expiry: expiry.clone(),
-        },
-        shutdown: state.shutdown.clone(),
-        metrics: state.metrics.clone(),
-    };
-    let writer = tokio::spawn(writer.run());
-
-    let role = identity.role;
-    let metrics = &state.metrics;
-    metrics.connections_opened.inc(role.as_str());
-    let gauge = metrics.connections.get(role.as_str());
-    gauge.inc();
-    debug!(id = outbox.id(), sub = %identity.sub, role = role.as_str(), "connected");
-
-    let context = session::Context {
-        broker: state.broker.clone(),
-        metrics: state.metrics.clone(),
-        roots: state.roots,
-        node_id: state.node_id.clone(),
-        limits: SessionLimits::from(&state.settings.limits),
-        auth: state.auth.clone(),
-        leeway: state.settings.auth.leeway,
-        live_tokens: state.live_tokens.clone(),
-        token_lists: state.token_lists.clone(),
-    };
-    // Only an agent whose session started counts for presence: one refused at `hello` was
-    // never online.
-    let device = (role == Role::Agent).then(|| identity.sub.clone());
-    let mut session = Session::new(
-        identity,
-        expiry,
-        outbox.clone(),
-        permit.share().clone(),
-        context,
-    );
-    let mut present = None;
-    match session.start().await {
-        Ok(()) => {
-            present = device.map(|device| Present::arrive(&*state.broker, device, &outbox));
-            read_loop(&mut reader, &mut session, &outbox, &liveness, &state).await
+        let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
+        metrics.disconnects.inc(reason.label());
+        if reason == CloseReason::Hub(CloseCode::SlowConsumer) {
+            metrics.slow_consumer_disconnects.inc();
         }
-        Err(code) => outbox.close(CloseReason::Hub(code)),
+        gauge.dec();
+        debug!(id = outbox.id(), reason = reason.label(), "disconnected");
+        let span = tracing::Span::current();
+        span.record("close.reason", reason.label());
+        if let CloseReason::Hub(code) = reason {
+            span.record("close.code", code.as_u16());
+        } else if let CloseReason::Peer(code) = reason {
+            span.record("close.code", code);
+        }
+        linger(&mut reader).await;
+        drop(permit);
     }
-    session.finish();
-    outbox.close(CloseReason::Hub(CloseCode::Normal));
-    let _ = writer.await;
-    drop(present);
-    drop(holding);
-
-    let reason = outbox.close_reason().unwrap_or(CloseReason::Gone);
-    metrics.disconnects.inc(reason.label());
-    if reason == CloseReason::Hub(CloseCode::SlowConsumer) {
-        metrics.slow_consumer_disconnects.inc();
-    }
-    gauge.dec();
-    debug!(id = outbox.id(), reason = reason.label(), "disconnected");
-    let span = tracing::Span::current();
-    span.record("close.reason", reason.label());
-    if let CloseReason::Hub(code) = reason {
-        span.record("close.code", code.as_u16());
-    } else if let CloseReason::Peer(code) = reason {
-        span.record("close.code", code);
-    }
-    linger(&mut reader).await;
-    drop(permit);
 }
 
 /// An agent's device in presence while its connection lives. Dropped, at the end or by a panic

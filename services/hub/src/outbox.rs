@@ -6,13 +6,15 @@
 //! subscriber and never grows memory (a replay packs many frames into one item, so the item bound
 //! alone would let a client that stops reading pin hundreds of MiB).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hub_protocol::CloseCode;
-use tokio::sync::mpsc;
 use tokio_util::sync::{
     CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
 };
@@ -85,44 +87,147 @@ pub enum SendError {
     Closed,
 }
 
-struct Closer {
+/// What an [`Outbox`]'s clones and its [`Queue`] share.
+struct Shared {
     reason: OnceLock<CloseReason>,
     token: CancellationToken,
-    /// Bytes queued and not yet taken by the writer.
-    queued_bytes: AtomicUsize,
+    queue: Mutex<Items>,
+    /// The queue's reader, waiting for an item (or for the last sender to go).
+    reader: AtomicWaker,
+    /// Live `Outbox` clones: the queue ends when the last one goes.
+    senders: AtomicUsize,
+    max_items: usize,
     max_bytes: usize,
     /// The most bytes a replay or snapshot for this subscriber may take.
     replay_bytes: usize,
 }
 
+/// The queued items: a plain deque under a lock, so that a connection with nothing queued holds
+/// no buffer. A channel allocates its first block of slots up front (1.8 KiB for 32 items), most
+/// of what an idle viewer cost after its read buffer.
+#[derive(Default)]
+struct Items {
+    items: VecDeque<Outbound>,
+    /// Bytes of `items`' frames.
+    bytes: usize,
+    /// The reader is gone: nothing will take what is pushed.
+    unread: bool,
+}
+
+/// The room a queue keeps once it has emptied: a few items' worth, so that a steady stream of
+/// deliveries does not allocate for each. A burst's larger buffer goes back at once, and the writer
+/// gives back the rest once a ping interval ([`Queue::release_buffer`]).
+const ITEMS_KEPT: usize = 8;
+
 /// Sending side of a connection's queue. Cloning it is cheap (two reference counts).
-#[derive(Clone)]
 pub struct Outbox {
     id: u64,
-    tx: mpsc::Sender<Outbound>,
-    closer: Arc<Closer>,
+    shared: Arc<Shared>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Outbox {
+            id: self.id,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.reader.wake();
+        }
+    }
+}
+
+/// The writer's end of an [`Outbox`]: takes what was queued, in order.
+pub struct Queue {
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// The next item; `None` once every `Outbox` is gone and the queue is empty. Cancel-safe:
+    /// an item is taken only when this returns it.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        std::future::poll_fn(|cx| {
+            if let Some(item) = self.try_recv() {
+                return Poll::Ready(Some(item));
+            }
+            self.shared.reader.register(cx.waker());
+            // Pushed or dropped between the first look and the registration.
+            if let Some(item) = self.try_recv() {
+                return Poll::Ready(Some(item));
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let mut queue = lock(&self.shared.queue);
+        let item = queue.items.pop_front()?;
+        queue.bytes = queue.bytes.saturating_sub(item.frames.len());
+        if queue.items.is_empty() && queue.items.capacity() > ITEMS_KEPT {
+            queue.items.shrink_to(ITEMS_KEPT);
+        }
+        Some(item)
+    }
+
+    /// Gives back the queue's buffer if nothing is queued.
+    pub fn release_buffer(&mut self) {
+        let mut queue = lock(&self.shared.queue);
+        if queue.items.is_empty() {
+            queue.items = VecDeque::new();
+        }
+    }
+
+    /// How many items are queued.
+    pub fn len(&self) -> usize {
+        lock(&self.shared.queue).items.len()
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.shared.queue);
+        queue.unread = true;
+        // Freed now, not when the last sender goes.
+        queue.items = VecDeque::new();
+        queue.bytes = 0;
+    }
+}
+
+/// The queue's lock. Nothing panics while holding it, and its state is whole between
+/// statements, so a poisoned lock's data is still good.
+fn lock(queue: &Mutex<Items>) -> MutexGuard<'_, Items> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Outbox {
     #[cfg(test)]
     /// A queue of at most `items` items, whatever their size.
-    pub fn new(id: u64, items: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+    pub fn new(id: u64, items: usize) -> (Outbox, Queue) {
         Self::bounded(id, items, usize::MAX)
     }
 
     /// A queue of at most `items` items holding at most `max_bytes` bytes.
-    pub fn bounded(id: u64, items: usize, max_bytes: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+    pub fn bounded(id: u64, items: usize, max_bytes: usize) -> (Outbox, Queue) {
         Self::with_replay_budget(id, items, max_bytes, max_bytes / 2)
     }
 
     /// A queue that feeds `connection` through a task of its own (a conflated subscription): it
     /// has the connection's id, so the broker knows the subscriber, and the connection's replay
     /// budget, so that no replay or snapshot is larger than the connection could ever queue.
-    pub fn feeding(
-        connection: &Outbox,
-        items: usize,
-        max_bytes: usize,
-    ) -> (Outbox, mpsc::Receiver<Outbound>) {
+    pub fn feeding(connection: &Outbox, items: usize, max_bytes: usize) -> (Outbox, Queue) {
         // Half the feed at most, too: a connection allowed more than the feed holds would
         // overflow the feed with its own snapshot.
         let budget = connection.replay_budget().min(max_bytes / 2);
@@ -134,16 +239,21 @@ impl Outbox {
         items: usize,
         max_bytes: usize,
         replay_bytes: usize,
-    ) -> (Outbox, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(items);
-        let closer = Arc::new(Closer {
+    ) -> (Outbox, Queue) {
+        let shared = Arc::new(Shared {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
-            queued_bytes: AtomicUsize::new(0),
+            queue: Mutex::new(Items::default()),
+            reader: AtomicWaker::new(),
+            senders: AtomicUsize::new(1),
+            max_items: items,
             max_bytes,
             replay_bytes,
         });
-        (Outbox { id, tx, closer }, rx)
+        let queue = Queue {
+            shared: shared.clone(),
+        };
+        (Outbox { id, shared }, queue)
     }
 
     pub fn id(&self) -> u64 {
@@ -153,7 +263,7 @@ impl Outbox {
     /// The most bytes a replay or snapshot for this subscriber may take (half of what its
     /// connection may have queued): a larger one is never attempted.
     pub fn replay_budget(&self) -> usize {
-        self.closer.replay_bytes
+        self.shared.replay_bytes
     }
 
     /// Queues `item` without waiting. A full queue (in items or bytes) closes the connection as a
@@ -182,60 +292,57 @@ impl Outbox {
             }
             Err((SendError::SlowConsumer, item))
         };
-        let len = item.frames.len();
-        let queued = &self.closer.queued_bytes;
-        if queued.fetch_add(len, Ordering::Relaxed).saturating_add(len) > self.closer.max_bytes {
-            queued.fetch_sub(len, Ordering::Relaxed);
+        let shared = &*self.shared;
+        let mut queue = lock(&shared.queue);
+        if queue.unread {
+            return Err((SendError::Closed, item));
+        }
+        let bytes = queue.bytes.saturating_add(item.frames.len());
+        if queue.items.len() >= shared.max_items || bytes > shared.max_bytes {
+            drop(queue);
             return full(item);
         }
-        match self.tx.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                queued.fetch_sub(len, Ordering::Relaxed);
-                full(item)
-            }
-            Err(mpsc::error::TrySendError::Closed(item)) => {
-                queued.fetch_sub(len, Ordering::Relaxed);
-                Err((SendError::Closed, item))
-            }
+        let was_empty = queue.items.is_empty();
+        queue.items.push_back(item);
+        queue.bytes = bytes;
+        drop(queue);
+        // A reader finding items left never waits, so only the first one needs to wake it.
+        if was_empty {
+            shared.reader.wake();
         }
-    }
-
-    /// The writer took an item of `bytes` bytes off the queue.
-    pub fn taken(&self, bytes: usize) {
-        self.closer.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Starts closing the connection; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
-        if self.closer.reason.set(reason).is_ok() {
-            self.closer.token.cancel();
+        if self.shared.reason.set(reason).is_ok() {
+            self.shared.token.cancel();
         }
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.closer.reason.get().copied()
+        self.shared.reason.get().copied()
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closer.reason.get().is_some()
+        self.shared.reason.get().is_some()
     }
 
     /// Whether the queue's reader is gone (its task ended).
     #[cfg(test)]
     pub fn is_unread(&self) -> bool {
-        self.tx.is_closed()
+        lock(&self.shared.queue).unread
     }
 
     /// Resolves once [`Outbox::close`] has been called.
     pub fn closed(&self) -> WaitForCancellationFuture<'_> {
-        self.closer.token.cancelled()
+        self.shared.token.cancelled()
     }
 
     /// [`Outbox::closed`] not borrowing the outbox: made once and polled on every wake-up, it
     /// registers its waiter once instead of per wake-up.
     pub fn closed_owned(&self) -> WaitForCancellationFutureOwned {
-        self.closer.token.clone().cancelled_owned()
+        self.shared.token.clone().cancelled_owned()
     }
 }
 
@@ -256,10 +363,10 @@ mod tests {
 
     #[test]
     fn a_queue_over_its_bytes_closes_as_slow_consumer() {
-        let (outbox, _rx) = Outbox::bounded(1, 100, 10);
+        let (outbox, mut queue) = Outbox::bounded(1, 100, 10);
         let item = |n: usize| Outbound::control(Bytes::from(vec![b'x'; n]));
         assert!(outbox.push(item(6)).is_ok());
-        outbox.taken(6);
+        assert!(queue.try_recv().is_some());
         assert!(
             outbox.push(item(10)).is_ok(),
             "what the writer took is free again"
@@ -268,6 +375,67 @@ mod tests {
         assert_eq!(
             outbox.close_reason(),
             Some(CloseReason::Hub(CloseCode::SlowConsumer))
+        );
+    }
+
+    fn capacity(queue: &Queue) -> usize {
+        lock(&queue.shared.queue).items.capacity()
+    }
+
+    #[test]
+    fn a_queue_holds_no_buffer_until_something_is_queued_and_gives_it_back_when_asked() {
+        let (outbox, mut queue) = Outbox::new(1, 100);
+        assert_eq!(capacity(&queue), 0, "a new connection holds no buffer");
+        for _ in 0..50 {
+            outbox
+                .push(Outbound::control(Bytes::from_static(b"x")))
+                .unwrap();
+        }
+        while queue.try_recv().is_some() {}
+        assert!(
+            capacity(&queue) <= ITEMS_KEPT,
+            "a burst's buffer goes back once the queue is empty"
+        );
+        queue.release_buffer();
+        assert_eq!(capacity(&queue), 0);
+    }
+
+    #[tokio::test]
+    async fn the_reader_wakes_for_an_item_and_ends_with_the_last_outbox() {
+        let (outbox, mut queue) = Outbox::new(1, 100);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = queue.recv().await {
+                got.push(item.frames);
+            }
+            got
+        });
+        let clone = outbox.clone();
+        tokio::task::yield_now().await;
+        outbox
+            .push(Outbound::control(Bytes::from_static(b"a")))
+            .unwrap();
+        drop(outbox);
+        tokio::task::yield_now().await;
+        clone
+            .push(Outbound::control(Bytes::from_static(b"b")))
+            .unwrap();
+        drop(clone);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the reader ends once every outbox is gone")
+            .unwrap();
+        assert_eq!(got, [Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+    }
+
+    #[test]
+    fn nothing_is_queued_once_the_reader_is_gone() {
+        let (outbox, queue) = Outbox::new(1, 100);
+        drop(queue);
+        assert!(outbox.is_unread());
+        assert_eq!(
+            outbox.push(Outbound::control(Bytes::from_static(b"x"))),
+            Err(SendError::Closed)
         );
     }
 

@@ -133,7 +133,7 @@ fn admit(
             close.code = Empty,
         )
     });
-    let serve = connection::serve(upgrade, identity, state.clone(), permit);
+    let serve = connection::serve(upgrade, Box::new(identity), state.clone(), permit);
     state.connections.spawn(in_span(connection_span, serve));
     Ok(response.map(|_| Body::default()))
 }

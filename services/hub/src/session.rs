@@ -1,45 +1,25 @@
 //! What a connection may do, frame by frame: the protocol logic between the reader and the
 //! broker. Refusals the client can fix are `error` frames; `Err(code)` ends the connection.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hub_protocol::channel::{self, publication_channels};
 use hub_protocol::{ClientFrame, CloseCode, ErrorCode, Role, ServerFrame, Since};
+use observability::in_span;
 use observability::propagation::{self, Remote};
-use observability::{RootSampler, in_span};
 use serde_json::value::RawValue;
 use tracing::field::Empty;
 use tracing::{Span, debug, info_span, warn};
 
-use crate::auth::{Authenticator, Identity};
-use crate::broker::{Broker, BrokerError, Publication, PublishOutcome, Reading};
-use crate::config::Limits;
+use crate::auth::Identity;
+use crate::broker::{BrokerError, Publication, PublishOutcome, Reading};
 use crate::conflate::Conflation;
 use crate::frame;
 use crate::limits::{Share, TokenBucket};
-use crate::live_tokens::{Lists, LiveTokens};
-use crate::metrics::Metrics;
 use crate::outbox::{Outbound, Outbox};
+use crate::state::AppState;
 use crate::writer::{self, Expiry};
-
-/// What a session uses of its hub.
-pub struct Context {
-    pub broker: Arc<dyn Broker>,
-    pub metrics: Arc<Metrics>,
-    pub roots: RootSampler,
-    /// Sent in `hello`.
-    pub node_id: Arc<str>,
-    pub limits: SessionLimits,
-    /// Verifies a `refresh`'s token.
-    pub auth: Arc<Authenticator>,
-    /// `auth.leeway`, added to a refreshed token's expiry as to a new connection's.
-    pub leeway: Duration,
-    /// The hub's registry of live tokens and the lists they are checked against.
-    pub live_tokens: Arc<LiveTokens>,
-    pub token_lists: Arc<Lists>,
-}
 
 /// Where a subscription starts.
 #[derive(Clone, Copy)]
@@ -50,35 +30,16 @@ enum Start<'a> {
     Snapshot,
 }
 
-/// The limits a session enforces itself (`[limits]` in the settings).
-#[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
-    pub max_subscriptions: usize,
-    pub subscribe_rate: f64,
-    /// Also how many refused subscribes in a row close the connection.
-    pub subscribe_burst: u32,
-    /// How many refused publishes in a row close the connection.
-    pub publish_burst: u32,
-}
-
-impl From<&Limits> for SessionLimits {
-    fn from(limits: &Limits) -> Self {
-        SessionLimits {
-            max_subscriptions: limits.max_subscriptions,
-            subscribe_rate: limits.subscribe_rate,
-            subscribe_burst: limits.subscribe_burst,
-            publish_burst: limits.publish_burst,
-        }
-    }
-}
-
 pub struct Session {
     identity: Identity,
     expiry: Arc<Expiry>,
-    hub: Context,
+    /// The hub's shared parts (broker, metrics, limits, auth): one for every session.
+    hub: Arc<AppState>,
     outbox: Outbox,
-    /// Each subscribed channel, with its conflation when it has a `max_rate`.
-    subscriptions: HashMap<String, Option<Conflation>>,
+    /// Each subscribed channel, with its conflation when it has a `max_rate`. A list sized to
+    /// fit, not a map: most connections hold one or two (a map's smallest table is 4 entries and
+    /// its control bytes, per connection), and at most `limits.max_subscriptions`.
+    subscriptions: Vec<(Box<str>, Option<Conflation>)>,
     /// Subscribes: each can make the broker create channel state.
     changes: TokenBucket,
     changes_refused_in_row: u32,
@@ -177,7 +138,7 @@ impl Session {
         expiry: Arc<Expiry>,
         outbox: Outbox,
         share: Arc<Share>,
-        hub: Context,
+        hub: Arc<AppState>,
     ) -> Self {
         let publisher = (identity.role == Role::Agent).then(|| Publisher {
             channels: publication_channels(&identity.sub, &identity.groups),
@@ -185,14 +146,14 @@ impl Session {
             refused_in_row: 0,
             awaiting_resend: None,
         });
-        let limits = &hub.limits;
+        let limits = &hub.settings.limits;
         let changes = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst);
         Session {
             identity,
             expiry,
             hub,
             outbox,
-            subscriptions: HashMap::new(),
+            subscriptions: Vec::new(),
             changes,
             changes_refused_in_row: 0,
             publisher,
@@ -251,7 +212,7 @@ impl Session {
         if limited && !self.changes.try_take(Instant::now()) {
             self.changes_refused_in_row += 1;
             // A client that keeps churning after being told is cut off.
-            if self.changes_refused_in_row > self.hub.limits.subscribe_burst {
+            if self.changes_refused_in_row > self.hub.settings.limits.subscribe_burst {
                 return Err(CloseCode::RateLimited);
             }
             let message = "subscribes and refreshes above limits.subscribe_rate; retry later";
@@ -340,13 +301,13 @@ impl Session {
                 ErrorCode::Forbidden,
                 &format!("token may not subscribe to `{channel}`"),
             ))
-        } else if self.subscriptions.contains_key(channel) {
+        } else if self.subscription(channel).is_some() {
             Some(refuse(
                 ErrorCode::AlreadySubscribed,
                 &format!("already subscribed to `{channel}`"),
             ))
-        } else if self.subscriptions.len() >= self.hub.limits.max_subscriptions {
-            let max = self.hub.limits.max_subscriptions;
+        } else if self.subscriptions.len() >= self.hub.settings.limits.max_subscriptions {
+            let max = self.hub.settings.limits.max_subscriptions;
             Some(refuse(
                 ErrorCode::TooManySubscriptions,
                 &format!("at most {max} subscriptions per connection"),
@@ -379,7 +340,8 @@ impl Session {
                 let span = Span::current();
                 span.record("recovered", outcome.recovered);
                 span.record("replayed", outcome.replayed);
-                self.subscriptions.insert(channel.to_owned(), conflation);
+                self.subscriptions.reserve_exact(1);
+                self.subscriptions.push((channel.into(), conflation));
                 let metrics = &self.hub.metrics;
                 metrics.subscriptions.inc();
                 if let Some(size) = outcome.snapshot {
@@ -430,8 +392,10 @@ impl Session {
         }
         metrics.token_refreshes.inc("refreshed");
         debug!(sub = %fresh.sub, expires_at = fresh.expires_at, "token refreshed");
-        self.expiry
-            .set(writer::expiry_time(fresh.expires_at, self.hub.leeway));
+        self.expiry.set(writer::expiry_time(
+            fresh.expires_at,
+            self.hub.settings.auth.leeway,
+        ));
         // What revocations and key removals now check.
         self.hub
             .live_tokens
@@ -445,7 +409,10 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, channel: &str, reference: Option<&RawValue>) -> Outcome {
-        let Some(conflation) = self.subscriptions.remove(channel) else {
+        let Some((_, conflation)) = self
+            .subscription(channel)
+            .map(|i| self.subscriptions.swap_remove(i))
+        else {
             let message = format!("not subscribed to `{channel}`");
             return self.error(ErrorCode::NotSubscribed, &message, None, reference);
         };
@@ -470,7 +437,7 @@ impl Session {
         span: Span,
     ) -> Outcome {
         let now = Instant::now();
-        let limits = self.hub.limits;
+        let publish_burst = self.hub.settings.limits.publish_burst;
         let admission = match self.publisher.as_mut() {
             None => Admission::Refuse(ErrorCode::Forbidden, "only agents publish".to_owned()),
             Some(_) if device.is_some_and(|d| d != self.identity.sub) => Admission::Refuse(
@@ -480,7 +447,7 @@ impl Session {
                     self.identity.sub
                 ),
             ),
-            Some(publisher) => publisher.admit(seq, now, limits.publish_burst),
+            Some(publisher) => publisher.admit(seq, now, publish_burst),
         };
         match admission {
             Admission::Accept => {
@@ -611,9 +578,14 @@ impl Session {
         })
     }
 
+    /// Where `channel` is in `subscriptions`.
+    fn subscription(&self, channel: &str) -> Option<usize> {
+        self.subscriptions.iter().position(|(c, _)| **c == *channel)
+    }
+
     /// Leaves every channel.
     pub fn finish(&mut self) {
-        for (channel, conflation) in self.subscriptions.drain() {
+        for (channel, conflation) in std::mem::take(&mut self.subscriptions) {
             self.hub.broker.unsubscribe(&channel, self.outbox.id());
             if let Some(conflation) = conflation {
                 conflation.stop();

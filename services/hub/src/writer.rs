@@ -14,13 +14,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes};
 use hub_protocol::CloseCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame;
 use crate::metrics::Metrics;
-use crate::outbox::{CloseReason, Outbound, Outbox};
+use crate::outbox::{CloseReason, Outbound, Outbox, Queue};
 
 const MAX_BATCH_ITEMS: usize = 64;
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -164,7 +163,7 @@ fn close_frame(reason: CloseReason) -> Option<Bytes> {
 pub struct Writer<W> {
     pub io: W,
     /// The receiving end of `outbox`.
-    pub queue: mpsc::Receiver<Outbound>,
+    pub queue: Queue,
     pub outbox: Outbox,
     pub liveness: Arc<Liveness>,
     pub settings: WriterSettings,
@@ -176,7 +175,13 @@ pub struct Writer<W> {
 impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Runs until the connection is closed (by anyone), then sends the close frame and shuts
     /// the socket down.
-    pub async fn run(self) {
+    ///
+    /// Not an `async fn`, which would keep `self` and the fields taken out of it both in the
+    /// task's state for the connection's life.
+    pub fn run(self) -> impl Future<Output = ()> + Send
+    where
+        W: Send,
+    {
         let Writer {
             mut io,
             queue: mut rx,
@@ -186,95 +191,107 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             shutdown,
             metrics,
         } = self;
-        let start = tokio::time::Instant::now();
-        let mut ping =
-            tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let expiry = tokio::time::sleep_until(deadline(settings.expiry.left()));
-        tokio::pin!(expiry);
-        let mut token_live = true;
-        let idle_limit = settings.ping_interval + settings.pong_timeout;
-        let mut pending = Pending::default();
-        let mut broken = false;
-        // Made once: a fresh `cancelled()` per wake-up would lock the token and register a waiter
-        // every time (visible in profiles of the fan-out).
-        let closed = outbox.closed_owned();
-        tokio::pin!(closed);
-        let restart = shutdown.cancelled_owned();
-        tokio::pin!(restart);
+        async move {
+            let start = tokio::time::Instant::now();
+            let mut ping =
+                tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let expiry = tokio::time::sleep_until(deadline(settings.expiry.left()));
+            tokio::pin!(expiry);
+            let mut token_live = true;
+            let idle_limit = settings.ping_interval + settings.pong_timeout;
+            let mut pending = Pending::default();
+            let mut broken = false;
+            // Made once: a fresh `cancelled()` per wake-up would lock the token and register a waiter
+            // every time (visible in profiles of the fan-out).
+            let closed = outbox.closed_owned();
+            tokio::pin!(closed);
+            let restart = shutdown.cancelled_owned();
+            tokio::pin!(restart);
 
-        loop {
-            let mut batch = Batch::default();
-            tokio::select! {
-                biased;
-                _ = &mut closed => break,
-                _ = &mut restart => {
-                    outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
-                    continue;
-                }
-                _ = &mut expiry, if token_live => {
-                    match settings.expiry.left() {
-                        // A refresh moved it meanwhile.
-                        Some(left) if !left.is_zero() => expiry.as_mut().reset(deadline(Some(left))),
-                        None => expiry.as_mut().reset(deadline(None)),
-                        Some(_) => {
-                            token_live = false;
-                            outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
-                        }
-                    }
-                    continue;
-                }
-                _ = ping.tick() => {
-                    if liveness.silent_for() > idle_limit {
-                        outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+            loop {
+                let mut batch = Batch::default();
+                let mut ping_sent = false;
+                tokio::select! {
+                    biased;
+                    _ = &mut closed => break,
+                    _ = &mut restart => {
+                        outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
                         continue;
                     }
-                    pending.bufs.push_back(frame::ping());
-                }
-                item = rx.recv() => {
-                    let Some(item) = item else { break };
-                    metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
-                    batch.add(item, &mut pending, &outbox);
-                    while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(item) => batch.add(item, &mut pending, &outbox),
-                            Err(_) => break,
+                    _ = &mut expiry, if token_live => {
+                        match settings.expiry.left() {
+                            // A refresh moved it meanwhile.
+                            Some(left) if !left.is_zero() => expiry.as_mut().reset(deadline(Some(left))),
+                            None => expiry.as_mut().reset(deadline(None)),
+                            Some(_) => {
+                                token_live = false;
+                                outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                            }
+                        }
+                        continue;
+                    }
+                    _ = ping.tick() => {
+                        if liveness.silent_for() > idle_limit {
+                            outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+                            continue;
+                        }
+                        pending.bufs.push_back(frame::ping());
+                        ping_sent = true;
+                    }
+                    item = rx.recv() => {
+                        let Some(item) = item else { break };
+                        metrics.outbound_queue_depth.observe_value(1 + rx.len() as u64);
+                        batch.add(item, &mut pending);
+                        while batch.items < MAX_BATCH_ITEMS && batch.bytes < MAX_BATCH_BYTES {
+                            match rx.try_recv() {
+                                Some(item) => batch.add(item, &mut pending),
+                                None => break,
+                            }
                         }
                     }
                 }
+                tokio::select! {
+                    biased;
+                    result = timeout(idle_limit, flush(&mut io, &mut pending)) => match result {
+                        Ok(Ok(())) => {
+                            batch.record(&metrics);
+                            if ping_sent {
+                                // Once a ping interval, the buffers a burst made grow go back: an
+                                // idle connection holds none.
+                                pending.bufs = VecDeque::new();
+                                rx.release_buffer();
+                            }
+                        }
+                        Ok(Err(_)) => {
+                            broken = true;
+                            outbox.close(CloseReason::Gone);
+                            break;
+                        }
+                        // The peer has not read for a whole liveness period.
+                        Err(_) => outbox.close(CloseReason::Hub(CloseCode::PingTimeout)),
+                    },
+                    // A slow consumer or a shutdown: what is left is flushed below, within CLOSE_GRACE.
+                    _ = &mut closed => {}
+                }
             }
-            tokio::select! {
-                biased;
-                result = timeout(idle_limit, flush(&mut io, &mut pending)) => match result {
-                    Ok(Ok(())) => batch.record(&metrics),
-                    Ok(Err(_)) => {
-                        broken = true;
-                        outbox.close(CloseReason::Gone);
-                        break;
-                    }
-                    // The peer has not read for a whole liveness period.
-                    Err(_) => outbox.close(CloseReason::Hub(CloseCode::PingTimeout)),
-                },
-                // A slow consumer or a shutdown: what is left is flushed below, within CLOSE_GRACE.
-                _ = &mut closed => {}
-            }
-        }
 
-        if !broken {
-            // What was queued before the close (acks, errors, messages) goes out ahead of the close
-            // frame; nothing new can be queued once the outbox is closed.
-            let mut rest = Batch::default();
-            while let Ok(item) = rx.try_recv() {
-                rest.add(item, &mut pending, &outbox);
+            if !broken {
+                // What was queued before the close (acks, errors, messages) goes out ahead of the close
+                // frame; nothing new can be queued once the outbox is closed.
+                let mut rest = Batch::default();
+                while let Some(item) = rx.try_recv() {
+                    rest.add(item, &mut pending);
+                }
+                let reason = outbox
+                    .close_reason()
+                    .unwrap_or(CloseReason::Hub(CloseCode::Normal));
+                if let Some(close) = close_frame(reason) {
+                    pending.bufs.push_back(close);
+                    let _ = timeout(CLOSE_GRACE, flush(&mut io, &mut pending)).await;
+                }
+                let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
             }
-            let reason = outbox
-                .close_reason()
-                .unwrap_or(CloseReason::Hub(CloseCode::Normal));
-            if let Some(close) = close_frame(reason) {
-                pending.bufs.push_back(close);
-                let _ = timeout(CLOSE_GRACE, flush(&mut io, &mut pending)).await;
-            }
-            let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
         }
     }
 }
@@ -290,8 +307,7 @@ struct Batch {
 
 impl Batch {
     /// Takes `item` off the queue into what the next write sends.
-    fn add(&mut self, item: Outbound, pending: &mut Pending, outbox: &Outbox) {
-        outbox.taken(item.frames.len());
+    fn add(&mut self, item: Outbound, pending: &mut Pending) {
         self.items += 1;
         self.frames += u64::from(item.count);
         self.bytes += item.frames.len();

@@ -37,6 +37,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The count is the whole process's: tests of this file take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Sends `text`, waits for the hub's `error` answer, and lets every task settle.
 async fn exchange(client: &mut common::Client, text: &str) -> isize {
     client.send_text(text).await;
@@ -47,6 +50,7 @@ async fn exchange(client: &mut common::Client, text: &str) -> isize {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_connection_gives_back_the_memory_of_a_large_message() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let hub = TestHub::start().await;
     let mut viewer = hub.viewer("v", &[]).await;
     let small = r#"{"type":"dance"}"#;
@@ -60,4 +64,32 @@ async fn a_connection_gives_back_the_memory_of_a_large_message() {
         kept < 16 * 1024,
         "the connection kept {kept} bytes after one 60 KiB message"
     );
+}
+
+/// An idle connection holds no read buffer and no queue buffer: fastwebsockets' 8 KiB read
+/// buffer (patched in `vendor/fastwebsockets`) and the outbound channel's first block of slots
+/// (1.8 KiB, before the outbox became a deque) were most of what a viewer cost. The figure
+/// covers both ends, the hub's connection and this process's client (about 5 KiB together in a
+/// debug build; 24 KiB before the read buffer went, 7.8 KiB before the queue did).
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_connection_holds_no_read_buffer_and_no_queue_buffer() {
+    const VIEWERS: usize = 50;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let hub = TestHub::start().await;
+    // The first connection fills the hub's lazily built state (metrics series, channel entry).
+    let mut first = hub.viewer("v-first", &["fleet"]).await;
+    let before = exchange(&mut first, r#"{"type":"dance"}"#).await;
+    let mut viewers = Vec::with_capacity(VIEWERS);
+    for i in 0..VIEWERS {
+        viewers.push(hub.viewer(&format!("v{i}"), &["fleet"]).await);
+    }
+    let after = exchange(&mut first, r#"{"type":"dance"}"#).await;
+    let per_connection = (after - before) / VIEWERS as isize;
+    println!("{per_connection} bytes per idle connection, hub and client together");
+    assert!(
+        per_connection < 6 * 1024,
+        "an idle connection holds {per_connection} bytes, hub and client together: \
+         a read or queue buffer is back"
+    );
+    drop(viewers);
 }

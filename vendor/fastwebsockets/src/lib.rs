@@ -200,7 +200,8 @@ pub(crate) struct WriteHalf {
   write_buffer: Vec<u8>,
 }
 
-/// Size of a connection's read buffer at rest.
+/// The most a connection reads from its stream at once. An empty read buffer
+/// holds no memory: an idle connection keeps no buffer at all.
 const INITIAL_READ_BUFFER: usize = 8192;
 
 pub(crate) struct ReadHalf {
@@ -619,7 +620,7 @@ impl ReadHalf {
   }
 
   pub fn after_handshake(role: Role) -> Self {
-    let buffer = BytesMut::with_capacity(INITIAL_READ_BUFFER);
+    let buffer = BytesMut::new();
 
     Self {
       role,
@@ -700,17 +701,33 @@ impl ReadHalf {
     }
   }
 
-  /// Reads what the stream has into the buffer, first making room for a whole
-  /// initial buffer's worth: frames split off the front shrink the room left,
-  /// and frames that arrived together should be read together.
+  /// Reads what the stream has into the buffer, up to a whole initial buffer's
+  /// worth: frames that arrived together should be read together.
+  ///
+  /// An empty buffer holds no memory, and a connection waits here for its next
+  /// frame, so an idle connection must not need one: the read goes to scratch
+  /// space on the stack of one poll, and only the bytes that arrived are copied
+  /// to the heap. A buffer holding part of a frame gets room reserved and is
+  /// read into directly.
   async fn read_more<S>(&mut self, stream: &mut S) -> std::io::Result<usize>
   where
     S: AsyncRead + Unpin,
   {
-    self
-      .buffer
-      .reserve(INITIAL_READ_BUFFER.saturating_sub(self.buffer.len()));
-    stream.read_buf(&mut self.buffer).await
+    if !self.buffer.is_empty() {
+      self
+        .buffer
+        .reserve(INITIAL_READ_BUFFER.saturating_sub(self.buffer.len()));
+      return stream.read_buf(&mut self.buffer).await;
+    }
+    std::future::poll_fn(|cx| {
+      let mut scratch =
+        [std::mem::MaybeUninit::<u8>::uninit(); INITIAL_READ_BUFFER];
+      let mut read = tokio::io::ReadBuf::uninit(&mut scratch);
+      std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+      self.buffer.extend_from_slice(read.filled());
+      std::task::Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
   }
 
   async fn parse_frame_header<'a, S>(
@@ -801,13 +818,15 @@ impl ReadHalf {
 
     // if we read too much it will stay in the buffer, for the next call to this method
     let payload = self.buffer.split_to(payload_len);
-    // A frame larger than the initial buffer made it grow, and the payload
-    // now shares that allocation. Move what is left into a buffer of the
-    // initial size, so that the large allocation is freed with the payload
-    // instead of staying with the connection for its whole life.
-    if self.buffer.capacity() + payload_len > INITIAL_READ_BUFFER {
-      let mut rest =
-        BytesMut::with_capacity(INITIAL_READ_BUFFER.max(self.buffer.len()));
+    if self.buffer.is_empty() {
+      // The payload alone holds the allocation now, and frees it when dropped.
+      self.buffer = BytesMut::new();
+    } else if self.buffer.capacity() + payload_len > INITIAL_READ_BUFFER {
+      // A frame larger than the initial buffer made it grow, and the payload
+      // shares that allocation. Move what is left (at most the start of the
+      // next frame) into a buffer of its own, so that the large allocation is
+      // freed with the payload instead of staying with the connection.
+      let mut rest = BytesMut::with_capacity(self.buffer.len());
       rest.extend_from_slice(&self.buffer);
       self.buffer = rest;
     }

@@ -664,9 +664,9 @@ mod tests {
     }
 
     /// Splits queued items back into the JSON texts of their frames.
-    fn frames(rx: &mut tokio::sync::mpsc::Receiver<crate::outbox::Outbound>) -> Vec<String> {
+    fn frames(rx: &mut crate::outbox::Queue) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(item) = rx.try_recv() {
+        while let Some(item) = rx.try_recv() {
             let mut b = &item.frames[..];
             while !b.is_empty() {
                 let (len, head) = match b[1] {
