@@ -77,7 +77,6 @@ pub fn serve(
                 pong_timeout: settings.ws.pong_timeout,
                 expiry: expiry.clone(),
             },
-            shutdown: state.shutdown.clone(),
             metrics: state.metrics.clone(),
         };
         let writer = tokio::spawn(writer.run());

@@ -67,12 +67,31 @@ impl Lists {
 
 #[derive(Default)]
 pub struct LiveTokens {
-    held: Mutex<HashMap<u64, Held>>,
+    registry: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    held: HashMap<u64, Held>,
+    /// Set by [`LiveTokens::close_all`]: a connection registering from then on is closed too.
+    closing_all: Option<CloseReason>,
 }
 
 impl LiveTokens {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes every open connection with `reason`, and every one that registers from now on:
+    /// the hub's drain. Under the registry's lock, so a connection registering meanwhile is
+    /// either found here or finds the flag.
+    pub fn close_all(&self, reason: CloseReason) -> usize {
+        let mut registry = self.lock();
+        registry.closing_all = Some(reason);
+        for entry in registry.held.values() {
+            entry.outbox.close(reason);
+        }
+        registry.held.len()
     }
 
     /// Registers connection `outbox`'s token, then checks it once against `lists` (closing the
@@ -90,21 +109,25 @@ impl LiveTokens {
     /// or comes before this check, which then reads the changed list.
     pub fn replace(&self, identity: &Identity, outbox: &Outbox, lists: &Lists) {
         let held = held_of(identity, outbox.clone());
-        let mut all = self.lock();
+        let mut registry = self.lock();
         let refused = lists.refuses(&held, unix_now());
-        all.insert(outbox.id(), held);
-        drop(all);
+        registry.held.insert(outbox.id(), held);
+        let closing_all = registry.closing_all;
+        drop(registry);
         if let Some(code) = refused {
             outbox.close(CloseReason::Hub(code));
+        }
+        if let Some(reason) = closing_all {
+            outbox.close(reason);
         }
     }
 
     /// Closes every connection whose token `lists` refuse; how many it closed.
     fn enforce_now(&self, lists: &Lists) -> usize {
         let now = unix_now();
-        let held = self.lock();
+        let registry = self.lock();
         let mut closed = 0;
-        for entry in held.values() {
+        for entry in registry.held.values() {
             if let Some(code) = lists.refuses(entry, now)
                 && !entry.outbox.is_closed()
             {
@@ -135,7 +158,7 @@ pub struct Holding<'a> {
 
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
-        self.tokens.lock().remove(&self.id);
+        self.tokens.lock().held.remove(&self.id);
     }
 }
 

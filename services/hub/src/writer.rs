@@ -15,7 +15,6 @@ use bytes::{Buf, Bytes};
 use hub_protocol::CloseCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use crate::frame;
 use crate::metrics::Metrics;
@@ -167,8 +166,6 @@ pub struct Writer<W> {
     pub outbox: Outbox,
     pub liveness: Arc<Liveness>,
     pub settings: WriterSettings,
-    /// The hub's drain: the connection closes with 1012.
-    pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
 }
 
@@ -188,7 +185,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             outbox,
             liveness,
             settings,
-            shutdown,
             metrics,
         } = self;
         async move {
@@ -206,8 +202,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             // every time (visible in profiles of the fan-out).
             let closed = outbox.closed_owned();
             tokio::pin!(closed);
-            let restart = shutdown.cancelled_owned();
-            tokio::pin!(restart);
 
             loop {
                 let mut batch = Batch::default();
@@ -215,10 +209,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 tokio::select! {
                     biased;
                     _ = &mut closed => break,
-                    _ = &mut restart => {
-                        outbox.close(CloseReason::Hub(CloseCode::ServiceRestart));
-                        continue;
-                    }
                     _ = &mut expiry, if token_live => {
                         match settings.expiry.left() {
                             // A refresh moved it meanwhile.
