@@ -30,6 +30,9 @@ for tool in kubectl node npm; do
   command -v "$tool" >/dev/null || { echo "$tool is needed (k8s/check.sh, browser tests)" >&2; exit 1; }
 done
 
+# The peer servers the load generator compares the hub with (loadtest/peers/): npm and PyPI
+# packages, pinned; loadtest's tests run each of them.
+loadtest/peers/install.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # A hung test fails the run with a clear message instead of running into CI's time limit.

@@ -139,7 +139,7 @@ impl Pool {
 }
 
 /// One redis-server on a unix socket in `dir`, no persistence; its URL.
-fn single_redis(dir: &Path) -> anyhow::Result<(Child, String)> {
+pub fn single_redis(dir: &Path) -> anyhow::Result<(Child, String)> {
     let socket = dir.join("redis.sock");
     let redis = Command::new("redis-server")
         .args(["--port", "0", "--unixsocket"])

@@ -38,3 +38,27 @@ fn clock_ticks() -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
         .unwrap_or(100)
 }
+
+/// Kernel memory of the whole machine that sockets use, in bytes: the slab caches (where each
+/// socket's `tcp_sock`, inode and file live; `Slab:` of `/proc/meminfo`) plus the pages charged
+/// to TCP buffers (`mem` of the `TCP:` line of `/proc/net/sockstat`). Not in any process's RSS.
+/// Machine-wide, so a delta over a run with nothing else starting is what the run's sockets took.
+pub fn kernel_socket_bytes() -> std::io::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let slab_kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat")?;
+    let tcp_pages = sockstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let at = fields.iter().position(|f| *f == "mem")?;
+            fields.get(at + 1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    Ok(slab_kib * 1024 + tcp_pages * 4096)
+}

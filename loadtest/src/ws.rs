@@ -44,6 +44,35 @@ impl Client {
         }
     }
 
+    /// Connects as a socket.io 4 client over its WebSocket transport, from the loopback address
+    /// `from`: Engine.IO's open packet (`0{…}`), then the default namespace (`40` answered by
+    /// `40{…}`). Events are then text frames `42["name",payload]`, and the server's Engine.IO
+    /// pings (`2`) want a pong (`3`).
+    pub async fn connect_socketio_from(
+        addr: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> anyhow::Result<Client> {
+        let options = DialOptions {
+            source: from,
+            ..DialOptions::default()
+        };
+        let connected = Dialer::plain(addr, options)
+            .upgrade("/socket.io/?EIO=4&transport=websocket", None)
+            .await?;
+        let mut client = Client {
+            ws: connected.socket,
+        };
+        match client.next().await? {
+            Incoming::Text(open) if open.starts_with(b"0{") => {}
+            _ => bail!("no Engine.IO open packet"),
+        }
+        client.send("40").await?;
+        match client.next().await? {
+            Incoming::Text(connect) if connect.starts_with(b"40") => Ok(client),
+            _ => bail!("socket.io did not connect the default namespace"),
+        }
+    }
+
     /// The WebSocket, for callers that read frames themselves (no copy per frame).
     pub fn into_inner(self) -> HubSocket {
         self.ws

@@ -14,10 +14,10 @@
 //! spread over source addresses so ephemeral ports never run out.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -25,13 +25,95 @@ use clap::{Parser, ValueEnum};
 use fastwebsockets::{Frame, OpCode, Payload};
 use hdrhistogram::Histogram;
 use loadtest::{procstat, raw, ws};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
     Hub,
     Raw,
+    /// Node.js with the `ws` package (`loadtest/peers/ws-server.mjs`).
+    NodeWs,
+    /// Python with `websockets` and its `broadcast()` (`loadtest/peers/websockets_server.py`).
+    PythonWebsockets,
+    /// socket.io 4 on `@socket.io/redis-adapter` and a private redis-server
+    /// (`loadtest/peers/socketio-server.mjs`).
+    Socketio,
 }
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Hub => "hub",
+            Target::Raw => "raw",
+            Target::NodeWs => "node ws",
+            Target::PythonWebsockets => "python websockets",
+            Target::Socketio => "socket.io + redis adapter",
+        }
+    }
+
+    /// The peer's program and script, under `loadtest/peers/`.
+    fn peer(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Target::NodeWs => Some(("node", "ws-server.mjs")),
+            Target::PythonWebsockets => Some(("python3", "websockets_server.py")),
+            Target::Socketio => Some(("node", "socketio-server.mjs")),
+            Target::Hub | Target::Raw => None,
+        }
+    }
+
+    /// How this server frames an event: the hub's protocol, or socket.io's `42["event",…]`.
+    fn dialect(self) -> Dialect {
+        match self {
+            Target::Socketio => Dialect::SocketIo,
+            _ => Dialect::Hub,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Hub,
+    SocketIo,
+}
+
+impl Dialect {
+    fn subscribe(self) -> &'static str {
+        match self {
+            Dialect::Hub => r#"{"type":"subscribe","channel":"fleet"}"#,
+            Dialect::SocketIo => r#"42["subscribe","fleet"]"#,
+        }
+    }
+
+    fn subscribed(self) -> &'static [u8] {
+        match self {
+            Dialect::Hub => br#"{"type":"subscribed""#,
+            Dialect::SocketIo => br#"42["subscribed""#,
+        }
+    }
+
+    fn ack(self) -> &'static [u8] {
+        match self {
+            Dialect::Hub => br#"{"type":"ack""#,
+            Dialect::SocketIo => br#"42["ack""#,
+        }
+    }
+
+    fn publish(self, seq: u64, sent_us: u64, pad: &str) -> String {
+        match self {
+            Dialect::Hub => format!(
+                r#"{{"type":"publish","seq":{seq},"data":{{"sent_us":{sent_us},"pad":"{pad}"}}}}"#
+            ),
+            Dialect::SocketIo => format!(
+                r#"42["publish",{{"seq":{seq},"data":{{"sent_us":{sent_us},"pad":"{pad}"}}}}]"#
+            ),
+        }
+    }
+}
+
+/// Engine.IO's ping, which a socket.io client answers with `3`.
+const ENGINE_IO_PING: &[u8] = b"2";
+const ENGINE_IO_PONG: &str = "3";
 
 #[derive(Parser)]
 struct Args {
@@ -62,6 +144,24 @@ struct Args {
     /// ratio (0.0–1.0); unset: tracing off.
     #[arg(long)]
     trace_sample: Option<f64>,
+    /// How long to wait after the last viewer connected before measuring memory per
+    /// connection. The hub gives back the buffers of an idle connection once a ping interval
+    /// (20 s by default): `--settle 22` measures connections that have been idle that long.
+    #[arg(long, default_value_t = 0.5)]
+    settle: f64,
+    /// Spread the viewers over worker processes, one pinned to each of these CPUs (e.g.
+    /// `2,3,4,5`); the publisher stays in this process. Unset: all viewers in this process.
+    #[arg(long, value_delimiter = ',')]
+    generator_cpus: Vec<usize>,
+    /// Internal: run as a worker of another generator process.
+    #[arg(long, hide = true)]
+    worker: bool,
+    #[arg(long, hide = true, default_value = "")]
+    worker_addrs: String,
+    #[arg(long, hide = true, default_value = "")]
+    worker_token: String,
+    #[arg(long, hide = true, default_value_t = 0)]
+    worker_source_base: usize,
     /// Internal: run the raw ceiling server.
     #[arg(long, hide = true)]
     raw_server: bool,
@@ -91,10 +191,27 @@ fn tracing_env(args: &Args, sink: Option<SocketAddr>) -> Vec<(String, String)> {
     }
 }
 
-fn start_server(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server> {
-    let (program, extra): (PathBuf, Vec<&str>) = match args.target {
-        Target::Hub => (loadtest::pool::sibling_binary("hub")?, vec!["serve"]),
-        Target::Raw => (std::env::current_exe()?, vec!["--raw-server"]),
+fn start_server(
+    args: &Args,
+    sink: Option<SocketAddr>,
+    redis_socket: Option<&str>,
+) -> anyhow::Result<Server> {
+    let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers");
+    let (program, extra): (PathBuf, Vec<String>) = match (args.target, args.target.peer()) {
+        (Target::Hub, _) => (loadtest::pool::sibling_binary("hub")?, vec!["serve".into()]),
+        (Target::Raw, _) => (std::env::current_exe()?, vec!["--raw-server".into()]),
+        (_, Some((program, script))) => {
+            let script = peers.join(script);
+            if program == "node" && !peers.join("node_modules").exists() {
+                bail!(
+                    "{} needs its packages: (cd {} && npm ci)",
+                    script.display(),
+                    peers.display()
+                );
+            }
+            (program.into(), vec![script.display().to_string()])
+        }
+        (_, None) => bail!("no program for target {}", args.target.name()),
     };
     let mut cmd = match args.server_cpu {
         Some(cpu) => {
@@ -117,6 +234,7 @@ fn start_server(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server>
         .env("HUB_LIMITS__PUBLISH_BURST", big)
         .env("RUST_LOG", "warn,hub::server=info")
         .envs(tracing_env(args, sink))
+        .envs(redis_socket.map(|path| ("REDIS_SOCKET", path)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("start the server")?;
@@ -130,6 +248,21 @@ struct Servers {
     pids: Vec<u32>,
     _single: Option<Server>,
     pool: Option<loadtest::pool::Pool>,
+    /// socket.io's redis-server, stopped after the server (dropped in field order).
+    _redis: Option<PrivateRedis>,
+}
+
+/// A redis-server of this run only, in its own temp dir.
+struct PrivateRedis {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn pin(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
@@ -147,13 +280,29 @@ fn pin(pid: u32, cpu: Option<usize>) -> anyhow::Result<()> {
 }
 
 fn start_servers(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Servers> {
-    if args.target == Target::Raw || args.hubs <= 1 {
-        let server = start_server(args, sink)?;
+    if args.target == Target::Socketio {
+        let dir = tempfile::tempdir()?;
+        let (child, url) = loadtest::pool::single_redis(dir.path())?;
+        let redis = PrivateRedis { child, _dir: dir };
+        pin(redis.child.id(), args.server_cpu)?;
+        let socket = url.trim_start_matches("redis+unix://").to_owned();
+        let server = start_server(args, None, Some(&socket))?;
+        return Ok(Servers {
+            addrs: vec![server.addr],
+            pids: vec![server.child.id(), redis.child.id()],
+            _single: Some(server),
+            pool: None,
+            _redis: Some(redis),
+        });
+    }
+    if args.target != Target::Hub || args.hubs <= 1 {
+        let server = start_server(args, sink, None)?;
         return Ok(Servers {
             addrs: vec![server.addr],
             pids: vec![server.child.id()],
             _single: Some(server),
             pool: None,
+            _redis: None,
         });
     }
     let big = "10000000";
@@ -178,6 +327,7 @@ fn start_servers(args: &Args, sink: Option<SocketAddr>) -> anyhow::Result<Server
         pids,
         _single: None,
         pool: Some(pool),
+        _redis: None,
     })
 }
 
@@ -245,7 +395,20 @@ struct Seen {
     latency_us: Option<Histogram<u64>>,
 }
 
+async fn connect(
+    dialect: Dialect,
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    token: &str,
+) -> anyhow::Result<ws::Client> {
+    match dialect {
+        Dialect::Hub => ws::Client::connect_from(addr, from, token).await,
+        Dialect::SocketIo => ws::Client::connect_socketio_from(addr, from).await,
+    }
+}
+
 async fn viewer(
+    dialect: Dialect,
     addr: SocketAddr,
     from: IpAddr,
     token: String,
@@ -253,16 +416,14 @@ async fn viewer(
     connected: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
 ) -> anyhow::Result<Seen> {
-    let mut client = match ws::Client::connect_from(addr, Some(from), &token).await {
+    let mut client = match connect(dialect, addr, Some(from), &token).await {
         Ok(c) => c,
         Err(e) => {
             failed.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
     };
-    client
-        .send(r#"{"type":"subscribe","channel":"fleet"}"#)
-        .await?;
+    client.send(dialect.subscribe()).await?;
     connected.fetch_add(1, Ordering::Relaxed);
     let mut ws = client.into_inner();
     let mut seen = Seen {
@@ -282,10 +443,15 @@ async fn viewer(
             continue;
         }
         let p = &frame.payload[..];
+        if dialect == Dialect::SocketIo && p == ENGINE_IO_PING {
+            ws.write_frame(Frame::text(Payload::Borrowed(ENGINE_IO_PONG.as_bytes())))
+                .await?;
+            continue;
+        }
         let Some(offset) = number_after(p, br#""offset":"#) else {
             continue;
         };
-        if p.starts_with(br#"{"type":"subscribed""#) {
+        if p.starts_with(dialect.subscribed()) {
             last = Some(offset);
             continue;
         }
@@ -304,17 +470,302 @@ async fn viewer(
     }
 }
 
+/// How the viewers connect: the same for every process of the generator.
+#[derive(Clone)]
+struct Plan {
+    dialect: Dialect,
+    addrs: Vec<SocketAddr>,
+    token: String,
+    /// New connections per second, over all processes.
+    connect_rate: f64,
+    /// First source address (see [`source`]).
+    base: usize,
+}
+
+/// What all viewers saw.
+struct Totals {
+    seen: Seen,
+    latency: Histogram<u64>,
+    /// Viewers that failed to connect or were cut off.
+    failed: u64,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// Viewers in this process.
+struct LocalViewers {
+    handles: Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>,
+    stop: watch::Sender<bool>,
+    connected: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl LocalViewers {
+    /// Opens `count` viewers at the plan's connect rate (returns once all are started).
+    async fn start(plan: &Plan, count: usize) -> LocalViewers {
+        let (stop, stop_rx) = watch::channel(false);
+        let connected = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let ramp = Instant::now();
+        let mut handles = Vec::with_capacity(count);
+        for i in 0..count {
+            let due = Duration::from_secs_f64(i as f64 / plan.connect_rate);
+            if let Some(wait) = due.checked_sub(ramp.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            handles.push(tokio::spawn(viewer(
+                plan.dialect,
+                plan.addrs[i % plan.addrs.len()],
+                source(plan.base, i),
+                plan.token.clone(),
+                stop_rx.clone(),
+                connected.clone(),
+                failed.clone(),
+            )));
+        }
+        LocalViewers {
+            handles,
+            stop,
+            connected,
+            failed,
+        }
+    }
+
+    /// Waits until every viewer connected or failed, for at most `limit`: (connected, failed).
+    async fn ramped(&self, limit: Duration) -> (u64, u64) {
+        let deadline = Instant::now() + limit;
+        let count = self.handles.len() as u64;
+        loop {
+            let (c, f) = (
+                self.connected.load(Ordering::Relaxed),
+                self.failed.load(Ordering::Relaxed),
+            );
+            if c + f >= count || Instant::now() > deadline {
+                return (c, f);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<Totals> {
+        let _ = self.stop.send(true);
+        let mut totals = Totals {
+            seen: Seen::default(),
+            latency: histogram()?,
+            failed: 0,
+        };
+        for handle in self.handles {
+            match handle.await {
+                Ok(Ok(seen)) => {
+                    totals.seen.received += seen.received;
+                    totals.seen.gaps += seen.gaps;
+                    totals.seen.duplicates += seen.duplicates;
+                    if let Some(h) = seen.latency_us {
+                        totals.latency.add(h)?;
+                    }
+                }
+                _ => totals.failed += 1,
+            }
+        }
+        Ok(totals)
+    }
+}
+
+/// Viewers spread over worker processes (`--generator-cpus`), each pinned to its own CPU, so
+/// that a machine with more cores measures the server and not the generator's one core. A
+/// worker reports on its stdout: one JSON line once its viewers are connected, and one with
+/// what they saw once its stdin says `stop`.
+struct Workers {
+    children: Vec<Worker>,
+}
+
+struct Worker {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Workers {
+    fn start(args: &Args, plan: &Plan) -> anyhow::Result<Workers> {
+        let cpus = &args.generator_cpus;
+        let exe = std::env::current_exe()?;
+        let addrs: Vec<String> = plan.addrs.iter().map(|a| a.to_string()).collect();
+        let mut children = Vec::with_capacity(cpus.len());
+        let mut base = plan.base;
+        for (w, cpu) in cpus.iter().enumerate() {
+            // The first workers take one viewer more when the count does not divide.
+            let count = args.viewers / cpus.len() + usize::from(w < args.viewers % cpus.len());
+            let mut child = tokio::process::Command::new("taskset")
+                .args(["-c", &cpu.to_string()])
+                .arg(&exe)
+                .args(["--worker", "--target"])
+                .arg(
+                    args.target
+                        .to_possible_value()
+                        .map_or("hub".into(), |v| v.get_name().to_owned()),
+                )
+                .args(["--viewers", &count.to_string()])
+                .args([
+                    "--connect-rate",
+                    &(plan.connect_rate / cpus.len() as f64).to_string(),
+                ])
+                .args(["--worker-addrs", &addrs.join(",")])
+                .args(["--worker-token", &plan.token])
+                .args(["--worker-source-base", &base.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("start a generator worker")?;
+            // Source addresses of its own: 2,000 connections each (see `source`).
+            base += count / 2_000 + 1;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            children.push(Worker {
+                child,
+                lines: tokio::io::BufReader::new(stdout).lines(),
+            });
+        }
+        Ok(Workers { children })
+    }
+
+    async fn ramped(&mut self, limit: Duration) -> anyhow::Result<(u64, u64)> {
+        let (mut connected, mut failed) = (0, 0);
+        for worker in &mut self.children {
+            let report = worker.report(limit).await?;
+            connected += report["connected"].as_u64().unwrap_or(0);
+            failed += report["failed"].as_u64().unwrap_or(0);
+        }
+        Ok((connected, failed))
+    }
+
+    async fn finish(mut self) -> anyhow::Result<Totals> {
+        let mut totals = Totals {
+            seen: Seen::default(),
+            latency: histogram()?,
+            failed: 0,
+        };
+        for worker in &mut self.children {
+            let stdin = worker.child.stdin.as_mut().context("worker stdin")?;
+            stdin.write_all(b"stop\n").await?;
+            stdin.flush().await?;
+        }
+        for worker in &mut self.children {
+            let report = worker.report(Duration::from_secs(30)).await?;
+            let count = |key: &str| report[key].as_u64().unwrap_or(0);
+            totals.seen.received += count("received");
+            totals.seen.gaps += count("gaps");
+            totals.seen.duplicates += count("duplicates");
+            totals.failed += count("failed");
+            for pair in report["latency_us"].as_array().into_iter().flatten() {
+                if let (Some(value), Some(n)) = (pair[0].as_u64(), pair[1].as_u64()) {
+                    totals.latency.record_n(value, n)?;
+                }
+            }
+        }
+        for worker in &mut self.children {
+            let _ = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
+        }
+        Ok(totals)
+    }
+}
+
+impl Worker {
+    /// The worker's next JSON line, within `limit`.
+    async fn report(&mut self, limit: Duration) -> anyhow::Result<serde_json::Value> {
+        let line = tokio::time::timeout(limit, self.lines.next_line())
+            .await
+            .context("a generator worker did not report in time")??
+            .context("a generator worker exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+enum Viewers {
+    Local(LocalViewers),
+    Workers(Workers),
+}
+
+impl Viewers {
+    async fn ramped(&mut self, limit: Duration) -> anyhow::Result<(u64, u64)> {
+        match self {
+            Viewers::Local(local) => Ok(local.ramped(limit).await),
+            Viewers::Workers(workers) => workers.ramped(limit).await,
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<Totals> {
+        match self {
+            Viewers::Local(local) => local.finish().await,
+            Viewers::Workers(workers) => workers.finish().await,
+        }
+    }
+}
+
+/// A worker process of the generator: its share of the viewers, reported as JSON lines.
+async fn worker(args: Args) -> anyhow::Result<()> {
+    let addrs = args
+        .worker_addrs
+        .split(',')
+        .map(|a| a.parse())
+        .collect::<Result<Vec<SocketAddr>, _>>()
+        .context("--worker-addrs")?;
+    if addrs.is_empty() {
+        bail!("--worker-addrs names no server");
+    }
+    let plan = Plan {
+        dialect: args.target.dialect(),
+        addrs,
+        token: args.worker_token.clone(),
+        connect_rate: args.connect_rate,
+        base: args.worker_source_base,
+    };
+    let viewers = LocalViewers::start(&plan, args.viewers).await;
+    let (connected, failed) = viewers.ramped(Duration::from_secs(60)).await;
+    println!(
+        "{}",
+        serde_json::json!({"connected": connected, "failed": failed})
+    );
+    // Until the parent says stop (or is gone), bounded by the longest run it can ask for.
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let _ = tokio::time::timeout(Duration::from_secs(3_600), stdin.next_line()).await;
+    let totals = viewers.finish().await?;
+    let latency: Vec<[u64; 2]> = totals
+        .latency
+        .iter_recorded()
+        .map(|v| [v.value_iterated_to(), v.count_at_value()])
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "received": totals.seen.received, "gaps": totals.seen.gaps,
+            "duplicates": totals.seen.duplicates, "failed": totals.failed,
+            "latency_us": latency,
+        })
+    );
+    Ok(())
+}
+
 /// Publishes at `rate` for `seconds`; returns how many were sent and acknowledged.
 async fn publisher(addr: SocketAddr, token: &str, args: &Args) -> anyhow::Result<(u64, u64)> {
-    let client = ws::Client::connect(addr, token).await?;
+    let dialect = args.target.dialect();
+    let client = connect(dialect, addr, None, token).await?;
     let (mut reader, mut writer) = client.into_inner().split(tokio::io::split);
     let acked = Arc::new(AtomicU64::new(0));
     let counting = acked.clone();
+    // socket.io's pings are answered from the writing loop below.
+    let pinged = Arc::new(AtomicBool::new(false));
+    let ping_seen = pinged.clone();
     let reads = tokio::spawn(async move {
         let mut ignore = |_: Frame<'_>| std::future::ready(Ok::<(), std::io::Error>(()));
         while let Ok(frame) = reader.read_frame(&mut ignore).await {
-            if frame.opcode == OpCode::Text && frame.payload.starts_with(br#"{"type":"ack""#) {
+            if frame.opcode != OpCode::Text {
+                continue;
+            }
+            if frame.payload.starts_with(dialect.ack()) {
                 counting.fetch_add(1, Ordering::Relaxed);
+            } else if dialect == Dialect::SocketIo && &frame.payload[..] == ENGINE_IO_PING {
+                ping_seen.store(true, Ordering::Relaxed);
             }
         }
     });
@@ -325,13 +776,15 @@ async fn publisher(addr: SocketAddr, token: &str, args: &Args) -> anyhow::Result
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     while started.elapsed() < end {
         tick.tick().await;
+        if pinged.swap(false, Ordering::Relaxed) {
+            writer
+                .write_frame(Frame::text(Payload::Borrowed(ENGINE_IO_PONG.as_bytes())))
+                .await?;
+        }
         let due = (started.elapsed().as_secs_f64() * args.rate) as u64;
         while sent < due {
             sent += 1;
-            let frame = format!(
-                r#"{{"type":"publish","seq":{sent},"data":{{"sent_us":{},"pad":"{pad}"}}}}"#,
-                now_us()
-            );
+            let frame = dialect.publish(sent, now_us(), &pad);
             writer
                 .write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
                 .await?;
@@ -339,7 +792,7 @@ async fn publisher(addr: SocketAddr, token: &str, args: &Args) -> anyhow::Result
     }
     // Acks of the last publications.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while args.target == Target::Hub && acked.load(Ordering::Relaxed) < sent {
+    while args.target != Target::Raw && acked.load(Ordering::Relaxed) < sent {
         if Instant::now() > deadline {
             break;
         }
@@ -368,6 +821,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if args.worker {
+        return runtime.block_on(worker(args));
+    }
     runtime.block_on(run(args))
 }
 
@@ -376,6 +832,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         && !(0.0..=1.0).contains(&r)
     {
         bail!("--trace-sample must be within 0.0..=1.0");
+    }
+    if !(0.0..=120.0).contains(&args.settle) {
+        bail!("--settle must be within 0..=120 seconds");
     }
     let sink = match args.trace_sample {
         Some(_) if args.target == Target::Hub => Some(loadtest::otlp_sink::Sink::start().await?),
@@ -393,47 +852,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             token("bench-viewer", "viewer")?,
             token("bench-agent", "agent")?,
         ),
-        (None, Target::Raw) => ("raw".to_owned(), "raw".to_owned()),
+        // The raw server and the peers take no token.
+        (None, _) => ("none".to_owned(), "none".to_owned()),
     };
     let rss_idle = rss_of(&pids)?;
+    let kernel_before = procstat::kernel_socket_bytes()?;
 
     // Ramp up at a bounded connect rate.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let connected = Arc::new(AtomicU64::new(0));
-    let connect_failures = Arc::new(AtomicU64::new(0));
-    let base = rand::random::<u16>() as usize;
     let ramp = Instant::now();
     let ramp_cpu0 = cpu_of(&pids)?;
-    let mut viewers = Vec::with_capacity(args.viewers);
-    for i in 0..args.viewers {
-        let due = Duration::from_secs_f64(i as f64 / args.connect_rate);
-        if let Some(wait) = due.checked_sub(ramp.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-        viewers.push(tokio::spawn(viewer(
-            addrs[i % addrs.len()],
-            source(base, i),
-            viewer_token.clone(),
-            stop_rx.clone(),
-            connected.clone(),
-            connect_failures.clone(),
-        )));
-    }
-    let ramp_deadline = Instant::now() + Duration::from_secs(60);
-    while connected.load(Ordering::Relaxed) + connect_failures.load(Ordering::Relaxed)
-        < args.viewers as u64
-    {
-        if Instant::now() > ramp_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let plan = Plan {
+        dialect: args.target.dialect(),
+        addrs: addrs.clone(),
+        token: viewer_token.clone(),
+        connect_rate: args.connect_rate,
+        base: rand::random::<u16>() as usize,
+    };
+    let mut viewers = if args.generator_cpus.is_empty() {
+        Viewers::Local(LocalViewers::start(&plan, args.viewers).await)
+    } else {
+        Viewers::Workers(Workers::start(&args, &plan)?)
+    };
+    let (connected_n, _) = viewers.ramped(Duration::from_secs(60)).await?;
     let ramp_time = ramp.elapsed();
     let ramp_cpu = cpu_of(&pids)? - ramp_cpu0;
     let ramp_cpu_pct = 100.0 * ramp_cpu.as_secs_f64() / ramp_time.as_secs_f64();
-    let connected_n = connected.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_cpu0 = cpu_of(&pids)?;
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let idle_cpu = cpu_of(&pids)? - idle_cpu0;
     let rss_connected = rss_of(&pids)?;
+    let kernel = procstat::kernel_socket_bytes()?.saturating_sub(kernel_before);
 
     let cpu0 = cpu_of(&pids)?;
     let t0 = Instant::now();
@@ -443,33 +891,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Let deliveries drain (bounded).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_end = rss_of(&pids)?;
-    let _ = stop_tx.send(true);
-
-    let mut total = Seen::default();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut failed = 0;
-    for v in viewers {
-        match v.await {
-            Ok(Ok(seen)) => {
-                total.received += seen.received;
-                total.gaps += seen.gaps;
-                total.duplicates += seen.duplicates;
-                if let Some(h) = seen.latency_us {
-                    latency.add(h)?;
-                }
-            }
-            _ => failed += 1,
-        }
-    }
+    let Totals {
+        seen: total,
+        latency,
+        failed,
+    } = viewers.finish().await?;
     let expected = published * connected_n;
     let deliveries_per_s = total.received as f64 / publish_time.as_secs_f64();
     let p = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let per_conn = rss_connected.saturating_sub(rss_idle) as f64 / connected_n.max(1) as f64;
     let cpu_pct = 100.0 * cpu.as_secs_f64() / publish_time.as_secs_f64();
+    let idle_cpu_pct = match args.settle {
+        s if s > 0.0 => 100.0 * idle_cpu.as_secs_f64() / s,
+        _ => 0.0,
+    };
+    // Loopback: both ends of every connection are this machine's sockets.
+    let kernel_per_conn = kernel as f64 / connected_n.max(1) as f64;
     let mut name = match args.target {
         Target::Hub if args.hubs > 1 => format!("{} hubs on redis", args.hubs),
-        Target::Hub => "hub".to_owned(),
-        Target::Raw => "raw".to_owned(),
+        target => target.name().to_owned(),
     };
     if let (Some(ratio), Some(_)) = (args.trace_sample, &sink) {
         name.push_str(&format!(" traced@{ratio}"));
@@ -518,6 +958,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         latency.max() as f64 / 1000.0
     );
     println!("  server CPU       {cpu_pct:.0} % of one core while publishing");
+    if args.settle > 0.0 {
+        println!(
+            "  idle             {idle_cpu_pct:.2} % of one core over {:.1} s with every viewer connected; kernel memory +{:.1} MiB ({:.1} KiB/conn, both ends: slab and TCP buffers)",
+            args.settle,
+            kernel as f64 / 1048576.0,
+            kernel_per_conn / 1024.0
+        );
+    }
     if let Some(spans) = spans_exported {
         println!("  spans exported   {spans} (OTLP/HTTP, to this process)");
     }
@@ -542,6 +990,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "server_cpu_percent": cpu_pct, "rss_idle": rss_idle, "rss_connected": rss_connected,
             "rss_per_connection": per_conn, "rss_end": rss_end,
             "trace_sample": args.trace_sample, "spans_exported": spans_exported,
+            "generator_cpus": args.generator_cpus, "settle_s": args.settle,
+            "idle_cpu_percent": idle_cpu_pct, "kernel_bytes": kernel,
+            "kernel_bytes_per_connection": kernel_per_conn,
         })
     );
     Ok(())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the peer servers need, when missing: the npm packages of package-lock.json
+# (ws, socket.io, @socket.io/redis-adapter, redis) and the pinned Python `websockets`.
+set -euo pipefail
+cd "$(dirname "$0")"
+for tool in node npm python3 redis-server; do
+  command -v "$tool" >/dev/null || { echo "the peer servers need $tool" >&2; exit 1; }
+done
+[ -d node_modules ] || npm ci --silent --no-audit --no-fund
+python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 |
+  grep -v 'Running pip as the .root. user' >&2 || true
+python3 -c 'import websockets.asyncio.server' ||
+  { echo "python3 cannot import websockets after installing requirements.txt" >&2; exit 1; }
