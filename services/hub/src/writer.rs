@@ -188,12 +188,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             metrics,
         } = self;
         async move {
-            let start = tokio::time::Instant::now();
-            let mut ping =
-                tokio::time::interval_at(start + settings.ping_interval, settings.ping_interval);
-            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let expiry = tokio::time::sleep_until(deadline(settings.expiry.left()));
-            tokio::pin!(expiry);
+            // One timer for the next ping and the token's expiry, whichever is first: a timer is
+            // 112 bytes, and an `Interval` boxes one more, per connection for its whole life.
+            let mut next_ping = tokio::time::Instant::now() + settings.ping_interval;
+            let mut expires = deadline(settings.expiry.left());
+            let timer = tokio::time::sleep_until(next_ping.min(expires));
+            tokio::pin!(timer);
             let mut token_live = true;
             let idle_limit = settings.ping_interval + settings.pong_timeout;
             let mut pending = Pending::default();
@@ -209,25 +209,35 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 tokio::select! {
                     biased;
                     _ = &mut closed => break,
-                    _ = &mut expiry, if token_live => {
-                        match settings.expiry.left() {
-                            // A refresh moved it meanwhile.
-                            Some(left) if !left.is_zero() => expiry.as_mut().reset(deadline(Some(left))),
-                            None => expiry.as_mut().reset(deadline(None)),
-                            Some(_) => {
-                                token_live = false;
-                                outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                    _ = &mut timer => {
+                        let now = tokio::time::Instant::now();
+                        if token_live && now >= expires {
+                            match settings.expiry.left() {
+                                // A refresh moved it meanwhile.
+                                Some(left) if !left.is_zero() => expires = deadline(Some(left)),
+                                None => expires = deadline(None),
+                                Some(_) => {
+                                    token_live = false;
+                                    outbox.close(CloseReason::Hub(CloseCode::TokenExpired));
+                                }
                             }
                         }
-                        continue;
-                    }
-                    _ = ping.tick() => {
-                        if liveness.silent_for() > idle_limit {
-                            outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+                        if now >= next_ping {
+                            // Counted from now, not from when it was due: a late tick does not
+                            // bunch pings (an interval's `MissedTickBehavior::Delay`).
+                            next_ping = now + settings.ping_interval;
+                            if liveness.silent_for() > idle_limit {
+                                outbox.close(CloseReason::Hub(CloseCode::PingTimeout));
+                            } else {
+                                pending.bufs.push_back(frame::ping());
+                                ping_sent = true;
+                            }
+                        }
+                        let next = if token_live { next_ping.min(expires) } else { next_ping };
+                        timer.as_mut().reset(next);
+                        if !ping_sent {
                             continue;
                         }
-                        pending.bufs.push_back(frame::ping());
-                        ping_sent = true;
                     }
                     item = rx.recv() => {
                         let Some(item) = item else { break };

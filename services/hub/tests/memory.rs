@@ -93,3 +93,32 @@ async fn an_idle_connection_holds_no_read_buffer_and_no_queue_buffer() {
     );
     drop(viewers);
 }
+
+/// The first frames a connection sends (hello, subscribed) make its queue and its writer's
+/// list of buffers allocate; once a ping interval, the writer gives both back.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_connection_gives_its_queue_buffers_back_once_a_ping_interval() {
+    const VIEWERS: usize = 50;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let hub = TestHub::with(|s| {
+        s.ws.ping_interval = Duration::from_millis(300);
+        s.ws.pong_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut viewers = Vec::with_capacity(VIEWERS);
+    for i in 0..VIEWERS {
+        viewers.push(hub.viewer(&format!("v{i}"), &["fleet"]).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let connected = LIVE.load(Ordering::Relaxed);
+    // Past the first ping; the viewers do not read, so nothing else arrives meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let pinged = LIVE.load(Ordering::Relaxed);
+    let given_back = (connected - pinged) / VIEWERS as isize;
+    println!("{given_back} bytes per connection given back after a ping interval");
+    assert!(
+        given_back >= 256,
+        "after a ping interval each connection gave back {given_back} bytes, not its buffers"
+    );
+    drop(viewers);
+}
