@@ -27,7 +27,7 @@ run --target hub --viewers "$viewers" --rate "$trace_rate" --trace-sample 1.0
 echo "== connects: as fast as the generator can open them"
 run --target raw --viewers "$viewers" --rate 1 --connect-rate 50000
 run --target hub --viewers "$viewers" --rate 1 --connect-rate 50000
-echo "== idle connections: memory per connection"
+echo "== idle connections: memory per connection, after one ping interval (20 s)"
 idle=${IDLE_VIEWERS:-9000}
-run --target raw --viewers "$idle" --rate 1 --connect-rate 5000
-run --target hub --viewers "$idle" --rate 1 --connect-rate 5000
+run --target raw --viewers "$idle" --rate 1 --connect-rate 5000 --settle 22
+run --target hub --viewers "$idle" --rate 1 --connect-rate 5000 --settle 22

@@ -23,9 +23,11 @@ case "$generator_cpus" in *,*) spread=(--generator-cpus "$generator_cpus") ;; es
 results=target/compare.jsonl
 : > "$results"
 for target in "${targets[@]}"; do
-  taskset -c "$generator_cpus" target/release/fanout --target "$target" --server-cpu "$server_cpu" \
-    --viewers "$viewers" --rate "$rate" --seconds "$seconds" "${spread[@]}" |
-    tee /dev/stderr | grep '^{' >> "$results"
+  out=$(taskset -c "$generator_cpus" target/release/fanout --target "$target" \
+    --server-cpu "$server_cpu" --viewers "$viewers" --rate "$rate" --seconds "$seconds" \
+    "${spread[@]}")
+  grep -v '^{' <<< "$out" >&2
+  grep '^{' <<< "$out" >> "$results"
 done
 echo
 echo "$viewers viewers, $rate pub/s of ~250 bytes for $seconds s; servers on CPU $server_cpu," \

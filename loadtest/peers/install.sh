@@ -6,7 +6,12 @@ cd "$(dirname "$0")"
 for tool in node npm python3 redis-server; do
   command -v "$tool" >/dev/null || { echo "the peer servers need $tool" >&2; exit 1; }
 done
-[ -d node_modules ] || npm ci --silent --no-audit --no-fund
+# Installed again when package-lock.json changed since the last install.
+lock=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ "$(cat node_modules/.installed-lock 2>/dev/null)" != "$lock" ]; then
+  npm ci --silent --no-audit --no-fund
+  echo "$lock" > node_modules/.installed-lock
+fi
 python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 |
   grep -v 'Running pip as the .root. user' >&2 || true
 python3 -c 'import websockets.asyncio.server' ||

@@ -16,6 +16,8 @@ if (!path) {
 }
 const pub = createClient({ socket: { path } });
 const sub = pub.duplicate();
+// As the adapter's docs do: a connection error is logged, not thrown.
+for (const client of [pub, sub]) client.on('error', (err) => console.error('redis:', err.message));
 await Promise.all([pub.connect(), sub.connect()]);
 
 const http = createServer();

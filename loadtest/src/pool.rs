@@ -255,6 +255,8 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
     let stderr = child.stderr.take().context("hub stderr")?;
     let mut lines = BufReader::new(stderr).lines();
+    // The last lines it wrote, for the error if it never listens.
+    let mut said = std::collections::VecDeque::with_capacity(20);
     for line in lines.by_ref() {
         let line = line?;
         if let Some(rest) = line.split("addr=").nth(1) {
@@ -262,8 +264,13 @@ pub fn listening_addr(child: &mut Child) -> anyhow::Result<SocketAddr> {
             std::thread::spawn(move || lines.for_each(drop));
             return Ok(addr);
         }
+        if said.len() == 20 {
+            said.pop_front();
+        }
+        said.push_back(line);
     }
-    bail!("hub exited before listening")
+    let said: Vec<String> = said.into();
+    bail!("the server exited before listening:\n{}", said.join("\n"))
 }
 
 /// SIGTERM, then SIGKILL if `child` has not exited within `grace`: a hub drains and flushes

@@ -60,5 +60,14 @@ pub fn kernel_socket_bytes() -> std::io::Result<u64> {
             fields.get(at + 1)?.parse::<u64>().ok()
         })
         .unwrap_or(0);
-    Ok(slab_kib * 1024 + tcp_pages * 4096)
+    Ok(slab_kib * 1024 + tcp_pages * page_size())
+}
+
+fn page_size() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("PAGESIZE")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(4096)
 }

@@ -58,12 +58,30 @@ fn socketio_on_redis_delivers_every_publication_in_order() {
     assert_every_publication_reached_every_viewer(&fanout(&["--target", "socketio"]));
 }
 
+/// Two CPUs this process may run on (the same one twice on a machine with one).
+fn two_cpus() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let mut cpus = list.split(',').flat_map(|range| {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+    });
+    let first = cpus.next().unwrap();
+    let second = cpus.next().unwrap_or(first);
+    format!("{first},{second}")
+}
+
 #[test]
 fn viewers_spread_over_worker_processes_are_counted_whole() {
-    let run = fanout(&["--target", "raw", "--generator-cpus", "0,1"]);
+    let cpus = two_cpus();
+    let run = fanout(&["--target", "raw", "--generator-cpus", &cpus]);
     let target = &run["target"];
     assert_eq!(run["connected"], 20, "{target}: {run}");
     assert_eq!(run["delivered"], run["expected"], "{run}");
     assert_eq!(run["gaps"], 0, "{run}");
-    assert_eq!(run["generator_cpus"], serde_json::json!([0, 1]), "{run}");
+    assert_eq!(run["generator_cpus"].as_array().unwrap().len(), 2, "{run}");
 }

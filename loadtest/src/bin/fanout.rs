@@ -423,8 +423,27 @@ async fn viewer(
             return Err(e);
         }
     };
-    client.send(dialect.subscribe()).await?;
-    connected.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = client.send(dialect.subscribe()).await {
+        failed.fetch_add(1, Ordering::Relaxed);
+        return Err(e);
+    }
+    // Counted once `subscribed` is here: from then on every publication reaches it.
+    let mut counted = false;
+    let result = viewing(dialect, client, &mut stop, &connected, &mut counted).await;
+    if !counted {
+        failed.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+/// A subscribed viewer's reading loop, until `stop`.
+async fn viewing(
+    dialect: Dialect,
+    client: ws::Client,
+    stop: &mut watch::Receiver<bool>,
+    connected: &AtomicU64,
+    counted: &mut bool,
+) -> anyhow::Result<Seen> {
     let mut ws = client.into_inner();
     let mut seen = Seen {
         latency_us: Some(Histogram::new_with_bounds(1, 60_000_000, 3)?),
@@ -453,6 +472,10 @@ async fn viewer(
         };
         if p.starts_with(dialect.subscribed()) {
             last = Some(offset);
+            if !*counted {
+                *counted = true;
+                connected.fetch_add(1, Ordering::Relaxed);
+            }
             continue;
         }
         if let Some(sent) = number_after(p, br#""sent_us":"#)
@@ -833,6 +856,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         bail!("--trace-sample must be within 0.0..=1.0");
     }
+    if !(args.connect_rate > 0.0 && args.connect_rate.is_finite()) {
+        bail!("--connect-rate must be a positive number");
+    }
     if !(0.0..=120.0).contains(&args.settle) {
         bail!("--settle must be within 0..=120 seconds");
     }
@@ -873,7 +899,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Viewers::Workers(Workers::start(&args, &plan)?)
     };
-    let (connected_n, _) = viewers.ramped(Duration::from_secs(60)).await?;
+    // The ramp's own length (workers start theirs when spawned), then a minute for stragglers.
+    let ramp_limit =
+        Duration::from_secs_f64(args.viewers as f64 / args.connect_rate) + Duration::from_secs(70);
+    let (connected_n, _) = viewers.ramped(ramp_limit).await?;
     let ramp_time = ramp.elapsed();
     let ramp_cpu = cpu_of(&pids)? - ramp_cpu0;
     let ramp_cpu_pct = 100.0 * ramp_cpu.as_secs_f64() / ramp_time.as_secs_f64();

@@ -1,8 +1,8 @@
 //! Process signals that start a graceful shutdown.
 //!
 //! The signal only starts the drain; [`Server::run`](crate::server::Server::run) then turns
-//! readiness off, closes every connection with 1012 (service restart) through the shutdown token
-//! each writer holds, and returns when they are gone or the drain timeout has passed.
+//! readiness off, closes every connection with 1012 (service restart) through the live-token
+//! registry every connection is in (`LiveTokens::close_all`), and returns when they are gone or the drain timeout has passed.
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn signal() {

@@ -34,7 +34,8 @@ pub(crate) struct AppState {
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub gate: Arc<ConnectionGate>,
-    /// Cancelled when the drain starts: every connection closes with 1012.
+    /// Cancelled when the drain starts: the hub's background tasks stop. Connections are closed
+    /// with 1012 through `live_tokens` (`LiveTokens::close_all`).
     pub shutdown: CancellationToken,
     /// Which new traces start here; off when spans are not exported, and then the
     /// per-connection and per-publication spans are not even built.

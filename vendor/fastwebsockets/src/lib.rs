@@ -200,8 +200,9 @@ pub(crate) struct WriteHalf {
   write_buffer: Vec<u8>,
 }
 
-/// The most a connection reads from its stream at once. An empty read buffer
-/// holds no memory: an idle connection keeps no buffer at all.
+/// The most a connection reads at once while waiting for a frame header (a
+/// payload's read takes what it needs). An empty read buffer holds no memory: an
+/// idle connection keeps no buffer at all.
 const INITIAL_READ_BUFFER: usize = 8192;
 
 pub(crate) struct ReadHalf {
