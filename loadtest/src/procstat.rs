@@ -31,12 +31,16 @@ pub fn rss_bytes(pid: u32) -> std::io::Result<u64> {
 }
 
 fn clock_ticks() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
+    getconf("CLK_TCK").unwrap_or(100)
+}
+
+/// A system value from `getconf`.
+fn getconf(name: &str) -> Option<u64> {
+    let out = std::process::Command::new("getconf")
+        .arg(name)
         .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100)
+        .ok()?;
+    String::from_utf8(out.stdout).ok()?.trim().parse().ok()
 }
 
 /// Kernel memory of the whole machine that sockets use, in bytes: the slab caches (where each
@@ -64,10 +68,5 @@ pub fn kernel_socket_bytes() -> std::io::Result<u64> {
 }
 
 fn page_size() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("PAGESIZE")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(4096)
+    getconf("PAGESIZE").unwrap_or(4096)
 }
