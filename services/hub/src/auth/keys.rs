@@ -216,7 +216,9 @@ pub async fn watch_file(
             None
         }
     };
-    let mut poll = tokio::time::interval(reload.poll);
+    // The first look one period from now: the file was read at start, and an interval's
+    // immediate first tick would take a change made since for a poll's (racing the SIGHUP test).
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + reload.poll, reload.poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let forced = tokio::select! {
