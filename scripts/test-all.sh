@@ -16,6 +16,9 @@ command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf)
 command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
 command -v chromium >/dev/null || need+=(chromium)
 command -v promtool >/dev/null || need+=(prometheus)
+# The agent's package tests: systemd-analyze reads its unit; dpkg as a normal user needs fakeroot.
+command -v systemd-analyze >/dev/null || need+=(systemd)
+[ "$(id -u)" -eq 0 ] || command -v fakeroot >/dev/null || need+=(fakeroot)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -50,18 +53,23 @@ timeout --signal=KILL 1m node services/hub/tests/browser/fleet-client.test.mjs
 cargo build --release --locked -p hub
 (cd services/hub/tests/browser && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; })
 HUB_BIN=$PWD/target/release/hub timeout --signal=KILL 5m node services/hub/tests/browser/dashboard.test.mjs
-# The agent cross-built for both Raspberry Pi OS architectures (static, stripped, under 10 MB),
-# run under qemu against a real hub: readings arrive in order, and an agent killed (SIGKILL to
-# its qemu) mid-batch and restarted loses and duplicates nothing. Never skipped: the build
-# script takes the target from rustup or, when rustup cannot fetch it, from Debian's packages,
-# and fails with a message when neither can.
-for pi in aarch64:aarch64-unknown-linux-gnu:qemu-aarch64 armv7:armv7-unknown-linux-gnueabihf:qemu-arm; do
-  IFS=: read -r arch target runner <<< "$pi"
-  scripts/build-agent.sh "$arch"
+# The agent for both Raspberry Pi OS architectures: cross-built (static, stripped, under 10 MB)
+# and packaged as a .deb each (scripts/package-agent.sh), then run under qemu against a real hub:
+# readings arrive in order; an agent killed (SIGKILL to its qemu) mid-batch and restarted loses
+# and duplicates nothing; and each package installs, upgrades with unsent readings in the log
+# (sent after the upgrade), removes and purges in a scratch root. Never skipped: the build script
+# takes the target from rustup or, when rustup cannot fetch it, from Debian's packages, and fails
+# with a message when neither can.
+scripts/package-agent.sh arm64 armhf
+version=$(cargo pkgid -p edge-agent | sed 's/.*[@#]//')
+for pi in arm64:aarch64-unknown-linux-gnu:qemu-aarch64 armhf:armv7-unknown-linux-gnueabihf:qemu-arm; do
+  IFS=: read -r debian_arch target runner <<< "$pi"
   EDGE_AGENT_BIN=$PWD/target/$target/release/edge-agent EDGE_AGENT_RUNNER=$runner \
     timeout --signal=KILL 5m cargo test --locked -p edge-agent --test agent -- --exact \
     readings_arrive_at_a_subscriber_in_order \
     an_agent_killed_mid_batch_and_restarted_loses_and_duplicates_nothing
+  EDGE_AGENT_DEB=$PWD/target/packages/edge-agent_${version}_$debian_arch.deb EDGE_AGENT_RUNNER=$runner \
+    timeout --signal=KILL 5m cargo test --locked -p edge-agent --test package
 done
 # Manifests, front-door configs and the image's build step.
 k8s/check.sh

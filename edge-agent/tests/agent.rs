@@ -8,78 +8,15 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::tls_proxy::TlsProxy;
-use common::{Agent, AgentConfig, Dashboard, Hub, Redis, reading_key, wait_until, watch_first};
-use serde_json::Value;
+use common::{
+    Agent, AgentConfig, Dashboard, Hub, Redis, assert_exactly_once, reading_key, stop_drained,
+    taken, wait_until, watch_first,
+};
 
 const DEVICE: &str = "pi-test";
 
 fn channel() -> String {
     format!("devices.{DEVICE}")
-}
-
-/// Stops the agent, and starts and stops it again until its log holds nothing unacknowledged
-/// (bounded); returns how many readings it ever took.
-fn stop_drained(agent: &mut Agent) -> edge_agent::store::Stats {
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(1000));
-        agent.stop();
-        let stats = agent.log_stats();
-        if stats.pending_records == 0 {
-            return stats;
-        }
-        agent.spawn();
-    }
-    panic!("the agent never drained its log\n{}", agent.output());
-}
-
-/// How many readings the agent took in all its runs: its last seq, less the seqs it passed over.
-/// It logs each such gap as `skipped_seqs`: at open after an unclean stop (the gap below the
-/// `last_seq` it opened at), a renumbering, or a hub that knows later seqs. A start killed before
-/// it appended anything opens at the same gap again and reports it again, so the gaps at open are
-/// counted as seq ranges, each seq once.
-fn taken(agent: &Agent, stats: &edge_agent::store::Stats) -> u64 {
-    let field = |line: &str, name: &str| -> Option<u64> {
-        let rest = line.split(&format!(" {name}=")).nth(1)?;
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    let mut at_open = BTreeSet::new();
-    let mut elsewhere = 0;
-    for line in agent.output().lines() {
-        let Some(skipped) = field(line, "skipped_seqs") else {
-            continue;
-        };
-        match field(line, "last_seq").filter(|_| line.contains("log opened")) {
-            Some(opened_at) => {
-                at_open.insert((opened_at - skipped, opened_at));
-            }
-            None => elsewhere += skipped,
-        }
-    }
-    // Gaps at open only ever grow upwards; merge overlapping ranges.
-    let mut passed_over = 0;
-    let mut covered_to = 0;
-    for (from, to) in at_open {
-        let from = from.max(covered_to);
-        if to > from {
-            passed_over += to - from;
-            covered_to = to;
-        }
-    }
-    stats.last_seq - passed_over - elsewhere
-}
-
-/// Every reading exactly once: as many distinct readings as the agent took, none twice.
-fn assert_exactly_once(got: &[Value], taken: u64) {
-    assert_eq!(
-        got.len() as u64,
-        taken,
-        "as many deliveries as readings taken"
-    );
-    let distinct: BTreeSet<_> = got.iter().map(reading_key).collect();
-    assert_eq!(distinct.len(), got.len(), "a reading arrived twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

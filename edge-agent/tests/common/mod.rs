@@ -29,11 +29,17 @@ fn hub_bin() -> PathBuf {
     path
 }
 
-/// The agent binary, or what `EDGE_AGENT_BIN` names (the aarch64 build, run through
-/// `EDGE_AGENT_RUNNER`, e.g. `qemu-aarch64`).
-fn agent_command() -> Command {
-    let bin = std::env::var("EDGE_AGENT_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent").to_owned());
+/// The agent binary: `bin`, else what `EDGE_AGENT_BIN` names (a Pi build), else the host's;
+/// run through `EDGE_AGENT_RUNNER` (e.g. `qemu-aarch64`) when that is set.
+pub fn agent_command(bin: Option<&Path>) -> Command {
+    let bin = bin.map_or_else(
+        || {
+            std::env::var("EDGE_AGENT_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edge-agent").to_owned())
+                .into()
+        },
+        Path::to_path_buf,
+    );
     match std::env::var("EDGE_AGENT_RUNNER") {
         Ok(runner) if !runner.trim().is_empty() => {
             let mut parts = runner.split_whitespace();
@@ -269,6 +275,16 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     log: PathBuf,
+    installed: Option<Installed>,
+}
+
+/// An agent as a package installed it: its binary, settings file and storage directory, and
+/// the environment its systemd unit sets.
+pub struct Installed {
+    pub bin: PathBuf,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub env: Vec<(String, String)>,
 }
 
 pub struct AgentConfig<'a> {
@@ -340,6 +356,21 @@ interval = "{interval}"
             dir,
             child: None,
             log,
+            installed: None,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Runs an installed agent (its own binary, settings and storage); output goes to a temp dir.
+    pub fn start_installed(installed: Installed) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        let mut agent = Agent {
+            dir,
+            child: None,
+            log,
+            installed: Some(installed),
         };
         agent.spawn();
         agent
@@ -351,9 +382,20 @@ interval = "{interval}"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = agent_command()
-            .arg("--config")
-            .arg(self.dir.path().join("agent.toml"))
+        let mut cmd = match &self.installed {
+            Some(installed) => {
+                let mut cmd = agent_command(Some(&installed.bin));
+                cmd.arg("--config").arg(&installed.config);
+                cmd.envs(installed.env.iter().map(|(k, v)| (k, v)));
+                cmd
+            }
+            None => {
+                let mut cmd = agent_command(None);
+                cmd.arg("--config").arg(self.dir.path().join("agent.toml"));
+                cmd
+            }
+        };
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -363,7 +405,10 @@ interval = "{interval}"
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        match &self.installed {
+            Some(installed) => installed.data_dir.clone(),
+            None => self.dir.path().join("data"),
+        }
     }
 
     /// What the agent has logged so far.
@@ -583,4 +628,69 @@ async fn follow(
 /// the same bytes.
 pub fn reading_key(data: &Value) -> String {
     data.to_string()
+}
+
+/// Stops the agent, and starts and stops it again until its log holds nothing unacknowledged
+/// (bounded); returns how many readings it ever took.
+pub fn stop_drained(agent: &mut Agent) -> edge_agent::store::Stats {
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1000));
+        agent.stop();
+        let stats = agent.log_stats();
+        if stats.pending_records == 0 {
+            return stats;
+        }
+        agent.spawn();
+    }
+    panic!("the agent never drained its log\n{}", agent.output());
+}
+
+/// How many readings the agent took in all its runs: its last seq, less the seqs it passed over.
+/// It logs each such gap as `skipped_seqs`: at open after an unclean stop (the gap below the
+/// `last_seq` it opened at), a renumbering, or a hub that knows later seqs. A start killed before
+/// it appended anything opens at the same gap again and reports it again, so the gaps at open are
+/// counted as seq ranges, each seq once.
+pub fn taken(agent: &Agent, stats: &edge_agent::store::Stats) -> u64 {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let rest = line.split(&format!(" {name}=")).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut at_open = std::collections::BTreeSet::new();
+    let mut elsewhere = 0;
+    for line in agent.output().lines() {
+        let Some(skipped) = field(line, "skipped_seqs") else {
+            continue;
+        };
+        match field(line, "last_seq").filter(|_| line.contains("log opened")) {
+            Some(opened_at) => {
+                at_open.insert((opened_at - skipped, opened_at));
+            }
+            None => elsewhere += skipped,
+        }
+    }
+    // Gaps at open only ever grow upwards; merge overlapping ranges.
+    let mut passed_over = 0;
+    let mut covered_to = 0;
+    for (from, to) in at_open {
+        let from = from.max(covered_to);
+        if to > from {
+            passed_over += to - from;
+            covered_to = to;
+        }
+    }
+    stats.last_seq - passed_over - elsewhere
+}
+
+/// Every reading exactly once: as many distinct readings as the agent took, none twice.
+pub fn assert_exactly_once(got: &[Value], taken: u64) {
+    assert_eq!(
+        got.len() as u64,
+        taken,
+        "as many deliveries as readings taken"
+    );
+    let distinct: std::collections::BTreeSet<_> = got.iter().map(reading_key).collect();
+    assert_eq!(distinct.len(), got.len(), "a reading arrived twice");
 }

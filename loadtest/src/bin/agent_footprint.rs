@@ -4,7 +4,14 @@
 //! ```sh
 //! cargo build --release -p hub -p edge-agent -p loadtest
 //! target/release/agent-footprint --seconds 60 --interval 1s
+//! # a Pi build, under qemu-user (scripts/build-agent.sh aarch64)
+//! target/release/agent-footprint --runner qemu-aarch64 \
+//!     --agent target/aarch64-unknown-linux-gnu/release/edge-agent
 //! ```
+//!
+//! Under qemu-user the measured process is qemu with the agent inside it: its RSS is the
+//! agent's pages plus qemu's own (translated code, its heap), an upper bound for a Pi; its CPU
+//! time is the emulator's and says nothing about a Pi's.
 //!
 //! Prints a table and one JSON line. Bounded: runs `--seconds` after a warm-up, then stops both.
 
@@ -24,6 +31,12 @@ struct Args {
     /// Interval of the simulated sensor: one reading per interval.
     #[arg(long, default_value = "1s")]
     interval: String,
+    /// The agent binary [default: the `edge-agent` beside this tool].
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
+    /// Runs the agent through this command, e.g. `qemu-aarch64` or `qemu-arm` for a Pi build.
+    #[arg(long)]
+    runner: Option<String>,
 }
 
 struct Killed(Child);
@@ -37,10 +50,11 @@ impl Drop for Killed {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (hub_bin, agent_bin) = (
-        loadtest::pool::sibling_binary("hub")?,
-        loadtest::pool::sibling_binary("edge-agent")?,
-    );
+    let hub_bin = loadtest::pool::sibling_binary("hub")?;
+    let agent_bin = match args.agent.clone() {
+        Some(path) => path,
+        None => loadtest::pool::sibling_binary("edge-agent")?,
+    };
     let dir = tempfile::tempdir()?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let secret = "agent-footprint-secret-of-32-bytes!!";
@@ -83,8 +97,16 @@ fn main() -> anyhow::Result<()> {
             i = args.interval
         ),
     )?;
+    let mut command = match args.runner.as_deref().map(str::split_whitespace) {
+        Some(mut runner) => {
+            let mut cmd = Command::new(runner.next().context("--runner is empty")?);
+            cmd.args(runner).arg(&agent_bin);
+            cmd
+        }
+        None => Command::new(&agent_bin),
+    };
     let agent = Killed(
-        Command::new(&agent_bin)
+        command
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -103,14 +125,18 @@ fn main() -> anyhow::Result<()> {
     let wall = t0.elapsed();
     let rss_end = procstat::rss_bytes(pid)?;
     let cpu_pct = 100.0 * cpu.as_secs_f64() / wall.as_secs_f64();
-    println!("agent footprint, simulated sensor every {}", args.interval);
+    let runner = args.runner.as_deref().unwrap_or("none");
+    println!(
+        "agent footprint, simulated sensor every {}, runner {runner}",
+        args.interval
+    );
     println!("  measured       {:>8.1} s", wall.as_secs_f64());
     println!("  CPU            {:>8.3} % of one core", cpu_pct);
     println!("  RSS max        {:>8.2} MiB", rss_max as f64 / 1048576.0);
     println!("  RSS at end     {:>8.2} MiB", rss_end as f64 / 1048576.0);
     println!(
         "{}",
-        serde_json::json!({"bench": "agent-footprint", "interval": args.interval,
+        serde_json::json!({"bench": "agent-footprint", "interval": args.interval, "runner": runner,
             "seconds": wall.as_secs_f64(), "cpu_percent": cpu_pct,
             "rss_max_bytes": rss_max, "rss_end_bytes": rss_end})
     );
