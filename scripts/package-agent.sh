@@ -36,14 +36,18 @@ fi
 
 version=$(cargo pkgid -p edge-agent | sed 's/.*[@#]//')
 pkg=edge-agent/packaging
+# Reproducible: every file dated by the last commit; dpkg-deb dates the archive's members by it.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
+stage=""
+trap 'rm -rf "$stage"' EXIT
 
 # pack BINARY DEBIAN_ARCH COMPRESSION: stages the tree and builds the .deb into $out.
 pack() {
   local bin=$1 debian_arch=$2 compression=$3
-  local stage deb
+  local deb
+  rm -rf "$stage"
   stage=$(mktemp -d)
   chmod 0755 "$stage"
-  trap 'rm -rf "$stage"' RETURN
   install -D -m 0755 "$bin" "$stage/usr/bin/edge-agent"
   install -D -m 0644 "$pkg/edge-agent.service" "$stage/lib/systemd/system/edge-agent.service"
   install -D -m 0644 "$pkg/agent.toml" "$stage/etc/edge-agent/agent.toml"
@@ -72,6 +76,7 @@ Version: $version
 Architecture: $debian_arch
 Maintainer: Telemetry platform team <telemetry@example.com>
 Installed-Size: $size
+Depends: passwd
 Section: net
 Priority: optional
 Homepage: https://github.com/example/telemetry
@@ -83,6 +88,7 @@ Description: telemetry edge agent: Raspberry Pi sensors to the hub
  cut loses and duplicates nothing. One static binary; runs as the edge-agent
  system user under a hardened systemd unit.
 EOF
+  find "$stage" -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +
   mkdir -p "$out"
   deb="$out/edge-agent_${version}_${debian_arch}.deb"
   dpkg-deb --root-owner-group $compression --build "$stage" "$deb" >/dev/null

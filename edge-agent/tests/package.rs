@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -103,9 +103,12 @@ fn later_version(deb: &Path, version: &str, dir: &Path) -> PathBuf {
 }
 
 /// A scratch root with what the package looks at on a fresh Raspberry Pi OS: the user and group
-/// files (user `pi`; groups `i2c`, `gpio` and `spi`) and an empty dpkg database.
+/// files (user `pi`; groups `i2c`, `gpio` and `spi`) and a dpkg database that knows `passwd`.
 struct Root {
     dir: tempfile::TempDir,
+    /// Not root: dpkg runs under fakeroot, which keeps the owners it fakes in this file, one
+    /// session after the other.
+    fakeroot: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 impl Root {
@@ -136,14 +139,29 @@ impl Root {
                 "etc/gshadow",
                 "root:*::\ni2c:!::pi\ngpio:!::pi\nspi:!::pi\npi:!::\n",
             ),
-            ("var/lib/dpkg/status", ""),
             ("var/lib/dpkg/available", ""),
         ];
         for (path, text) in files {
             std::fs::write(dir.path().join(path), text).unwrap();
         }
-        let root = Root { dir };
         let arch = field(package(), "Architecture");
+        let status = format!(
+            "Package: passwd\nStatus: install ok installed\nPriority: required\n\
+             Architecture: {arch}\nVersion: 1:4.13+dfsg1-1\nDescription: users and groups\n"
+        );
+        std::fs::write(dir.path().join("var/lib/dpkg/status"), status).unwrap();
+        let fakeroot = (run(Command::new("id").arg("-u")).trim() != "0").then(|| {
+            assert!(
+                output(Command::new("sh").args(["-c", "command -v fakeroot"]))
+                    .status
+                    .success(),
+                "dpkg installs files owned by root: run the tests as root, or install fakeroot"
+            );
+            let state = tempfile::tempdir().unwrap();
+            let file = state.path().join("owners");
+            (state, file)
+        });
+        let root = Root { dir, fakeroot };
         if arch != host_arch() {
             root.dpkg(&["--add-architecture", &arch]);
         }
@@ -154,30 +172,47 @@ impl Root {
         self.dir.path().join(path)
     }
 
-    /// dpkg on this root. As root it owns what it unpacks; a normal user needs fakeroot for that.
-    fn dpkg(&self, args: &[&str]) -> String {
-        let as_root = run(Command::new("id").arg("-u")).trim() == "0";
-        let mut cmd = if as_root {
-            Command::new("dpkg")
-        } else {
-            assert!(
-                output(Command::new("sh").args(["-c", "command -v fakeroot"]))
-                    .status
-                    .success(),
-                "dpkg installs files owned by root: run the tests as root, or install fakeroot"
-            );
-            let mut cmd = Command::new("fakeroot");
-            cmd.arg("dpkg");
-            cmd
+    /// `program` as root: itself, or under fakeroot with the owners faked so far.
+    fn as_root(&self, program: &str) -> Command {
+        let Some((_, owners)) = &self.fakeroot else {
+            return Command::new(program);
         };
+        let mut cmd = Command::new("fakeroot");
+        if owners.exists() {
+            cmd.arg("-i").arg(owners);
+        }
+        cmd.arg("-s").arg(owners).arg("--").arg(program);
+        cmd
+    }
+
+    /// dpkg on this root, which must succeed; what it and the maintainer scripts printed.
+    fn dpkg(&self, args: &[&str]) -> String {
+        let mut cmd = self.as_root("dpkg");
         cmd.arg(format!("--root={}", self.dir.path().display()))
             .args(["--force-script-chrootless", "--log=/dev/null"])
             .args(args);
-        run(&mut cmd)
+        let out = output(&mut cmd);
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd:?}: {}\n{printed}", out.status);
+        printed
     }
 
-    fn install(&self, deb: &Path) {
-        self.dpkg(&["--install", deb.to_str().unwrap()]);
+    /// The group owning a file, as dpkg and the maintainer scripts left it.
+    fn gid(&self, path: &str) -> String {
+        run(self
+            .as_root("stat")
+            .args(["--format=%g"])
+            .arg(self.path(path)))
+        .trim()
+        .to_owned()
+    }
+
+    fn install(&self, deb: &Path) -> String {
+        self.dpkg(&["--install", deb.to_str().unwrap()])
     }
 
     /// `installed 0.1.0`, `config-files 0.1.0`, or `not-installed` for a package dpkg forgot.
@@ -228,6 +263,10 @@ impl Root {
 
 fn exists(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 #[test]
@@ -315,11 +354,10 @@ fn installing_creates_a_system_user_in_the_sensor_groups_and_enables_the_hardene
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
     let bin = exec.split_whitespace().next().unwrap();
-    let mode = std::fs::metadata(root.path(bin.trim_start_matches('/')))
-        .expect("the unit's binary is installed")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(mode(&root.path(bin.trim_start_matches('/'))), 0o755);
+    // The settings may hold a token: the service's group reads them, nobody else.
+    assert_eq!(root.gid(SETTINGS), user[3]);
+    assert_eq!(mode(&root.path(SETTINGS)), 0o640);
     // systemd's own reading of the unit: every key known, and its exposure score (0 is
     // locked down, 10 is none) at most 2.0.
     let security = output(
@@ -347,6 +385,42 @@ fn installing_creates_a_system_user_in_the_sensor_groups_and_enables_the_hardene
     assert!(
         checked.contains("url = \"wss://telemetry.example.com/ws\""),
         "{checked}"
+    );
+}
+
+#[test]
+fn a_group_of_the_name_left_behind_becomes_the_users_group() {
+    let root = Root::new();
+    let groups = std::fs::read_to_string(root.path("etc/group")).unwrap();
+    std::fs::write(root.path("etc/group"), groups + "edge-agent:x:990:\n").unwrap();
+    let gshadow = std::fs::read_to_string(root.path("etc/gshadow")).unwrap();
+    std::fs::write(root.path("etc/gshadow"), gshadow + "edge-agent:!::\n").unwrap();
+    root.install(package());
+    let user = root.entry("etc/passwd", "edge-agent").expect("the user");
+    assert_eq!(user[3], "990");
+    assert_eq!(
+        root.status(),
+        format!("installed {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_unit_left_by_a_manual_install_is_named_since_it_would_override_the_packages() {
+    let root = Root::new();
+    let manual = root.path("etc/systemd/system/edge-agent.service");
+    std::fs::create_dir_all(manual.parent().unwrap()).unwrap();
+    std::fs::write(&manual, "[Service]\nExecStart=/usr/local/bin/edge-agent\n").unwrap();
+    let printed = root.install(package());
+    assert!(
+        printed.contains("/etc/systemd/system/edge-agent.service overrides the package's unit"),
+        "{printed}"
+    );
+    let clean = Root::new();
+    let printed = clean.install(package());
+    assert!(!printed.contains("overrides"), "{printed}");
+    assert!(
+        !printed.contains("no group"),
+        "Pi OS has both groups: {printed}"
     );
 }
 
@@ -403,12 +477,20 @@ async fn an_upgrade_keeps_the_operators_settings_and_sends_the_readings_logged_b
     std::fs::write(root.path(TOKEN), hub.token(DEVICE, "agent", "1h")).unwrap();
     std::fs::set_permissions(root.path(TOKEN), std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // The uplink is down: readings wait in the log, then the agent is stopped for the upgrade.
+    // The uplink is down: readings wait in the log, then the agent is stopped for the upgrade
+    // (under qemu on a busy machine its start can take a while: wait for a backlog, bounded).
     hub.kill();
     let mut agent = Agent::start_installed(root.agent());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    agent.stop();
-    let before = agent.log_stats();
+    let mut before = edge_agent::store::Stats::default();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        agent.stop();
+        before = agent.log_stats();
+        if before.pending_records >= 20 {
+            break;
+        }
+        agent.spawn();
+    }
     assert!(
         before.pending_records >= 20,
         "unsent readings: {before:?}\n{}",
@@ -424,10 +506,9 @@ async fn an_upgrade_keeps_the_operators_settings_and_sends_the_readings_logged_b
         settings,
         "the operator's edits survive"
     );
-    let token = std::fs::metadata(root.path(TOKEN)).unwrap();
     let group = root.entry("etc/group", "edge-agent").expect("the group");
-    assert_eq!(token.gid().to_string(), group[2], "the service can read it");
-    assert_eq!(token.permissions().mode() & 0o777, 0o640);
+    assert_eq!(root.gid(TOKEN), group[2], "the service can read it");
+    assert_eq!(mode(&root.path(TOKEN)), 0o640);
     assert_eq!(agent.log_stats().pending_records, before.pending_records);
 
     // The upgraded agent sends what the old one logged, then goes on.
