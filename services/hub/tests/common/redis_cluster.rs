@@ -1,8 +1,10 @@
 //! A real Redis Cluster for the tests: `redis-server` processes in cluster mode on loopback
 //! ports, each in its own temp dir, joined by `redis-cli --cluster create`, killed on drop.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Settings, TestHub};
@@ -18,19 +20,46 @@ struct Node {
     child: Option<Child>,
 }
 
-/// A port whose cluster bus port (+10000) is free too.
+/// A port whose cluster bus port (+10000) is free too, both below the kernel's ephemeral range
+/// where it leaves room. A port taken from that range and let go can be given to any outgoing
+/// connection before redis-server binds it, and the node then never starts (CI saw it); below
+/// the range only another listener can hold it, and this process hands each port out once.
 fn free_port_pair() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let bindable = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (12_000, ephemeral_from.saturating_sub(BUS_OFFSET));
+    if high > low {
+        // Processes that run at once start from different places.
+        let span = high - low;
+        let start = (std::process::id() % u32::from(span)) as u16;
+        for i in 0..span {
+            let port = low + (start + i) % span;
+            if !handed_out.contains(&port) && bindable(port) && bindable(port + BUS_OFFSET) {
+                handed_out.insert(port);
+                return port;
+            }
+        }
+    }
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        if port < 50000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+        if port < 50000 && !handed_out.contains(&port) && bindable(port + BUS_OFFSET) {
+            handed_out.insert(port);
             return port;
         }
     }
 }
+
+/// Redis Cluster's bus listens this far above the client port.
+const BUS_OFFSET: u16 = 10_000;
 
 impl Node {
     fn spawn(&mut self) {
