@@ -106,9 +106,9 @@ fn later_version(deb: &Path, version: &str, dir: &Path) -> PathBuf {
 /// files (user `pi`; groups `i2c`, `gpio` and `spi`) and a dpkg database that knows `passwd`.
 struct Root {
     dir: tempfile::TempDir,
-    /// Not root: dpkg runs under fakeroot, which keeps the owners it fakes in this file, one
+    /// Not root: dpkg runs under fakeroot, which keeps the owners it fakes in a file here, one
     /// session after the other.
-    fakeroot: Option<(tempfile::TempDir, PathBuf)>,
+    fakeroot: Option<tempfile::TempDir>,
 }
 
 impl Root {
@@ -157,9 +157,7 @@ impl Root {
                     .success(),
                 "dpkg installs files owned by root: run the tests as root, or install fakeroot"
             );
-            let state = tempfile::tempdir().unwrap();
-            let file = state.path().join("owners");
-            (state, file)
+            tempfile::tempdir().unwrap()
         });
         let root = Root { dir, fakeroot };
         if arch != host_arch() {
@@ -174,12 +172,13 @@ impl Root {
 
     /// `program` as root: itself, or under fakeroot with the owners faked so far.
     fn as_root(&self, program: &str) -> Command {
-        let Some((_, owners)) = &self.fakeroot else {
+        let Some(state) = &self.fakeroot else {
             return Command::new(program);
         };
+        let owners = state.path().join("owners");
         let mut cmd = Command::new("fakeroot");
         if owners.exists() {
-            cmd.arg("-i").arg(owners);
+            cmd.arg("-i").arg(&owners);
         }
         cmd.arg("-s").arg(owners).arg("--").arg(program);
         cmd

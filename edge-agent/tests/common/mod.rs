@@ -275,7 +275,11 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     log: PathBuf,
-    installed: Option<Installed>,
+    /// The binary, when not the default of [`agent_command`].
+    bin: Option<PathBuf>,
+    config: PathBuf,
+    data_dir: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// An agent as a package installed it: its binary, settings file and storage directory, and
@@ -353,10 +357,13 @@ interval = "{interval}"
         std::fs::write(dir.path().join("agent.toml"), toml).unwrap();
         let log = dir.path().join("agent.log");
         let mut agent = Agent {
+            config: dir.path().join("agent.toml"),
+            data_dir: dir.path().join("data"),
             dir,
             child: None,
             log,
-            installed: None,
+            bin: None,
+            env: Vec::new(),
         };
         agent.spawn();
         agent
@@ -370,7 +377,10 @@ interval = "{interval}"
             dir,
             child: None,
             log,
-            installed: Some(installed),
+            bin: Some(installed.bin),
+            config: installed.config,
+            data_dir: installed.data_dir,
+            env: installed.env,
         };
         agent.spawn();
         agent
@@ -382,20 +392,10 @@ interval = "{interval}"
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = match &self.installed {
-            Some(installed) => {
-                let mut cmd = agent_command(Some(&installed.bin));
-                cmd.arg("--config").arg(&installed.config);
-                cmd.envs(installed.env.iter().map(|(k, v)| (k, v)));
-                cmd
-            }
-            None => {
-                let mut cmd = agent_command(None);
-                cmd.arg("--config").arg(self.dir.path().join("agent.toml"));
-                cmd
-            }
-        };
-        let child = cmd
+        let child = agent_command(self.bin.as_deref())
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -405,10 +405,7 @@ interval = "{interval}"
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        match &self.installed {
-            Some(installed) => installed.data_dir.clone(),
-            None => self.dir.path().join("data"),
-        }
+        self.data_dir.clone()
     }
 
     /// What the agent has logged so far.
